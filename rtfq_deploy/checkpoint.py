@@ -1,0 +1,154 @@
+"""Supernet checkpoints and pretrained weight files.
+
+One versioned format: a ``torch.save`` archive holding only tensors, strings and plain
+containers, read back with ``torch.load(weights_only=True)`` so loading never runs
+pickled code. Layout (version 1)::
+
+    {"format": "rtfq-supernet", "version": 1,
+     "config": JSON of SupernetConfig (architecture, subnet space, bit policy, quantizer),
+     "state_dict": weights, BatchNorm parameters and buffers, quantizer step sizes,
+     "bn_stats": {subnet key: {BatchNorm name: (2, C) tensor of mean, var}},
+     "meta": JSON object (class names, provenance, ...)}
+
+Writes are atomic (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from rtfq_deploy.calibrate import BNStats, pack_bn_stats, unpack_bn_stats
+from rtfq_deploy.errors import CheckpointError, RtfqError
+from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.models import Supernet, SupernetConfig, build_supernet
+
+FORMAT = "rtfq-supernet"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    model: Supernet
+    bn_stats: dict[str, BNStats] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | os.PathLike, model: Supernet, *, bn_stats: Mapping[str, BNStats] | None = None,
+                    meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "bn_stats": {key: pack_bn_stats(stats) for key, stats in (bn_stats or {}).items()},
+        "meta": json.dumps(dict(meta or {}), sort_keys=True),
+    }
+    with atomic_write(path, overwrite=overwrite) as f:
+        torch.save(payload, f)
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, with one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{p}: refused to load: it holds pickled objects other than tensors and plain containers "
+            "(loading it could run code)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt?): {first}") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    obj = safe_torch_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an rtfq supernet checkpoint (create one with `rtfq init`)")
+    version = obj.get("version")
+    if version != VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported (this toolkit reads {VERSION})")
+    try:
+        config = SupernetConfig.from_dict(json.loads(obj["config"]))
+        meta = json.loads(obj["meta"])
+        bn_stats = {key: unpack_bn_stats(stats) for key, stats in obj["bn_stats"].items()}
+        state_dict = obj["state_dict"]
+        model = build_supernet(config)
+    except RtfqError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed checkpoint ({type(e).__name__}: {e})") from None
+    problems = state_dict_mismatch(model.state_dict(), state_dict)
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match architecture {config.arch!r}: {problems}")
+    model.load_state_dict(state_dict)
+    return Checkpoint(model, bn_stats, meta)
+
+
+def state_dict_mismatch(expected: Mapping[str, Tensor], given: Mapping[str, Any], ignore: set[str] = frozenset()) -> str:
+    """A short description of missing/unexpected keys and shape mismatches ('' if none)."""
+    missing = [k for k in expected if k not in given and k not in ignore]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and k not in ignore
+        and (not isinstance(given[k], Tensor) or given[k].shape != expected[k].shape)
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
+    return "; ".join(parts)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A plain state dict from a weights file (e.g. torchvision's ``resnet50-*.pth``),
+    also when wrapped as {"state_dict": ...} or {"model": ...} or saved from DataParallel."""
+    obj = safe_torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        raise CheckpointError(f"{path}: this is an rtfq supernet checkpoint, not a pretrained weights file")
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_pretrained(model: Supernet, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Load torchvision-keyed weights into the supernet; returns notes for the user.
+
+    Every weight and BatchNorm entry of the supernet must be present with its shape;
+    the classifier is kept freshly initialised when the class count differs. Weight step
+    sizes are re-initialised from the loaded weights.
+    """
+    own = model.state_dict()
+    quantizer_keys = {f"{name}.{k}" for name, q in model.quantizers() for k in q.state_dict()}
+    expected = {k: v for k, v in own.items() if k not in quantizer_keys}
+    notes = []
+    ignore: set[str] = set()
+    fc_w = state_dict.get("fc.weight")
+    if isinstance(fc_w, Tensor) and fc_w.shape != expected["fc.weight"].shape:
+        ignore = {"fc.weight", "fc.bias"}
+        notes.append(f"classifier re-initialised: weights have {fc_w.shape[0]} classes, supernet {model.config.num_classes}")
+    problems = state_dict_mismatch(expected, state_dict, ignore)
+    if problems:
+        raise CheckpointError(f"weights do not fit {model.config.arch!r}: {problems}")
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in ignore}, strict=False)
+    model.init_weight_steps()
+    notes.append(f"loaded {len(expected) - len(ignore)} tensors")
+    return notes

@@ -1,0 +1,24 @@
+"""The ``rtfq`` command group."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from rtfq_deploy import __version__
+from rtfq_deploy.cli.common import Group
+from rtfq_deploy.cli.init import init
+from rtfq_deploy.cli.subnets import subnets
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rtfq_deploy")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+def rtfq(verbose: bool) -> None:
+    """rtfq_deploy: integer subnets of one retraining-free quantized supernet, for edge devices."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+rtfq.add_command(init)
+rtfq.add_command(subnets)

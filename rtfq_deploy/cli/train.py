@@ -1,0 +1,13 @@
+"""``rtfq-train``: arrives with issue #3; the entry point exists so installs and docs are stable."""
+
+from __future__ import annotations
+
+import click
+
+from rtfq_deploy.cli.common import Command, not_yet
+
+
+@click.command(cls=Command, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def train() -> None:
+    """Not implemented yet (issue #3)."""
+    not_yet("rtfq-train", 3)

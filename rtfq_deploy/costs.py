@@ -1,0 +1,132 @@
+"""Cost model: MACs, BitOPs, parameters and weight bytes of a subnet.
+
+Costs come from walking the sliced network (a forward pass at the subnet's resolution
+and width with hooks on every conv and linear layer), not from a second formula of
+the architecture. The walk depends only on (resolution, width); bit-widths are then
+read from the bit plan, so one walk serves every bit plan of that shape.
+
+Definitions, per conv/linear layer l of the deployed network:
+- MACs_l = output elements x input channels per group x kernel area (BatchNorm, ReLU,
+  adds and pooling are not counted, as in the usual 4.09 GMACs of ResNet-50);
+- BitOPs = sum of MACs_l x weight bits_l x bits of the activation l reads (32 for float);
+- params = weights + one bias per output channel (BatchNorm folded into the bias);
+- weight bytes = weights packed at their bit-width, ceil(count x bits / 8) per layer;
+  biases and scales (8 bytes per output channel) are not included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rtfq_deploy.layers import SlimConv2d, SlimLinear
+from rtfq_deploy.models.base import Supernet
+from rtfq_deploy.plan import ActiveSubnet, BitPlan
+from rtfq_deploy.space import SubnetConfig
+
+FLOAT_BITS = 32
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One layer of a sliced network as the walk saw it."""
+
+    name: str
+    macs: int
+    weights: int
+    out_channels: int
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    macs: int
+    weights: int
+    out_channels: int
+    weight_bits: int
+    act_bits: int
+
+    @property
+    def params(self) -> int:
+        return self.weights + self.out_channels
+
+    @property
+    def bitops(self) -> int:
+        return self.macs * self.weight_bits * self.act_bits
+
+    @property
+    def weight_bytes(self) -> int:
+        return math.ceil(self.weights * self.weight_bits / 8)
+
+
+@dataclass(frozen=True)
+class Costs:
+    macs: int
+    bitops: int
+    params: int
+    weight_bytes: int
+    layers: tuple[LayerCost, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"macs": self.macs, "bitops": self.bitops, "params": self.params, "weight_bytes": self.weight_bytes}
+
+
+def walk(model: Supernet, resolution: int, width: float) -> list[LayerShape]:
+    """Shapes of every conv/linear layer of the (resolution, width) subnet, in forward order."""
+    shapes: list[LayerShape] = []
+
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = inputs[0]
+        w = module.active_weight(x.shape[1], width)
+        per_output = w[0].numel() // (module.groups if isinstance(module, SlimConv2d) else 1)
+        shapes.append(LayerShape(names[module], (output.numel() // output.shape[0]) * per_output,
+                                 w.numel(), w.shape[0]))
+
+    names = {module: name for name, module in model.layers()}
+    handles = [m.register_forward_hook(hook) for m in names]
+    net = ActiveSubnet(width, model.float_plan())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, resolution, resolution), net)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def plan_costs(model: Supernet, shapes: list[LayerShape], plan: BitPlan) -> Costs:
+    """Costs of a walked subnet under a bit plan."""
+    inputs = model.layer_inputs()
+    layers = []
+    for s in shapes:
+        w_bits = plan[f"{s.name}.weight_quant"] or FLOAT_BITS
+        a_bits = plan[inputs[s.name]] or FLOAT_BITS
+        layers.append(LayerCost(s.name, s.macs, s.weights, s.out_channels, w_bits, a_bits))
+    return Costs(
+        macs=sum(c.macs for c in layers),
+        bitops=sum(c.bitops for c in layers),
+        params=sum(c.params for c in layers),
+        weight_bytes=sum(c.weight_bytes for c in layers),
+        layers=tuple(layers),
+    )
+
+
+def subnet_costs(model: Supernet, config: SubnetConfig) -> Costs:
+    return plan_costs(model, walk(model, config.resolution, config.width), model.plan(config.bits))
+
+
+def space_costs(model: Supernet) -> dict[SubnetConfig, Costs]:
+    """Costs of every subnet of the model's space (one walk per resolution and width)."""
+    space = model.config.space
+    out: dict[SubnetConfig, Costs] = {}
+    for r in space.resolutions:
+        for w in space.widths:
+            shapes = walk(model, r, w)
+            for b in space.bits:
+                out[SubnetConfig(r, w, b)] = plan_costs(model, shapes, model.plan(b))
+    return out

@@ -1,0 +1,62 @@
+"""Atomic file writes: a reader (or a crash) never sees a half-written destination."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over
+    ``path``. On any error the temporary file is removed and ``path`` is untouched.
+
+    ``overwrite=False`` raises FileExistsError if ``path`` exists (checked before writing
+    and again, atomically, at the rename for the no-overwrite case).
+    """
+    dest = Path(path)
+    if not overwrite and dest.exists():
+        raise FileExistsError(f"{dest} exists (use --force to overwrite)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, dest)
+        else:
+            _link_new(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(dest.parent)
+
+
+def _link_new(tmp: str, dest: Path) -> None:
+    """Publish ``tmp`` at ``dest`` only if ``dest`` does not exist (hard link when the
+    file system has them, which fails atomically if ``dest`` appeared meanwhile)."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise FileExistsError(f"{dest} exists (use --force to overwrite)") from None
+    except OSError:
+        if dest.exists():
+            raise FileExistsError(f"{dest} exists (use --force to overwrite)") from None
+        os.replace(tmp, dest)
+        return
+    os.unlink(tmp)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,29 @@
+"""Supernet architectures by name."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.models.base import Supernet, SupernetConfig
+from rtfq_deploy.models.resnet import BasicBlock, Bottleneck, ResNet
+
+ARCHS: dict[str, Callable[[SupernetConfig], Supernet]] = {
+    # The paper's supernet.
+    "resnet50": lambda c: ResNet(c, Bottleneck, [3, 4, 6, 3]),
+    "resnet18": lambda c: ResNet(c, BasicBlock, [2, 2, 2, 2]),
+    # A narrow ResNet-10 (one basic block per stage, 16..128 channels) for CPU-minute
+    # experiments and tests: about 1/40 of ResNet-18's MACs.
+    "tiny_resnet": lambda c: ResNet(c, BasicBlock, [1, 1, 1, 1], base_width=16),
+}
+
+
+def build_supernet(config: SupernetConfig) -> Supernet:
+    try:
+        builder = ARCHS[config.arch]
+    except KeyError:
+        raise RtfqError(f"unknown architecture {config.arch!r} (known: {', '.join(ARCHS)})") from None
+    return builder(config)
+
+
+__all__ = ["ARCHS", "Supernet", "SupernetConfig", "build_supernet"]

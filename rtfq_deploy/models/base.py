@@ -1,0 +1,122 @@
+"""What every supernet architecture shares: its configuration and the bookkeeping that
+turns a subnet choice into an :class:`~rtfq_deploy.plan.ActiveSubnet`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+from torch import Tensor, nn
+
+from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
+from rtfq_deploy.plan import ActiveSubnet, BitPlan, BitPolicy
+from rtfq_deploy.quant import Quantizer, quantizer_class
+from rtfq_deploy.space import SearchSpace, SubnetConfig
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    """Everything needed to rebuild a supernet; stored in its checkpoint."""
+
+    arch: str
+    num_classes: int = 1000
+    space: SearchSpace = field(default_factory=SearchSpace)
+    policy: BitPolicy = field(default_factory=BitPolicy)
+    quantizer: str = "lsq"
+
+    @property
+    def bit_choices(self) -> tuple[int, ...]:
+        """Bit-widths every quantizer keeps parameters for."""
+        return tuple(sorted(set(self.space.bits) | set(self.policy.extra_bits()), reverse=True))
+
+    def to_dict(self) -> dict:
+        return {
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "space": self.space.to_dict(),
+            "policy": self.policy.to_dict(),
+            "quantizer": self.quantizer,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "SupernetConfig":
+        return cls(
+            arch=str(data["arch"]),
+            num_classes=int(data["num_classes"]),
+            space=SearchSpace.from_dict(data["space"]),
+            policy=BitPolicy.from_dict(data["policy"]),
+            quantizer=str(data["quantizer"]),
+        )
+
+
+Layer = SlimConv2d | SlimLinear
+
+
+class Supernet(nn.Module):
+    """Base of supernet architectures.
+
+    Subclasses build their modules in ``__init__`` through :meth:`make_quantizer` and
+    :meth:`conv`/:meth:`linear`, then call :meth:`finish`. They describe their dataflow
+    in :meth:`layer_inputs` so that costs (BitOPs) and export know which activation
+    quantizer feeds each layer.
+    """
+
+    def __init__(self, config: SupernetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self._quantizer_cls = quantizer_class(config.quantizer)
+
+    # -- construction helpers -------------------------------------------------------
+    def make_quantizer(self, signed: bool, channels: int | None, role: str) -> Quantizer:
+        return self._quantizer_cls(self.config.bit_choices, signed, channels, role)
+
+    def conv(self, c_in: int, c_out: int, k: int, **kwargs) -> SlimConv2d:
+        return SlimConv2d(c_in, c_out, k, channel_divisor=self.config.space.channel_divisor,
+                          quantizer=self.make_quantizer, **kwargs)
+
+    def linear(self, c_in: int, c_out: int, **kwargs) -> SlimLinear:
+        return SlimLinear(c_in, c_out, channel_divisor=self.config.space.channel_divisor,
+                          quantizer=self.make_quantizer, **kwargs)
+
+    def finish(self) -> None:
+        """Name quantizers and BatchNorms by their module path (plans and calibrated
+        statistics are keyed by it) and initialise weight step sizes from the weights."""
+        for name, module in self.named_modules():
+            if isinstance(module, (Quantizer, SlimBatchNorm2d)):
+                module.name = name
+        self.init_weight_steps()
+
+    def init_weight_steps(self) -> None:
+        """LSQ step initialisation from the current weights; call again after loading new weights."""
+        for _, layer in self.layers():
+            layer.weight_quant.init_from(layer.weight)
+
+    # -- introspection -------------------------------------------------------------
+    def layers(self) -> Iterator[tuple[str, Layer]]:
+        """Every conv and linear layer, in forward order."""
+        for name, module in self.named_modules():
+            if isinstance(module, (SlimConv2d, SlimLinear)):
+                yield name, module
+
+    def quantizers(self) -> Iterator[tuple[str, Quantizer]]:
+        for name, module in self.named_modules():
+            if isinstance(module, Quantizer):
+                yield name, module
+
+    def layer_inputs(self) -> dict[str, str]:
+        """Layer name -> name of the activation quantizer whose output the layer reads."""
+        raise NotImplementedError
+
+    # -- subnets -------------------------------------------------------------------
+    def plan(self, bits: int) -> BitPlan:
+        """Bit plan of the uniform subnet of bit-width ``bits`` under the config's policy."""
+        return BitPlan.uniform(((n, q.role) for n, q in self.quantizers()), bits, self.config.policy)
+
+    def float_plan(self) -> BitPlan:
+        return BitPlan.float(n for n, _ in self.quantizers())
+
+    def active(self, config: SubnetConfig, bn_stats: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> ActiveSubnet:
+        return ActiveSubnet(config.width, self.plan(config.bits), bn_stats)
+
+    def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError

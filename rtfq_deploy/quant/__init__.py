@@ -1,0 +1,18 @@
+"""Quantizer kinds, selected by name in the supernet's configuration."""
+
+from __future__ import annotations
+
+from rtfq_deploy.quant.base import Quantizer, qrange
+from rtfq_deploy.quant.lsq import LSQQuantizer
+
+QUANTIZERS: dict[str, type[Quantizer]] = {"lsq": LSQQuantizer}
+
+
+def quantizer_class(kind: str) -> type[Quantizer]:
+    try:
+        return QUANTIZERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown quantizer kind {kind!r} (known: {', '.join(sorted(QUANTIZERS))})") from None
+
+
+__all__ = ["QUANTIZERS", "LSQQuantizer", "Quantizer", "qrange", "quantizer_class"]
