@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -63,12 +62,15 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{p}: no such file")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{p}: refused to load: it holds pickled objects other than tensors and plain containers "
-            "(loading it could run code)"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+    except pickle.UnpicklingError as e:
+        # The restricted unpickler names the global it blocked; other failures are garbage data.
+        if "GLOBAL" in str(e):
+            raise CheckpointError(
+                f"{p}: refused to load: it holds pickled objects other than tensors and plain containers "
+                "(loading it could run code)"
+            ) from None
+        raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt?)") from None
+    except Exception as e:  # torch.load raises many types on garbage (RuntimeError, EOFError, KeyError...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt?): {first}") from None
 
