@@ -109,3 +109,24 @@ def test_quantizer_registry():
     assert quantizer_class("lsq") is LSQQuantizer
     with pytest.raises(ValueError, match="unknown quantizer kind"):
         quantizer_class("nope")
+
+
+def _reference_lsq(x, s, qmin, qmax, g):
+    """LSQ composed from autograd primitives, as in Esser et al.'s pseudo-code."""
+    s = (s - s * g).detach() + s * g
+    v = torch.clamp(x / s, qmin, qmax)
+    return (v + (torch.round(v) - v).detach()) * s
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_lsq_matches_the_autograd_composition(per_channel):
+    x = (torch.randn(6, 5, 4, 4) * 3).requires_grad_()
+    s = (torch.rand(6, 1, 1, 1) + 0.2 if per_channel else torch.tensor(0.7)).requires_grad_()
+    y = lsq_quantize(x, s, -8, 7, 0.03)
+    x2, s2 = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    y2 = _reference_lsq(x2, s2, -8, 7, 0.03)
+    assert torch.equal(y, y2)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    (y2 * w).sum().backward()
+    assert torch.allclose(x.grad, x2.grad) and torch.allclose(s.grad, s2.grad, rtol=1e-4, atol=1e-6)

@@ -19,24 +19,46 @@ _MIN_STEP = 1e-8
 _PRIOR_MEAN_ABS = {True: math.sqrt(2.0 / math.pi), False: 1.0 / math.sqrt(2.0 * math.pi)}
 
 
-def round_ste(x: Tensor) -> Tensor:
-    """Round half to even (as ONNX QuantizeLinear does) with a straight-through gradient."""
-    return x + (torch.round(x) - x).detach()
+class _LSQFunction(torch.autograd.Function):
+    """One fused op with LSQ's analytic gradients: fewer temporaries than composing
+    clamp/round/straight-through from autograd primitives (see bench/forward_overhead.py).
 
+    d/dx: 1 inside [qmin, qmax] (straight through), 0 outside.
+    d/ds: round(x/s) - x/s inside, qmin or qmax outside, times the gradient scale.
+    """
 
-def scale_grad(x: Tensor, scale: float) -> Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``scale``."""
-    return (x - x * scale).detach() + x * scale
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:  # type: ignore[override]
+        v = x / step
+        q = torch.round(v).clamp_(qmin, qmax)
+        inside = v.ge(qmin).logical_and_(v.le(qmax))
+        # Everything backward needs, so it is two passes over the tensor instead of ten.
+        ctx.save_for_backward(inside, torch.where(inside, q - v, q), step)
+        ctx.grad_scale = grad_scale
+        return q.mul_(step)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        inside, step_grad_factor, step = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            if step.numel() == 1:
+                grad_step = torch.vdot(grad.reshape(-1), step_grad_factor.reshape(-1)).reshape(step.shape)
+            else:
+                grad_step = (grad * step_grad_factor).sum_to_size(step.shape)
+            grad_step = grad_step * ctx.grad_scale
+        return grad_x, grad_step, None, None, None
 
 
 def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:
-    """Fake-quantize ``x``: ``round(clamp(x / s, qmin, qmax)) * s``.
+    """Fake-quantize ``x``: ``round(clamp(x / s, qmin, qmax)) * s``, rounding half to even.
 
-    ``step`` broadcasts against ``x`` (per-tensor or per-channel). The step's gradient
-    is LSQ's, scaled by ``grad_scale`` = 1 / sqrt(N * Qp).
+    ``step`` broadcasts against ``x`` (per-tensor or per-channel). Gradients: straight
+    through for ``x`` inside the range; LSQ's for the step, scaled by ``grad_scale`` =
+    1 / sqrt(N * Qp).
     """
-    s = scale_grad(step.clamp_min(_MIN_STEP), grad_scale)
-    return round_ste(torch.clamp(x / s, qmin, qmax)) * s
+    return _LSQFunction.apply(x, step.clamp_min(_MIN_STEP), qmin, qmax, grad_scale)
 
 
 def lsq_init_step(x: Tensor, bits: int, signed: bool, dim: int | None = None) -> Tensor:
