@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from rtfq_deploy.layers import SlimConv2d, SlimLinear
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.plan import ActiveSubnet, BitPlan
 from rtfq_deploy.space import SubnetConfig
@@ -80,7 +79,7 @@ def walk(model: Supernet, resolution: int, width: float) -> list[LayerShape]:
     def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0]
         w = module.active_weight(x.shape[1], width)
-        per_output = w[0].numel() // (module.groups if isinstance(module, SlimConv2d) else 1)
+        per_output = w[0].numel()  # input channels per group x kernel area
         shapes.append(LayerShape(names[module], (output.numel() // output.shape[0]) * per_output,
                                  w.numel(), w.shape[0]))
 

@@ -22,12 +22,34 @@ from rtfq_deploy.space import slim_channels
 QuantizerFactory = Callable[[bool, "int | None", str], Quantizer]
 
 
-def _check_in(layer: nn.Module, c_in: int, full: int, slim: bool) -> None:
-    if c_in > full or (not slim and c_in != full):
-        raise ValueError(f"{layer.__class__.__name__} expects {'<= ' if slim else ''}{full} input channels, got {c_in}")
+class _Slim:
+    """Slimming and weight quantization shared by conv and linear layers."""
+
+    weight: nn.Parameter
+
+    def _init_slim(self, full_in: int, full_out: int, slim_in: bool, slim_out: bool, channel_divisor: int,
+                   quantizer: QuantizerFactory, role: str) -> None:
+        self.full_in, self.full_out = full_in, full_out
+        self.slim_in, self.slim_out = slim_in, slim_out
+        self.channel_divisor = channel_divisor
+        self.weight_quant = quantizer(True, full_out, role)
+
+    def active_out(self, width: float) -> int:
+        return slim_channels(self.full_out, width, self.channel_divisor) if self.slim_out else self.full_out
+
+    def active_weight(self, c_in: int, width: float) -> Tensor:
+        """The float weight slice of the active subnet (a view of ``weight``)."""
+        return self.weight[: self.active_out(width), :c_in]
+
+    def quantized_weight(self, x: Tensor, net: ActiveSubnet) -> Tensor:
+        c_in = x.shape[1]
+        if c_in > self.full_in or (not self.slim_in and c_in != self.full_in):
+            raise ValueError(f"{self.__class__.__name__} expects {'<= ' if self.slim_in else ''}{self.full_in} "
+                             f"input channels, got {c_in}")
+        return self.weight_quant(self.active_weight(c_in, net.width), net)
 
 
-class SlimConv2d(nn.Conv2d):
+class SlimConv2d(_Slim, nn.Conv2d):
     """Conv2d whose active output channels follow the width multiplier and whose
     weights are fake-quantized by ``weight_quant`` at the plan's bit-width."""
 
@@ -35,47 +57,24 @@ class SlimConv2d(nn.Conv2d):
                  padding: int = 0, bias: bool = False, slim_in: bool = True, slim_out: bool = True,
                  channel_divisor: int, quantizer: QuantizerFactory, role: str = "body") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-        self.slim_in, self.slim_out = slim_in, slim_out
-        self.channel_divisor = channel_divisor
-        self.weight_quant = quantizer(True, out_channels, role)
-
-    def active_out(self, width: float) -> int:
-        if not self.slim_out:
-            return self.out_channels
-        return slim_channels(self.out_channels, width, self.channel_divisor)
-
-    def active_weight(self, c_in: int, width: float) -> Tensor:
-        """The float weight slice of the active subnet (a view of ``weight``)."""
-        return self.weight[: self.active_out(width), :c_in]
+        self._init_slim(in_channels, out_channels, slim_in, slim_out, channel_divisor, quantizer, role)
 
     def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # type: ignore[override]
-        _check_in(self, x.shape[1], self.in_channels, self.slim_in)
-        w = self.weight_quant(self.active_weight(x.shape[1], net.width), net)
+        w = self.quantized_weight(x, net)
         bias = None if self.bias is None else self.bias[: w.shape[0]]
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-class SlimLinear(nn.Linear):
+class SlimLinear(_Slim, nn.Linear):
     """Linear layer (the classifier): slimmable input, fixed output, quantized weights."""
 
     def __init__(self, in_features: int, out_features: int, *, slim_in: bool = True, slim_out: bool = False,
                  channel_divisor: int, quantizer: QuantizerFactory, role: str = "last") -> None:
         super().__init__(in_features, out_features)
-        self.slim_in, self.slim_out = slim_in, slim_out
-        self.channel_divisor = channel_divisor
-        self.weight_quant = quantizer(True, out_features, role)
-
-    def active_out(self, width: float) -> int:
-        if not self.slim_out:
-            return self.out_features
-        return slim_channels(self.out_features, width, self.channel_divisor)
-
-    def active_weight(self, c_in: int, width: float) -> Tensor:
-        return self.weight[: self.active_out(width), :c_in]
+        self._init_slim(in_features, out_features, slim_in, slim_out, channel_divisor, quantizer, role)
 
     def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # type: ignore[override]
-        _check_in(self, x.shape[1], self.in_features, self.slim_in)
-        w = self.weight_quant(self.active_weight(x.shape[1], net.width), net)
+        w = self.quantized_weight(x, net)
         return F.linear(x, w, self.bias[: w.shape[0]])
 
 

@@ -130,3 +130,10 @@ def test_fused_lsq_matches_the_autograd_composition(per_channel):
     (y * w).sum().backward()
     (y2 * w).sum().backward()
     assert torch.allclose(x.grad, x2.grad) and torch.allclose(s.grad, s2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_inference_path_equals_training_path():
+    x, s = torch.randn(3, 8, 5, 5) * 2, torch.tensor(0.3)
+    with torch.no_grad():
+        fast = lsq_quantize(x, s, 0, 15, 1.0)
+    assert torch.equal(fast, lsq_quantize(x, s.clone().requires_grad_(), 0, 15, 1.0).detach())

@@ -58,7 +58,10 @@ def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_scale: floa
     through for ``x`` inside the range; LSQ's for the step, scaled by ``grad_scale`` =
     1 / sqrt(N * Qp).
     """
-    return _LSQFunction.apply(x, step.clamp_min(_MIN_STEP), qmin, qmax, grad_scale)
+    step = step.clamp_min(_MIN_STEP)
+    if torch.is_grad_enabled() and (x.requires_grad or step.requires_grad):
+        return _LSQFunction.apply(x, step, qmin, qmax, grad_scale)
+    return torch.clamp(torch.round(x / step), qmin, qmax) * step  # inference: nothing to save
 
 
 def lsq_init_step(x: Tensor, bits: int, signed: bool, dim: int | None = None) -> Tensor:
