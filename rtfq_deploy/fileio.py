@@ -23,6 +23,7 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
+        os.chmod(tmp, _mode_for(dest))  # mkstemp makes 0600; give what a plain open() would
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -36,6 +37,16 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = False) -> Iterato
             os.unlink(tmp)
         raise
     _fsync_dir(dest.parent)
+
+
+def _mode_for(dest: Path) -> int:
+    """The replaced file's mode, else 0666 less the umask."""
+    try:
+        return dest.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _link_new(tmp: str, dest: Path) -> None:

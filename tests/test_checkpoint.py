@@ -189,3 +189,18 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="not a state dict"):
         read_state_dict(tmp_path / "list.pt")
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "new.bin") as f:
+            f.write(b"x")
+        assert (tmp_path / "new.bin").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "kept.bin").write_bytes(b"y")
+        (tmp_path / "kept.bin").chmod(0o600)
+        with atomic_write(tmp_path / "kept.bin", overwrite=True) as f:
+            f.write(b"z")
+        assert (tmp_path / "kept.bin").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
