@@ -90,7 +90,8 @@ def walk(model: Supernet, resolution: int, width: float) -> list[LayerShape]:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, resolution, resolution), net)
+            device = next(model.parameters()).device
+            model(torch.zeros(1, 3, resolution, resolution, device=device), net)
     finally:
         model.train(was_training)
         for h in handles:
