@@ -28,7 +28,9 @@ from torch import Tensor
 from rtfq_deploy.calibrate import BNStats, pack_bn_stats, unpack_bn_stats
 from rtfq_deploy.errors import CheckpointError, RtfqError
 from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.layers import SlimBatchNorm2d
 from rtfq_deploy.models import Supernet, SupernetConfig, build_supernet
+from rtfq_deploy.space import slim_channels
 
 FORMAT = "rtfq-supernet"
 VERSION = 1
@@ -90,13 +92,35 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         model = build_supernet(config)
     except RtfqError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: malformed checkpoint ({type(e).__name__}: {e})") from None
     problems = state_dict_mismatch(model.state_dict(), state_dict)
     if problems:
         raise CheckpointError(f"{path}: weights do not match architecture {config.arch!r}: {problems}")
     model.load_state_dict(state_dict)
+    problem = bn_stats_mismatch(model, bn_stats)
+    if problem:
+        raise CheckpointError(f"{path}: calibrated BatchNorm statistics do not fit: {problem}")
     return Checkpoint(model, bn_stats, meta)
+
+
+def bn_stats_mismatch(model: Supernet, bn_stats: Mapping[str, BNStats]) -> str:
+    """Why cached statistics cannot belong to this supernet ('' if they can): each key
+    must be a subnet of its space and cover every BatchNorm at that subnet's width."""
+    space = model.config.space
+    bns = {m.name: m for m in model.modules() if isinstance(m, SlimBatchNorm2d)}
+    for key, stats in bn_stats.items():
+        try:
+            width = space.parse(key).width
+        except RtfqError as e:
+            return f"key {key!r}: {e}"
+        if set(stats) != set(bns):
+            return f"{key}: statistics for {len(stats)} BatchNorm layers, the supernet has {len(bns)}"
+        for name, (mean, var) in stats.items():
+            c = slim_channels(bns[name].num_features, width, space.channel_divisor)
+            if mean.shape != (c,) or var.shape != (c,) or not mean.is_floating_point():
+                return f"{key}: {name} has {tuple(mean.shape)} values, expected ({c},)"
+    return ""
 
 
 def state_dict_mismatch(expected: Mapping[str, Tensor], given: Mapping[str, Any], ignore: set[str] = frozenset()) -> str:
@@ -104,10 +128,11 @@ def state_dict_mismatch(expected: Mapping[str, Tensor], given: Mapping[str, Any]
     missing = [k for k in expected if k not in given and k not in ignore]
     unexpected = [k for k in given if k not in expected]
     wrong = [
-        f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+        f"{k} {_describe(given[k])} vs {_describe(expected[k])}"
         for k in expected
         if k in given and k not in ignore
-        and (not isinstance(given[k], Tensor) or given[k].shape != expected[k].shape)
+        and (not isinstance(given[k], Tensor) or given[k].shape != expected[k].shape
+             or given[k].is_floating_point() != expected[k].is_floating_point() or given[k].is_complex())
     ]
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
@@ -115,6 +140,10 @@ def state_dict_mismatch(expected: Mapping[str, Tensor], given: Mapping[str, Any]
             more = f" and {len(items) - 3} more" if len(items) > 3 else ""
             parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
     return "; ".join(parts)
+
+
+def _describe(t: Any) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" if isinstance(t, Tensor) else type(t).__name__
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -142,15 +171,16 @@ def load_pretrained(model: Supernet, state_dict: Mapping[str, Tensor]) -> list[s
     quantizer_keys = {f"{name}.{k}" for name, q in model.quantizers() for k in q.state_dict()}
     expected = {k: v for k, v in own.items() if k not in quantizer_keys}
     notes = []
-    ignore: set[str] = set()
+    # Files saved before PyTorch 0.4.1 (e.g. resnet50-19c8e357.pth) have no BatchNorm counters.
+    ignore = {k for k in expected if k.endswith("num_batches_tracked") and k not in state_dict}
     fc_w = state_dict.get("fc.weight")
     if isinstance(fc_w, Tensor) and fc_w.shape != expected["fc.weight"].shape:
-        ignore = {"fc.weight", "fc.bias"}
+        ignore |= {"fc.weight", "fc.bias"}
         notes.append(f"classifier re-initialised: weights have {fc_w.shape[0]} classes, supernet {model.config.num_classes}")
     problems = state_dict_mismatch(expected, state_dict, ignore)
     if problems:
         raise CheckpointError(f"weights do not fit {model.config.arch!r}: {problems}")
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in ignore}, strict=False)
     model.init_weight_steps()
-    notes.append(f"loaded {len(expected) - len(ignore)} tensors")
+    notes.append(f"loaded {len(expected) - len(ignore)} tensors")  # counters left at 0 are not counted
     return notes

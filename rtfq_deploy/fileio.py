@@ -20,8 +20,11 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     dest = Path(path)
     if not overwrite and dest.exists():
         raise FileExistsError(f"{dest} exists (use --force to overwrite)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {dest}: {e.strerror}") from None
     try:
         os.chmod(tmp, _mode_for(dest))  # mkstemp makes 0600; give what a plain open() would
         with os.fdopen(fd, "wb") as f:

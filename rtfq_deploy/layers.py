@@ -83,8 +83,10 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
 
     Training normalises with batch statistics and leaves the stored running statistics
     alone: they would mix every sampled subnet. Eval uses the statistics calibrated for
-    the active subnet (``net.bn_stats``, see :mod:`rtfq_deploy.calibrate`) when given,
-    else the stored ones. ``name`` is the module path, assigned when the net is built.
+    the active subnet (``net.bn_stats``, see :mod:`rtfq_deploy.calibrate`), which must
+    then cover every BatchNorm; ``bn_stats=None`` explicitly selects the stored running
+    statistics, right only for the network they came from (e.g. pretrained full-width
+    float weights). ``name`` is the module path, assigned when the net is built.
     """
 
     def __init__(self, num_features: int) -> None:
@@ -96,8 +98,14 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         weight, bias = self.weight[:c], self.bias[:c]
         if self.training:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        if net.bn_stats is not None and self.name in net.bn_stats:
-            mean, var = net.bn_stats[self.name]
-        else:
+        if net.bn_stats is None:
             mean, var = self.running_mean[:c], self.running_var[:c]
+        else:
+            try:
+                mean, var = net.bn_stats[self.name]
+            except KeyError:
+                raise KeyError(f"calibrated BatchNorm statistics have no entry for {self.name!r}") from None
+            if mean.shape != (c,) or var.shape != (c,):
+                raise ValueError(f"BatchNorm {self.name!r}: calibrated statistics have {tuple(mean.shape)} "
+                                 f"channels, the subnet has {c}")
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)

@@ -144,7 +144,12 @@ class SearchSpace:
 
     def parse(self, text: str) -> SubnetConfig:
         """Parse a subnet string and check it belongs to this space."""
-        return self.validate(SubnetConfig.parse(text))
+        try:
+            config = SubnetConfig.parse(text)
+        except SpaceError as e:
+            raise SpaceError(f"{e} (this space: R={_fmt_values(self.resolutions)}; "
+                             f"W={_fmt_values(self.widths)}; Q={_fmt_values(self.bits)})") from None
+        return self.validate(config)
 
     def to_dict(self) -> dict:
         return {

@@ -76,3 +76,15 @@ def test_activation_steps_follow_lsq_init_from_data(tiny):
         qp = 2 ** (bits - 1) - 1
         assert q.scale(bits).item() == pytest.approx(2 * batch.abs().mean().item() / math.sqrt(qp), rel=1e-5)
     assert tiny.layer3[0].q1.scale(4).item() != pytest.approx(2 * 0.3989 / math.sqrt(15))  # prior replaced
+
+
+def test_given_statistics_must_cover_every_batchnorm(tiny):
+    config = SubnetConfig(32, 1.0, 8)
+    stats = calibrate_bn(tiny, tiny.active(config), [torch.randn(2, 3, 32, 32)])
+    tiny.eval()
+    partial = {k: v for k, v in stats.items() if k != "layer2.0.bn1"}
+    with pytest.raises(KeyError, match="no entry for 'layer2.0.bn1'"):
+        tiny(torch.randn(1, 3, 32, 32), tiny.active(config, bn_stats=partial))
+    narrow = calibrate_bn(tiny, tiny.active(SubnetConfig(32, 0.6, 8)), [torch.randn(2, 3, 32, 32)])
+    with pytest.raises(ValueError, match="calibrated statistics have"):
+        tiny(torch.randn(1, 3, 32, 32), tiny.active(config, bn_stats=narrow))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rtfq_deploy.calibrate import calibrate_bn
 from rtfq_deploy.checkpoint import (
     FORMAT,
     load_checkpoint,
@@ -37,7 +38,7 @@ def test_round_trip_keeps_everything(tmp_path):
     model = build_supernet(SupernetConfig("tiny_resnet", num_classes=7, space=space))
     with torch.no_grad():
         model.layer1[0].q1.step.mul_(1.7)  # non-default step sizes survive
-    stats = {"bn1": (torch.randn(8), torch.rand(8))}
+    stats = calibrate_bn(model, model.active(SubnetConfig(64, 0.5, 3)), [torch.randn(2, 3, 64, 64)])
     path = _saved(tmp_path, model, bn_stats={"r64-w0.50-q3": stats}, meta={"class_names": list("abcdefg")})
     ckpt = load_checkpoint(path)
     assert ckpt.model.config == model.config
@@ -204,3 +205,52 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
         assert (tmp_path / "kept.bin").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_cached_bn_statistics_are_validated_on_load(tmp_path, tiny):
+    cfg = SubnetConfig(128, 0.6, 4)
+    stats = calibrate_bn(tiny, tiny.active(cfg), [torch.randn(2, 3, 128, 128)])
+    good = _saved(tmp_path, tiny, name="good.pt", bn_stats={str(cfg): stats})
+    assert load_checkpoint(good).bn_stats[str(cfg)]["bn1"][0].shape == (8,)
+    bad_cases = {
+        "key.pt": ({"nonsense": stats}, "key 'nonsense'"),
+        "outside.pt": ({"r64-w0.60-q4": stats}, "not in the space"),
+        "width.pt": ({"r224-w1.00-q4": stats}, r"expected \(16,\)"),
+        "missing.pt": ({str(cfg): {k: v for k, v in stats.items() if k != "bn1"}}, "statistics for"),
+    }
+    for name, (bn_stats, needle) in bad_cases.items():
+        path = _saved(tmp_path, tiny, name=name, bn_stats=bn_stats)
+        with pytest.raises(CheckpointError, match=needle):
+            load_checkpoint(path)
+
+
+def test_malformed_config_values_and_dtypes_are_refused(tmp_path, tiny):
+    payload = safe_torch_load(_saved(tmp_path, tiny))
+    config = json.loads(payload["config"])
+    torch.save({**payload, "config": json.dumps({**config, "num_classes": -1})}, tmp_path / "neg.pt")
+    with pytest.raises(CheckpointError, match="number of classes must be >= 1"):
+        load_checkpoint(tmp_path / "neg.pt")
+    torch.save({**payload, "config": json.dumps({**config, "policy": {"edge_bits": 12, "residual_bits": 8}})},
+               tmp_path / "bits.pt")
+    with pytest.raises(CheckpointError, match="between 2 and 8"):
+        load_checkpoint(tmp_path / "bits.pt")
+    sd = dict(payload["state_dict"])
+    sd["conv1.weight"] = sd["conv1.weight"].to(torch.complex64)
+    torch.save({**payload, "state_dict": sd}, tmp_path / "complex.pt")
+    with pytest.raises(CheckpointError, match="conv1.weight .* complex64 vs .* float32"):
+        load_checkpoint(tmp_path / "complex.pt")
+
+
+def test_old_torchvision_files_without_batchnorm_counters_load():
+    model = build_supernet(SupernetConfig("resnet18"))
+    sd = {k: v for k, v in synth_state_dict(_torchvision_keys(model)).items() if "num_batches_tracked" not in k}
+    load_pretrained(model, sd)
+    assert torch.equal(model.layer1[0].bn1.running_var, sd["layer1.0.bn1.running_var"])
+
+
+def test_unwritable_destination_is_named_in_the_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(OSError, match=f"cannot write {blocker}/x.pt"):
+        with atomic_write(blocker / "x.pt"):
+            pass

@@ -52,6 +52,11 @@ def test_console_scripts_are_installed(script):
     assert result.returncode == 0 and "Usage:" in result.stdout
 
 
+def test_bare_group_prints_its_help():
+    result = _run("rtfq")
+    assert result.returncode == 0 and result.stdout.startswith("Usage: rtfq") and result.stderr == ""
+
+
 def test_arch_choices_match_the_registry():
     assert set(ARCH_NAMES) == set(ARCHS)
 

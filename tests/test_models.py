@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,31 +57,40 @@ def test_training_forward_leaves_running_statistics_alone(tiny):
     assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
 
 
-@pytest.mark.parametrize("arch", ["tiny_resnet", "resnet18"])
+@pytest.mark.parametrize("arch", ["tiny_resnet", "resnet18", "resnet50"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_every_layer_reads_its_declared_quantizer_grid(arch, bits):
     """layer_inputs() (used by BitOPs and export) matches the real dataflow: each conv and
-    linear input lies on the integer grid of the quantizer declared to feed it."""
+    linear input lies on the integer grid of the quantizer declared to feed it, and on the
+    grid of no other activation quantizer (every quantizer gets its own step first)."""
     model = build_supernet(SupernetConfig(arch, num_classes=10)).eval()
-    config = SubnetConfig(96, 0.73, bits)
+    acts = [(n, q) for n, q in model.quantizers() if q.channels is None]
+    with torch.no_grad():
+        for i, (_, q) in enumerate(acts):
+            q.step.mul_(1.0 + 0.137 * math.sqrt(i + 2))  # pairwise irrational step ratios
+    config = SubnetConfig(64, 0.73, bits)
     net = model.active(config)
     inputs: dict[str, torch.Tensor] = {}
     handles = [layer.register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
                for name, layer in model.layers()]
     with torch.no_grad():
-        model(torch.randn(2, 3, 96, 96), net)
+        model(torch.randn(2, 3, 64, 64), net)
     for h in handles:
         h.remove()
     declared = model.layer_inputs()
-    quants = dict(model.quantizers())
     assert set(declared) == set(inputs) == {n for n, _ in model.layers()}
-    for layer, qname in declared.items():
-        q = quants[qname]
+
+    def on_grid(x: torch.Tensor, qname: str) -> bool:
+        q = dict(acts)[qname]
         b = net.bits[qname]
-        codes = inputs[layer] / q.scale(b)
+        codes = x / q.scale(b)
         lo, hi = qrange(b, q.signed)
-        assert torch.allclose(codes, codes.round(), atol=1e-3), layer
-        assert codes.min() >= lo - 1e-3 and codes.max() <= hi + 1e-3, layer
+        return bool(torch.allclose(codes, codes.round(), atol=1e-3)) and lo - 1e-3 <= codes.min() <= codes.max() <= hi + 1e-3
+
+    for layer, qname in declared.items():
+        assert on_grid(inputs[layer], qname), layer
+        others = [n for n, _ in acts if n != qname and on_grid(inputs[layer], n)]
+        assert others == [], (layer, others)
 
 
 def test_uniform_plan_follows_the_bit_policy(tiny):

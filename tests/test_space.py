@@ -62,6 +62,8 @@ def test_values_outside_space_name_the_valid_values():
     assert "width 0.70 (valid: 1.00, 0.86, 0.73, 0.60)" in msg
     assert "bit-width 5 (valid: 8, 6, 4)" in msg
     assert space.parse("r192-w0.86-q6") == SubnetConfig(192, 0.86, 6)
+    with pytest.raises(SpaceError, match=r"expected r<resolution>.*this space: R=224, 192, 160, 128; W=1.00"):
+        space.parse("160-0.73")
 
 
 def test_space_serialises_and_is_canonically_ordered():

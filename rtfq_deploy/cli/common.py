@@ -25,6 +25,9 @@ class _OneLineErrors:
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo("Aborted.", err=True)
             sys.exit(130)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare `rtfq`: its help, as with --help
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.ClickException as e:
             click.echo(f"Error: {e.format_message()}", err=True)
             sys.exit(USAGE_EXIT if isinstance(e, click.UsageError) else e.exit_code)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from rtfq_deploy.plan import ActiveSubnet, BitPlan, BitPolicy
-from rtfq_deploy.quant import Quantizer, quantizer_class
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.quant import QUANTIZERS, Quantizer, quantizer_class
 from rtfq_deploy.space import SearchSpace, SubnetConfig
 
 
@@ -23,6 +24,15 @@ class SupernetConfig:
     space: SearchSpace = field(default_factory=SearchSpace)
     policy: BitPolicy = field(default_factory=BitPolicy)
     quantizer: str = "lsq"
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise RtfqError(f"the number of classes must be >= 1, got {self.num_classes}")
+        for bits in self.policy.extra_bits():
+            if not 2 <= bits <= 8:
+                raise RtfqError(f"policy bit-widths must be between 2 and 8, got {bits}")
+        if self.quantizer not in QUANTIZERS:
+            raise RtfqError(f"unknown quantizer kind {self.quantizer!r} (known: {', '.join(sorted(QUANTIZERS))})")
 
     @property
     def bit_choices(self) -> tuple[int, ...]:
