@@ -54,9 +54,6 @@ def init(arch: str, pretrained: Path | None, num_classes: int, resolutions: tupl
         raise click.BadParameter("expected a bit-width or 'q'", param_hint="--edge-bits/--residual-bits") from None
     space = SearchSpace(resolutions, widths, bits, channel_divisor)
     config = SupernetConfig(arch=arch, num_classes=num_classes, space=space, policy=policy)
-    for extra in policy.extra_bits():
-        if not 2 <= extra <= 8:
-            raise click.BadParameter(f"bit-width must be between 2 and 8, got {extra}", param_hint="--edge-bits/--residual-bits")
     state = read_state_dict(pretrained) if pretrained else None
     with torch.random.fork_rng():
         torch.manual_seed(seed)
