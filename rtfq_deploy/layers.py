@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -93,13 +94,26 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         super().__init__(num_features)
         self.name = ""
 
-    def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, net: ActiveSubnet, bias_lsb: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """``bias_lsb``: in eval, the per-channel step of the integer accumulator of the
+        conv before (input step x weight step); the shift is then rounded onto that grid
+        times BN's factor, exactly as the int32 bias of the exported conv is."""
         c = x.shape[1]
         weight, bias = self.weight[:c], self.bias[:c]
         if self.training:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        mean, var = self._eval_stats(c, net)
+        if bias_lsb is None:
+            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+        factor = weight / torch.sqrt(var + self.eps)
+        shift = bias - mean * factor
+        lsb = torch.where(factor == 0, bias_lsb, bias_lsb * factor)
+        shift = torch.round(shift / lsb) * lsb
+        return x * factor.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+    def _eval_stats(self, c: int, net: ActiveSubnet) -> tuple[Tensor, Tensor]:
         if net.bn_stats is None:
-            mean, var = self.running_mean[:c], self.running_var[:c]
+            return self.running_mean[:c], self.running_var[:c]
         else:
             try:
                 mean, var = net.bn_stats[self.name]
@@ -108,4 +122,16 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
             if mean.shape != (c,) or var.shape != (c,):
                 raise ValueError(f"BatchNorm {self.name!r}: calibrated statistics have {tuple(mean.shape)} "
                                  f"channels, the subnet has {c}")
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+            return mean, var
+
+
+def conv_bn(conv: SlimConv2d, bn: SlimBatchNorm2d, x: Tensor, net: ActiveSubnet, x_quant: Quantizer) -> Tensor:
+    """conv then BatchNorm; in eval, as the exported integer conv computes it (the BN
+    shift on the int32 bias grid), so evaluation reports what deployment computes."""
+    y = conv(x, net)
+    lsb = None
+    if not bn.training:
+        w_bits, a_bits = net.bits[conv.weight_quant.name], net.bits[x_quant.name]
+        if w_bits is not None and a_bits is not None:
+            lsb = x_quant.scale(a_bits) * conv.weight_quant.scale(w_bits, y.shape[1]).clamp_min(1e-8)
+    return bn(y, net, lsb)

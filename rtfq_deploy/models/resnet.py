@@ -22,17 +22,18 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d
+from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, conv_bn
 from rtfq_deploy.models.base import Supernet, SupernetConfig
 from rtfq_deploy.plan import ActiveSubnet
+from rtfq_deploy.quant import Quantizer
 
 
 class Downsample(nn.Sequential):
     """1x1 conv, BatchNorm and the quantizer of the shortcut operand (``downsample.0/1/2``)."""
 
-    def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, net: ActiveSubnet, x_quant: Quantizer) -> Tensor:  # type: ignore[override]
         conv, bn, quant = self
-        return quant(bn(conv(x, net), net), net)
+        return quant(conv_bn(conv, bn, x, net, x_quant), net)
 
 
 class BasicBlock(nn.Module):
@@ -53,10 +54,11 @@ class BasicBlock(nn.Module):
     # Relative layer name -> relative quantizer feeding it ("" = the block's input).
     layer_inputs = {"conv1": "", "conv2": "q1", "downsample.0": ""}
 
-    def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:
-        out = self.q1(self.relu(self.bn1(self.conv1(x, net), net)), net)
-        out = self.q_res(self.bn2(self.conv2(out, net), net), net)
-        identity = x if self.downsample is None else self.downsample(x, net)
+    def forward(self, x: Tensor, net: ActiveSubnet, x_quant: Quantizer) -> Tensor:
+        """``x_quant``: the quantizer that produced ``x`` (its step sets the bias grid in eval)."""
+        out = self.q1(self.relu(conv_bn(self.conv1, self.bn1, x, net, x_quant)), net)
+        out = self.q_res(conv_bn(self.conv2, self.bn2, out, net, self.q1), net)
+        identity = x if self.downsample is None else self.downsample(x, net, x_quant)
         return self.q_out(self.relu(out + identity), net)
 
 
@@ -80,11 +82,11 @@ class Bottleneck(nn.Module):
 
     layer_inputs = {"conv1": "", "conv2": "q1", "conv3": "q2", "downsample.0": ""}
 
-    def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:
-        out = self.q1(self.relu(self.bn1(self.conv1(x, net), net)), net)
-        out = self.q2(self.relu(self.bn2(self.conv2(out, net), net)), net)
-        out = self.q_res(self.bn3(self.conv3(out, net), net), net)
-        identity = x if self.downsample is None else self.downsample(x, net)
+    def forward(self, x: Tensor, net: ActiveSubnet, x_quant: Quantizer) -> Tensor:
+        out = self.q1(self.relu(conv_bn(self.conv1, self.bn1, x, net, x_quant)), net)
+        out = self.q2(self.relu(conv_bn(self.conv2, self.bn2, out, net, self.q1)), net)
+        out = self.q_res(conv_bn(self.conv3, self.bn3, out, net, self.q2), net)
+        identity = x if self.downsample is None else self.downsample(x, net, x_quant)
         return self.q_out(self.relu(out + identity), net)
 
 
@@ -150,9 +152,10 @@ class ResNet(Supernet):
 
     def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # type: ignore[override]
         x = self.q_input(x, net)
-        x = self.q_stem(self.relu(self.bn1(self.conv1(x, net), net)), net)
+        x = self.q_stem(self.relu(conv_bn(self.conv1, self.bn1, x, net, self.q_input)), net)
         x = self.maxpool(x)
+        x_quant = self.q_stem
         for _, blk in self.blocks():
-            x = blk(x, net)
+            x, x_quant = blk(x, net, x_quant), blk.q_out
         x = self.q_pool(self.avgpool(x).flatten(1), net)
         return self.fc(x, net)

@@ -1,0 +1,152 @@
+"""Emit an ONNX QDQ graph from the integer IR.
+
+Every quantized tensor ``t`` exists twice in the graph: its codes ``t_q`` (uint8) and their dequantized float ``t``. All QuantizeLinear, Clip and
+DequantizeLinear nodes are made in :meth:`_Emitter.quantize`, one place. Placement
+follows what onnxruntime fuses into integer kernels (see shared/NOTES.md):
+
+- Activations are uint8 (signed ones with zero point 128, see ``_zero_point``).
+- Conv/Gemm read DequantizeLinear'd inputs, weights (int8, per-channel scales on axis 0)
+  and bias (int32 at input scale x weight scale) and write through QuantizeLinear:
+  fused to QLinearConv / QGemm.
+- ReLU is not a node: an unsigned output with zero point 0 saturates at 0, which is ReLU.
+- A b-bit code (b < 8) rides in an 8-bit container; its exact range is enforced by a
+  Clip on the integer side (QuantizeLinear -> Clip -> DequantizeLinear), which keeps the
+  integer kernels; a float Clip before QuantizeLinear would not.
+- MaxPool and Flatten run on the codes themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from rtfq_deploy.export.lower import AddOp, ConvOp, GlobalAvgPoolOp, IntNet, MaxPoolOp, QParams, QuantizeOp
+
+OPSET = 21
+IR_VERSION = 10
+
+
+def _zero_point(q: QParams) -> int:
+    """Every activation rides in uint8: signed codes [-2^(b-1), 2^(b-1)-1] shifted by 128.
+
+    The values are exactly those of int8 with zero point 0, but one container type lets
+    onnxruntime fuse a residual add of a signed branch and an unsigned shortcut into
+    QLinearAdd (its inputs and output must share a type), and keeps convs U8S8.
+    """
+    return 128 if q.signed else 0
+
+
+class _Emitter:
+    def __init__(self, ir: IntNet, pack_int4: bool) -> None:
+        self.ir = ir
+        self.pack_int4 = pack_int4
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.consts_made: set[str] = set()
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], **attrs) -> None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", **attrs))
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        # Not np.ascontiguousarray: it turns 0-d scales into shape (1,), and onnxruntime
+        # fuses QLinearAdd only with scalar (per-tensor) scales.
+        self.inits.append(numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(), name))
+        return name
+
+    def qconsts(self, t: str) -> tuple[str, str]:
+        """Scale and zero point initializers of tensor ``t`` (made once)."""
+        scale, zp = f"{t}.scale", f"{t}.zp"
+        if scale not in self.consts_made:
+            q = self.ir.qparams[t]
+            self.const(scale, np.array(q.scale, np.float32))
+            self.const(zp, np.array(_zero_point(q), np.uint8))
+            self.consts_made.add(scale)
+        return scale, zp
+
+    def quantize(self, pre: str, t: str, codes: str | None = None) -> None:
+        """float ``pre`` -> codes ``t_q`` (clipped to the exact b-bit range) -> float ``t``."""
+        q: QParams = self.ir.qparams[t]
+        scale, zp = self.qconsts(t)
+        codes = codes or f"{t}_q"
+        lo, hi = (v + _zero_point(q) for v in q.qrange)
+        if q.bits < 8:
+            self.node("QuantizeLinear", [pre, scale, zp], [f"{codes}.sat"])
+            self.node("Clip", [f"{codes}.sat", self.const(f"{t}.min", np.array(lo, np.uint8)),
+                               self.const(f"{t}.max", np.array(hi, np.uint8))], [codes])
+        else:
+            self.node("QuantizeLinear", [pre, scale, zp], [codes])
+        if codes == f"{t}_q":
+            self.node("DequantizeLinear", [codes, scale, zp], [t])
+
+    def dequantize(self, codes: str, t: str) -> None:
+        self.node("DequantizeLinear", [codes, *self.qconsts(t)], [t])
+
+    def weight(self, op: ConvOp) -> tuple[str, str]:
+        c_out = op.weight.shape[0]
+        if self.pack_int4 and op.weight_bits <= 4:
+            codes = helper.make_tensor(f"{op.name}.weight_q", TensorProto.INT4, op.weight.shape,
+                                       op.weight.flatten().tolist())
+            self.inits.append(codes)
+            zp = helper.make_tensor(f"{op.name}.weight_zp", TensorProto.INT4, [c_out], [0] * c_out)
+            self.inits.append(zp)
+        else:
+            self.const(f"{op.name}.weight_q", op.weight)
+            self.const(f"{op.name}.weight_zp", np.zeros(c_out, np.int8))
+        self.const(f"{op.name}.weight_scale", op.scale)
+        self.node("DequantizeLinear", [f"{op.name}.weight_q", f"{op.name}.weight_scale", f"{op.name}.weight_zp"],
+                  [f"{op.name}.weight"], axis=0)
+        in_scale = np.float32(self.ir.qparams[op.inp].scale)
+        self.const(f"{op.name}.bias_q", op.bias)
+        self.const(f"{op.name}.bias_scale", (in_scale * op.scale).astype(np.float32))
+        self.const(f"{op.name}.bias_zp", np.zeros(c_out, np.int32))
+        self.node("DequantizeLinear", [f"{op.name}.bias_q", f"{op.name}.bias_scale", f"{op.name}.bias_zp"],
+                  [f"{op.name}.bias"], axis=0)
+        return f"{op.name}.weight", f"{op.name}.bias"
+
+    def emit(self, op: object) -> None:
+        if isinstance(op, QuantizeOp):
+            self.quantize(op.inp, op.out)
+        elif isinstance(op, ConvOp):
+            w, b = self.weight(op)
+            if op.gemm:
+                self.node("Gemm", [op.inp, w, b], [op.out], transB=1)
+            else:
+                k = op.weight.shape[2]
+                self.node("Conv", [op.inp, w, b], [f"{op.out}.pre"], kernel_shape=[k, k],
+                          strides=[op.stride] * 2, pads=[op.padding] * 4)
+                self.quantize(f"{op.out}.pre", op.out)
+        elif isinstance(op, AddOp):
+            self.node("Add", [op.a, op.b], [f"{op.out}.pre"])
+            self.quantize(f"{op.out}.pre", op.out)
+        elif isinstance(op, MaxPoolOp):
+            self.node("MaxPool", [f"{op.inp}_q"], [f"{op.out}_q"], kernel_shape=[op.kernel] * 2,
+                      strides=[op.stride] * 2, pads=[op.padding] * 4)
+            self.dequantize(f"{op.out}_q", op.out)
+        elif isinstance(op, GlobalAvgPoolOp):
+            self.node("GlobalAveragePool", [op.inp], [f"{op.out}.pre"])
+            self.quantize(f"{op.out}.pre", op.out, codes=f"{op.out}_q4d")
+            self.node("Flatten", [f"{op.out}_q4d"], [f"{op.out}_q"], axis=1)
+            self.dequantize(f"{op.out}_q", op.out)
+        else:  # pragma: no cover - the IR has no other ops
+            raise TypeError(f"cannot emit {type(op).__name__}")
+
+
+def to_onnx(ir: IntNet, metadata: Mapping[str, str], *, pack_int4: bool = False) -> onnx.ModelProto:
+    """The ONNX model of ``ir`` (input: float NCHW image, output: float logits)."""
+    emitter = _Emitter(ir, pack_int4)
+    for op in ir.ops:
+        emitter.emit(op)
+    r = ir.resolution
+    graph = helper.make_graph(
+        emitter.nodes, "rtfq_subnet",
+        [helper.make_tensor_value_info(ir.input, TensorProto.FLOAT, ["N", 3, r, r])],
+        [helper.make_tensor_value_info(ir.output, TensorProto.FLOAT, ["N", ir.num_classes])],
+        emitter.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="rtfq_deploy")
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, dict(metadata))
+    return model
