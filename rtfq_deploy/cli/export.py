@@ -1,13 +1,118 @@
-"""``rtfq-export``: arrives with issue #4; the entry point exists so installs and docs are stable."""
+"""``rtfq-export``: write integer ONNX QDQ files of supernet subnets."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
 
-from rtfq_deploy.cli.common import Command, not_yet
+from rtfq_deploy.cli.common import Command
 
 
-@click.command(cls=Command, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def export() -> None:
-    """Not implemented yet (issue #4)."""
-    not_yet("rtfq-export", 4)
+def _describe(result, metric_costs) -> str:
+    parts = [f"wrote {result.path}: {result.subnet}", f"{metric_costs.macs / 1e9:.3f} GMACs",
+             f"{result.size / 1e6:.2f} MB", f"BN statistics {result.bn_statistics}"]
+    r = result.report
+    if r is not None:
+        parts.append(f"verified on {r.samples} inputs: top-1 agreement {r.top1_agreement:.3f}, "
+                     f"max logit diff {r.max_diff_steps:.2f} output steps, reference evaluator agrees, "
+                     f"integer kernels only")
+        if not r.exact:
+            parts.append(f"within this network's own float32 sensitivity (PyTorch float32 vs float64: top-1 "
+                         f"{r.float32_top1_agreement:.3f}, {r.float32_max_diff_steps:.2f} steps)")
+    return "; ".join(parts)
+
+
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Supernet checkpoint.")
+@click.option("--subnet", help="The subnet to export, e.g. r160-w0.73-q4.")
+@click.option("--budget", help="Export the best subnet within this cost, e.g. 0.8G (suffixes K/M/G/T).")
+@click.option("--bits", type=int, help="With --budget/--buckets: only subnets of this bit-width.")
+@click.option("--metric", type=click.Choice(["macs", "bitops"]), default="macs", show_default=True,
+              help="What --budget and --buckets measure.")
+@click.option("--accuracy", type=click.Path(dir_okay=False, path_type=Path),
+              help="Accuracy table (rtfq eval): choose the most accurate subnet within the budget.")
+@click.option("--all", "export_all", is_flag=True, help="Export every subnet into the output directory.")
+@click.option("--buckets", type=click.IntRange(min=1), help="Export the best subnet of each of N equal budget intervals.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Output file (a directory with --all or --buckets).")
+@click.option("--pack", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+              help="int4 stores <=4-bit weights as ONNX INT4 (half the size); expand with rtfq_deploy.int4 before running.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare onnxruntime and the ONNX reference evaluator with the PyTorch subnet before writing.")
+@click.option("--verify-samples", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime threads for verification.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int | None, metric: str,
+           accuracy: Path | None, export_all: bool, buckets: int | None, output: Path, pack: str, verify: bool,
+           verify_samples: int, threads: int, force: bool, as_json: bool) -> None:
+    """Slice subnets out of a supernet checkpoint, fold BatchNorm, bake the learned step
+    sizes into integer weights and write ONNX QDQ files that onnxruntime runs on integer
+    kernels. Choose with --subnet, --budget [--bits] [--accuracy], --all or --buckets N."""
+    modes = [m for m, on in (("--subnet", subnet), ("--budget", budget), ("--all", export_all), ("--buckets", buckets)) if on]
+    if len(modes) != 1:
+        raise click.UsageError("give exactly one of --subnet, --budget, --all, --buckets")
+    if bits is not None and (subnet or export_all):
+        raise click.UsageError("--bits goes with --budget or --buckets")
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    from rtfq_deploy.checkpoint import load_checkpoint
+    from rtfq_deploy.costs import space_costs
+    from rtfq_deploy.export.api import ExportOptions, VerificationFailed, export_subnet, file_sha256
+    from rtfq_deploy.export.select import bucket_budgets, choose, parse_budget, read_accuracy
+
+    budget_value = parse_budget(budget) if budget else None  # bad input fails before the slow load
+    table = read_accuracy(accuracy) if accuracy else None
+    ckpt = load_checkpoint(checkpoint)
+    space = ckpt.model.config.space
+    costs = space_costs(ckpt.model)
+    if bits is not None and bits not in space.bits:
+        raise click.UsageError(f"bit-width {bits} is not in the space (valid: {', '.join(map(str, space.bits))})")
+
+    reasons: dict = {}
+    if subnet:
+        targets = [space.parse(subnet)]
+    elif budget_value is not None:
+        chosen, reasons[0] = choose(costs, budget_value, metric, bits, table)
+        targets = [chosen]
+    elif export_all:
+        targets = list(space)
+    else:
+        targets = []
+        for edge in bucket_budgets(costs, buckets, metric, bits):
+            chosen, _ = choose(costs, edge, metric, bits, table)
+            if chosen not in targets:
+                targets.append(chosen)
+
+    single = bool(subnet or budget)
+    paths = [output] if single else [output / f"{cfg}.onnx" for cfg in targets]
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        raise click.UsageError(f"{existing[0]} exists (use --force to overwrite)")
+    if single and output.is_dir():
+        raise click.UsageError(f"{output} is a directory; give a file name")
+
+    sha = file_sha256(checkpoint)
+    options = ExportOptions(pack_int4=pack == "int4", verify=verify, verify_samples=verify_samples,
+                            threads=threads, overwrite=force)
+    results = []
+    for cfg, path in zip(targets, paths):
+        if 0 in reasons:
+            click.echo(f"chose {cfg}: {reasons[0]}", err=as_json)
+        try:
+            result = export_subnet(ckpt, sha, cfg, path, options)
+        except VerificationFailed as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+        results.append(result)
+        if not as_json:
+            click.echo(_describe(result, costs[cfg]))
+    if as_json:
+        click.echo(json.dumps([{"subnet": str(r.subnet), "path": str(r.path), "bytes": r.size,
+                                "bn_statistics": r.bn_statistics, **costs[r.subnet].to_dict(),
+                                "verify": r.report.to_dict() if r.report else None} for r in results], indent=2))

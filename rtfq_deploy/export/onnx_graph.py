@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from rtfq_deploy.int4 import int4_tensor
 from rtfq_deploy.export.lower import AddOp, ConvOp, GlobalAvgPoolOp, IntNet, MaxPoolOp, QParams, QuantizeOp
 
 OPSET = 21
@@ -87,11 +88,8 @@ class _Emitter:
     def weight(self, op: ConvOp) -> tuple[str, str]:
         c_out = op.weight.shape[0]
         if self.pack_int4 and op.weight_bits <= 4:
-            codes = helper.make_tensor(f"{op.name}.weight_q", TensorProto.INT4, op.weight.shape,
-                                       op.weight.flatten().tolist())
-            self.inits.append(codes)
-            zp = helper.make_tensor(f"{op.name}.weight_zp", TensorProto.INT4, [c_out], [0] * c_out)
-            self.inits.append(zp)
+            self.inits.append(int4_tensor(f"{op.name}.weight_q", op.weight))
+            self.inits.append(int4_tensor(f"{op.name}.weight_zp", np.zeros(c_out, np.int8)))
         else:
             self.const(f"{op.name}.weight_q", op.weight)
             self.const(f"{op.name}.weight_zp", np.zeros(c_out, np.int8))

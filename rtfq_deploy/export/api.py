@@ -1,0 +1,121 @@
+"""Export one subnet of a supernet checkpoint to an ONNX file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from rtfq_deploy import __version__
+from rtfq_deploy.checkpoint import Checkpoint
+from rtfq_deploy.costs import subnet_costs
+from rtfq_deploy.export.lower import IntNet, lower
+from rtfq_deploy.export.onnx_graph import to_onnx
+from rtfq_deploy.export.verify import VerifyReport, verify
+from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.int4 import expand_int4
+from rtfq_deploy.plan import ActiveSubnet
+from rtfq_deploy.space import SubnetConfig
+
+log = logging.getLogger(__name__)
+
+# torchvision's ImageNet preprocessing, used unless the checkpoint's metadata says otherwise.
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+class VerificationFailed(Exception):
+    """The exported graph does not compute what the PyTorch subnet computes."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    pack_int4: bool = False
+    verify: bool = True
+    verify_samples: int = 16
+    threads: int = 1
+    seed: int = 0
+    overwrite: bool = False
+
+
+@dataclass
+class ExportResult:
+    subnet: SubnetConfig
+    path: Path
+    size: int
+    bn_statistics: str
+    report: VerifyReport | None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def subnet_network(ckpt: Checkpoint, config: SubnetConfig) -> tuple[ActiveSubnet, str]:
+    """The active subnet to export and where its BatchNorm statistics come from."""
+    stats = ckpt.bn_stats.get(str(config))
+    if stats is None:
+        log.warning("%s: no calibrated BatchNorm statistics in the checkpoint; folding the stored running "
+                    "statistics (right only for the network they were measured on)", config)
+    return ckpt.model.active(config, stats), "calibrated" if stats is not None else "stored"
+
+
+def build_model(ckpt: Checkpoint, config: SubnetConfig, checkpoint_sha256: str, *,
+                pack_int4: bool = False) -> tuple[onnx.ModelProto, IntNet, ActiveSubnet, str]:
+    model = ckpt.model.eval()
+    net, bn_source = subnet_network(ckpt, config)
+    ir = lower(model, net, config.resolution)
+    costs = subnet_costs(model, config)
+    classes = ckpt.meta.get("class_names") or [str(i) for i in range(model.config.num_classes)]
+    r = config.resolution
+    metadata = {
+        "rtfq.subnet": str(config),
+        "rtfq.macs": str(costs.macs),
+        "rtfq.bitops": str(costs.bitops),
+        "rtfq.params": str(costs.params),
+        "rtfq.input": json.dumps({"name": ir.input, "shape": ["N", 3, r, r], "layout": "NCHW", "dtype": "float32",
+                                  "preprocess": "RGB scaled to [0, 1], then (x - mean) / std per channel",
+                                  **ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)}),
+        "rtfq.output": json.dumps({"name": ir.output, "shape": ["N", model.config.num_classes], "kind": "logits"}),
+        "rtfq.class_names": json.dumps(classes),
+        "rtfq.bn_statistics": bn_source,
+        "rtfq.weights": "int4-packed" if pack_int4 else "int8",
+        "rtfq.checkpoint_sha256": checkpoint_sha256,
+        "rtfq.arch": model.config.arch,
+        "rtfq.toolkit_version": __version__,
+    }
+    onnx_model = to_onnx(ir, metadata, pack_int4=pack_int4)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    return onnx_model, ir, net, bn_source
+
+
+def export_subnet(ckpt: Checkpoint, checkpoint_sha256: str, config: SubnetConfig, path: str | os.PathLike,
+                  options: ExportOptions = ExportOptions()) -> ExportResult:
+    """Build, verify and atomically write one subnet. Verification runs before anything
+    is written, on the file as a device loads it (INT4 weights expanded)."""
+    path = Path(path)
+    if path.exists() and not options.overwrite:
+        raise FileExistsError(f"{path} exists (use --force to overwrite)")
+    onnx_model, ir, net, bn_source = build_model(ckpt, config, checkpoint_sha256, pack_int4=options.pack_int4)
+    report = None
+    if options.verify:
+        generator = torch.Generator().manual_seed(options.seed)
+        inputs = torch.randn(options.verify_samples, 3, config.resolution, config.resolution, generator=generator)
+        runnable = expand_int4(onnx_model) if options.pack_int4 else onnx_model
+        report = verify(ckpt.model, net, ir, runnable, inputs, options.threads)
+        if not report.passed:
+            raise VerificationFailed(f"{config}: verification failed: {'; '.join(report.problems())} "
+                                     "(nothing written; --no-verify writes it anyway)")
+    data = onnx_model.SerializeToString()
+    with atomic_write(path, overwrite=options.overwrite) as f:
+        f.write(data)
+    return ExportResult(config, path, len(data), bn_source, report)

@@ -1,0 +1,95 @@
+"""Choosing subnets for a budget: budget strings, accuracy tables and the choice rule."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Mapping
+
+from rtfq_deploy.costs import Costs
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.space import SubnetConfig
+
+METRICS = ("macs", "bitops")
+_SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+_BUDGET_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([kKMGT]?)")
+
+
+def parse_budget(text: str) -> float:
+    """'0.8G' -> 8e8. Suffixes K, M, G, T (powers of 1000)."""
+    match = _BUDGET_RE.fullmatch(text.strip())
+    if match is None:
+        raise RtfqError(f"malformed budget {text!r}: expected a number with an optional K/M/G/T suffix, e.g. 0.8G")
+    value = float(match[1]) * 10 ** int(match[2] or 0) * _SUFFIX[match[3].upper()]
+    if value <= 0:
+        raise RtfqError(f"budget must be positive, got {text!r}")
+    return value
+
+
+def format_cost(value: float, metric: str) -> str:
+    return f"{value / 1e9:.3f} G{'MACs' if metric == 'macs' else 'BitOPs'}"
+
+
+def read_accuracy(path: str | Path) -> dict[str, float]:
+    """Top-1 accuracy per subnet from the table ``rtfq eval`` writes.
+
+    Accepted shapes: {"subnets": [{"subnet": ..., "top1": ...}, ...]}, the bare list, or
+    a mapping of subnet to a number or to {"top1": ...}.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise RtfqError(f"{path}: cannot read accuracy table: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise RtfqError(f"{path}: not JSON: {e.msg} (line {e.lineno})") from None
+    rows = data.get("subnets", data) if isinstance(data, dict) else data
+    try:
+        if isinstance(rows, list):
+            table = {str(r["subnet"]): float(r.get("top1", r.get("accuracy"))) for r in rows}
+        else:
+            table = {str(k): float(v["top1"] if isinstance(v, dict) else v) for k, v in rows.items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise RtfqError(f"{path}: not an accuracy table (expected rows with 'subnet' and 'top1')") from None
+    if not table:
+        raise RtfqError(f"{path}: the accuracy table is empty")
+    return table
+
+
+def choose(costs: Mapping[SubnetConfig, Costs], budget: float, metric: str = "macs", bits: int | None = None,
+           accuracy: Mapping[str, float] | None = None) -> tuple[SubnetConfig, str]:
+    """The subnet to export for ``budget`` and a sentence saying why.
+
+    With an accuracy table: the most accurate subnet within the budget (ties: the
+    cheaper). Without one: the costliest subnet within the budget.
+    """
+    candidates = [c for c in costs if bits is None or c.bits == bits]
+    if not candidates:
+        valid = ", ".join(str(b) for b in sorted({c.bits for c in costs}, reverse=True))
+        raise RtfqError(f"bit-width {bits} is not in the space (valid: {valid})")
+    cost = {c: getattr(costs[c], metric) for c in candidates}
+    within = [c for c in candidates if cost[c] <= budget]
+    if not within:
+        cheapest = min(candidates, key=lambda c: (cost[c], str(c)))
+        raise RtfqError(f"budget {format_cost(budget, metric)} is below the cheapest subnet "
+                        f"({cheapest}: {format_cost(cost[cheapest], metric)})")
+    if accuracy is not None:
+        scored = [c for c in within if str(c) in accuracy]
+        if not scored:
+            raise RtfqError("the accuracy table has no subnet within the budget")
+        best = max(scored, key=lambda c: (accuracy[str(c)], -cost[c], str(c)))
+        return best, (f"most accurate within {format_cost(budget, metric)}: top-1 {accuracy[str(best)]:.4f}, "
+                      f"{format_cost(cost[best], metric)}")
+    best = max(within, key=lambda c: (cost[c], str(c)))
+    return best, (f"no accuracy table given, so the costliest subnet within {format_cost(budget, metric)} "
+                  f"({format_cost(cost[best], metric)}); pass --accuracy to choose by accuracy")
+
+
+def bucket_budgets(costs: Mapping[SubnetConfig, Costs], buckets: int, metric: str = "macs",
+                   bits: int | None = None) -> list[float]:
+    """Upper edges of ``buckets`` equal intervals spanning the candidates' cost range."""
+    values = [getattr(c, metric) for cfg, c in costs.items() if bits is None or cfg.bits == bits]
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    return [lo + (hi - lo) * k / buckets for k in range(1, buckets + 1)]

@@ -1,0 +1,142 @@
+"""Check an exported file against the PyTorch subnet it came from.
+
+Three runtimes on the same inputs: the PyTorch subnet (evaluated in float64, so its
+own float32 rounding does not flip codes that the integer kernels compute exactly),
+onnxruntime (the device runtime, integer kernels), and on one input the ONNX reference
+evaluator, a pure-Python runtime independent of onnxruntime. Also reads onnxruntime's
+optimized graph to prove the convolutions, adds and the classifier run as integer
+kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from rtfq_deploy.export.lower import IntNet
+from rtfq_deploy.models.base import Supernet
+from rtfq_deploy.plan import ActiveSubnet
+
+# Float ops that must not survive onnxruntime's optimisation of an integer export.
+FLOAT_KERNELS = {"Conv", "FusedConv", "Add", "Gemm", "MatMul", "FusedGemm", "GlobalAveragePool"}
+MIN_TOP1_AGREEMENT = 0.999
+MAX_OUTPUT_STEPS = 2.0
+
+
+@dataclass
+class VerifyReport:
+    samples: int
+    top1_agreement: float
+    max_logit_diff: float
+    max_diff_steps: float
+    output_step: float
+    reference_top1_match: bool
+    reference_max_diff_steps: float
+    optimized_ops: dict[str, int]
+    float_kernels: list[str]
+    # PyTorch's own float32 evaluation against its float64 one: how far float rounding
+    # alone moves this network. Measured only when the absolute bar is missed.
+    float32_top1_agreement: float | None = None
+    float32_max_diff_steps: float | None = None
+
+    @property
+    def exact(self) -> bool:
+        """The absolute bar: >= 99.9% top-1 agreement and within 2 output steps."""
+        return self.top1_agreement >= MIN_TOP1_AGREEMENT and self.max_diff_steps <= MAX_OUTPUT_STEPS
+
+    @property
+    def within_float_sensitivity(self) -> bool:
+        """onnxruntime is no further from the float64 subnet than PyTorch's float32 run is
+        (with slack for sampling: twice the disagreements plus one, twice the steps plus two).
+        Untrained deep networks amplify single code flips; trained ones meet the absolute bar."""
+        if self.float32_top1_agreement is None or self.float32_max_diff_steps is None:
+            return False
+        misses, misses32 = (round((1 - a) * self.samples) for a in (self.top1_agreement, self.float32_top1_agreement))
+        return misses <= 2 * misses32 + 1 and self.max_diff_steps <= 2 * self.float32_max_diff_steps + MAX_OUTPUT_STEPS
+
+    @property
+    def passed(self) -> bool:
+        return ((self.exact or self.within_float_sensitivity)
+                and self.reference_top1_match and not self.float_kernels)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not (self.exact or self.within_float_sensitivity):
+            out.append(f"top-1 agreement {self.top1_agreement:.4f} and max logit difference "
+                       f"{self.max_diff_steps:.2f} output steps miss the bar ({MIN_TOP1_AGREEMENT}, {MAX_OUTPUT_STEPS}) "
+                       f"and PyTorch float32 itself gets {self.float32_top1_agreement}, {self.float32_max_diff_steps}")
+        if not self.reference_top1_match:
+            out.append("the ONNX reference evaluator disagrees with onnxruntime on top-1")
+        if self.float_kernels:
+            out.append(f"float kernels left after optimisation: {', '.join(self.float_kernels)}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def output_step(ir: IntNet) -> float:
+    """The unit of logit differences: the largest change of any logit that one code step
+    of one classifier input causes (classifier input step x largest |folded weight|)."""
+    fc = ir.ops[-1]
+    weights = np.abs(fc.weight.astype(np.float64) * fc.scale[:, None].astype(np.float64))
+    return float(ir.qparams[fc.inp].scale * weights.max())
+
+
+def torch_logits(model: Supernet, net: ActiveSubnet, x: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """The subnet's logits in float64 (eval mode)."""
+    m64 = copy.deepcopy(model).double().eval()
+    stats = None if net.bn_stats is None else {k: (a.double(), b.double()) for k, (a, b) in net.bn_stats.items()}
+    net64 = ActiveSubnet(net.width, net.bits, stats)
+    with torch.no_grad():
+        return torch.cat([m64(c.double(), net64) for c in x.split(batch)]).numpy()
+
+
+def ort_session(model_bytes: bytes, threads: int = 1, optimized_path: str | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def verify(model: Supernet, net: ActiveSubnet, ir: IntNet, onnx_model: onnx.ModelProto, inputs: torch.Tensor,
+           threads: int = 1) -> VerifyReport:
+    expected = torch_logits(model, net, inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = os.path.join(tmp, "optimized.onnx")
+        session = ort_session(onnx_model.SerializeToString(), threads, optimized)
+        got = np.concatenate([session.run(None, {ir.input: c.numpy()})[0] for c in inputs.split(32)])
+        ops = Counter(node.op_type for node in onnx.load(optimized).graph.node)
+    from onnx.reference import ReferenceEvaluator
+
+    ref = ReferenceEvaluator(onnx_model).run(None, {ir.input: inputs[:1].numpy()})[0]
+    step = output_step(ir)
+    diff = np.abs(expected - got)
+    report = VerifyReport(
+        samples=len(inputs),
+        top1_agreement=float((expected.argmax(1) == got.argmax(1)).mean()),
+        max_logit_diff=float(diff.max()),
+        max_diff_steps=float(diff.max() / step),
+        output_step=step,
+        reference_top1_match=bool(ref.argmax(1)[0] == got[:1].argmax(1)[0]),
+        reference_max_diff_steps=float(np.abs(ref - got[:1]).max() / step),
+        optimized_ops=dict(sorted(ops.items())),
+        float_kernels=sorted(op for op in ops if op in FLOAT_KERNELS),
+    )
+    if not report.exact:
+        with torch.no_grad():
+            own = torch.cat([model.eval()(c, net) for c in inputs.split(32)]).numpy()
+        report.float32_top1_agreement = float((expected.argmax(1) == own.argmax(1)).mean())
+        report.float32_max_diff_steps = float(np.abs(expected - own).max() / step)
+    return report
