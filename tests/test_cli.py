@@ -137,8 +137,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
 
 
 def test_placeholder_commands_say_so():
-    result = _run("rtfq-export", "--checkpoint", "x")
-    assert result.returncode == 1 and "not implemented yet (see issue #4)" in result.stderr
+    result = _run("rtfq-bench", "run", "x.onnx")
+    assert result.returncode == 1 and "not implemented yet (see issue #5)" in result.stderr
 
 
 def test_cli_import_does_not_load_torch():
