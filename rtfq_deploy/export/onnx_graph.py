@@ -148,3 +148,49 @@ def to_onnx(ir: IntNet, metadata: Mapping[str, str], *, pack_int4: bool = False)
     model.ir_version = IR_VERSION
     helper.set_model_props(model, dict(metadata))
     return model
+
+
+def to_float_onnx(ir: IntNet) -> onnx.ModelProto:
+    """The same subnet as a plain fp32 graph (folded weights and biases, ReLU nodes, no
+    quantization): the reference for benchmarks and for onnxruntime's own quantizer."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def node(op: str, inputs: list[str], outputs: list[str], **attrs) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", **attrs))
+
+    def relu_if_unsigned(pre: str, out: str) -> None:
+        node("Relu" if not ir.qparams[out].signed else "Identity", [pre], [out])
+
+    for op in ir.ops:
+        if isinstance(op, QuantizeOp):
+            node("Identity", [op.inp], [op.out])
+        elif isinstance(op, ConvOp):
+            in_scale = np.float64(ir.qparams[op.inp].scale)
+            shape = (-1,) + (1,) * (op.weight.ndim - 1)
+            w = (op.weight.astype(np.float64) * op.scale.astype(np.float64).reshape(shape)).astype(np.float32)
+            b = (op.bias.astype(np.float64) * in_scale * op.scale.astype(np.float64)).astype(np.float32)
+            inits += [numpy_helper.from_array(w, f"{op.name}.weight"), numpy_helper.from_array(b, f"{op.name}.bias")]
+            if op.gemm:
+                node("Gemm", [op.inp, f"{op.name}.weight", f"{op.name}.bias"], [op.out], transB=1)
+            else:
+                k = op.weight.shape[2]
+                node("Conv", [op.inp, f"{op.name}.weight", f"{op.name}.bias"], [f"{op.out}.pre"], kernel_shape=[k, k],
+                     strides=[op.stride] * 2, pads=[op.padding] * 4)
+                relu_if_unsigned(f"{op.out}.pre", op.out)
+        elif isinstance(op, AddOp):
+            node("Add", [op.a, op.b], [f"{op.out}.pre"])
+            relu_if_unsigned(f"{op.out}.pre", op.out)
+        elif isinstance(op, MaxPoolOp):
+            node("MaxPool", [op.inp], [op.out], kernel_shape=[op.kernel] * 2, strides=[op.stride] * 2,
+                 pads=[op.padding] * 4)
+        elif isinstance(op, GlobalAvgPoolOp):
+            node("GlobalAveragePool", [op.inp], [f"{op.out}.4d"])
+            node("Flatten", [f"{op.out}.4d"], [op.out], axis=1)
+    r = ir.resolution
+    graph = helper.make_graph(nodes, "rtfq_subnet_fp32",
+                              [helper.make_tensor_value_info(ir.input, TensorProto.FLOAT, ["N", 3, r, r])],
+                              [helper.make_tensor_value_info(ir.output, TensorProto.FLOAT, ["N", ir.num_classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="rtfq_deploy")
+    model.ir_version = IR_VERSION
+    return model

@@ -1,0 +1,138 @@
+"""Latency and size of rtfq-export's integer ONNX files against two references built from
+the same ResNet-50 subnet in the same run: the fp32 graph, and onnxruntime's own
+``quantize_static`` (QDQ, per-channel, U8S8) of that fp32 graph. Batch 1, onnxruntime
+CPU, sessions measured interleaved (A B C A B C ...) so machine drift hits all alike.
+
+    python bench/export_latency.py [--subnets r224-w1.00,r160-w0.73,r128-w0.60] [--bits 8,6,4]
+                                   [--threads 1,2] [--reps 30]
+
+Prints medians, ratios and the fraction of this machine's int8 GEMM rate (MatMulInteger
+u8 x s8, 3136x576x256, measured here) that the full-width subnet reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper
+from tabulate import tabulate
+
+from rtfq_deploy.costs import subnet_costs
+from rtfq_deploy.export.lower import lower
+from rtfq_deploy.export.onnx_graph import to_float_onnx, to_onnx
+from rtfq_deploy.models import SupernetConfig, build_supernet
+from rtfq_deploy.space import SubnetConfig
+
+
+def session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def ort_quantize_static(fp32: onnx.ModelProto, resolution: int) -> bytes:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"input": rng.standard_normal((1, 3, resolution, resolution)).astype(np.float32)}
+                                 for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "qdq.onnx")
+        onnx.save(fp32, src)
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return open(dst, "rb").read()
+
+
+def int8_gemm_rate(threads: int, reps: int = 20) -> float:
+    """MACs/s of MatMulInteger u8 x s8 (3136x576 @ 576x256) on this machine."""
+    m, k, n = 3136, 576, 256
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k]),
+                               helper.make_tensor_value_info("b", TensorProto.INT8, [k, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    s = session(model.SerializeToString(), threads)
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.integers(0, 255, (m, k), dtype=np.uint8), "b": rng.integers(-128, 127, (k, n), dtype=np.int8)}
+    s.run(None, feed)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        s.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return m * k * n / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subnets", default="r224-w1.00,r160-w0.73,r128-w0.60")
+    parser.add_argument("--bits", default="8,6,4")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--reps", type=int, default=30)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = build_supernet(SupernetConfig("resnet50")).eval()
+    threads = [int(t) for t in args.threads.split(",")]
+    rows, size_rows = [], []
+    rate = {t: int8_gemm_rate(t) for t in threads}
+    for shape in args.subnets.split(","):
+        for bits in (int(b) for b in args.bits.split(",")):
+            cfg = SubnetConfig.parse(f"{shape}-q{bits}")
+            ir = lower(model, model.active(cfg), cfg.resolution)
+            ours = to_onnx(ir, {}).SerializeToString()
+            fp32_model = to_float_onnx(ir)
+            fp32 = fp32_model.SerializeToString()
+            theirs = ort_quantize_static(fp32_model, cfg.resolution)
+            packed_bytes = to_onnx(ir, {}, pack_int4=True).SerializeToString() if bits <= 4 else None
+            packed = len(packed_bytes) if packed_bytes else None
+            size_rows.append([str(cfg), f"{len(fp32) / 1e6:.1f}", f"{len(ours) / 1e6:.1f}", f"{len(ours) / len(fp32):.3f}",
+                              f"{packed / len(fp32):.3f}" if packed else "-"])
+            macs = subnet_costs(model, cfg).macs
+            x = {"input": np.random.default_rng(1).standard_normal((1, 3, cfg.resolution, cfg.resolution)).astype(np.float32)}
+            for t in threads:
+                sessions = {"ours": session(ours, t), "ort_qdq": session(theirs, t), "fp32": session(fp32, t)}
+                if packed_bytes:  # the INT4 file as it is, without the load-time expansion to int8
+                    sessions["int4_direct"] = session(packed_bytes, t)
+                for s in sessions.values():
+                    for _ in range(3):
+                        s.run(None, x)
+                times: dict[str, list[float]] = {k: [] for k in sessions}
+                for _ in range(args.reps):
+                    for name, s in sessions.items():
+                        start = time.perf_counter()
+                        s.run(None, x)
+                        times[name].append(time.perf_counter() - start)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                ratio_q = statistics.median(a / b for a, b in zip(times["ours"], times["ort_qdq"]))
+                ratio_f = statistics.median(b / a for a, b in zip(times["ours"], times["fp32"]))
+                rows.append([str(cfg), t, f"{med['ours'] * 1e3:.2f}", f"{med['ort_qdq'] * 1e3:.2f}",
+                             f"{med['fp32'] * 1e3:.2f}", f"{ratio_q:.3f}", f"{ratio_f:.2f}",
+                             f"{macs / med['ours'] / rate[t]:.2f}",
+                             f"{med['int4_direct'] * 1e3:.2f}" if "int4_direct" in med else "-"])
+    print(f"onnxruntime {ort.__version__}, batch 1, {args.reps} interleaved reps, medians; "
+          f"int8 GEMM rate: " + ", ".join(f"{t} thread(s) {r / 1e12:.2f} TMAC/s" for t, r in rate.items()))
+    print(tabulate(rows, headers=["subnet", "threads", "ours ms", "ort qdq ms", "fp32 ms", "ours/ort_qdq",
+                                  "fp32/ours", "of int8 GEMM rate", "int4 file unexpanded ms"]))
+    print()
+    print(tabulate(size_rows, headers=["subnet", "fp32 MB", "ours MB", "ours/fp32", "int4 pack/fp32"]))
+
+
+if __name__ == "__main__":
+    main()
