@@ -70,3 +70,21 @@ def test_export_errors_are_one_line_exit_2_and_write_nothing(ckpt, tmp_path):
     assert out.read_bytes() == b"keep me"
     assert _run(*base, "--subnet", "r64-w1.00-q4", "--force", "--no-verify").returncode == 0
     assert out.read_bytes() != b"keep me"
+
+
+def test_verification_on_an_image_folder(ckpt, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "target" / "class_a"
+    folder.mkdir(parents=True)
+    rng = __import__("numpy").random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype="uint8")).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    result = _run("rtfq-export", "--checkpoint", str(ckpt), "--subnet", "r48-w0.60-q8", "--verify-images",
+                  str(tmp_path / "target"), "-o", str(tmp_path / "m.onnx"), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["verify"]["samples"] == 5
+    assert "skipped 1 unreadable image file(s)" in result.stderr
+    _one_line_error(_run("rtfq-export", "--checkpoint", str(ckpt), "--subnet", "r48-w0.60-q8", "--verify-images",
+                         str(tmp_path / "nothing"), "-o", str(tmp_path / "n.onnx")), "does not exist")

@@ -42,13 +42,16 @@ def _describe(result, metric_costs) -> str:
               help="int4 stores <=4-bit weights as ONNX INT4 (half the size); expand with rtfq_deploy.int4 before running.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare onnxruntime and the ONNX reference evaluator with the PyTorch subnet before writing.")
-@click.option("--verify-samples", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--verify-samples", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Inputs to verify on (the first N images with --verify-images).")
+@click.option("--verify-images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Held-out target-domain images (a folder tree) to verify on instead of random inputs.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime threads for verification.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int | None, metric: str,
            accuracy: Path | None, export_all: bool, buckets: int | None, output: Path, pack: str, verify: bool,
-           verify_samples: int, threads: int, force: bool, as_json: bool) -> None:
+           verify_samples: int, verify_images: Path | None, threads: int, force: bool, as_json: bool) -> None:
     """Slice subnets out of a supernet checkpoint, fold BatchNorm, bake the learned step
     sizes into integer weights and write ONNX QDQ files that onnxruntime runs on integer
     kernels. Choose with --subnet, --budget [--bits] [--accuracy], --all or --buckets N."""
@@ -99,7 +102,7 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
 
     sha = file_sha256(checkpoint)
     options = ExportOptions(pack_int4=pack == "int4", verify=verify, verify_samples=verify_samples,
-                            threads=threads, overwrite=force)
+                            threads=threads, overwrite=force, verify_images=verify_images)
     results = []
     for cfg, path in zip(targets, paths):
         if 0 in reasons:

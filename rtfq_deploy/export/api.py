@@ -19,6 +19,7 @@ from rtfq_deploy.export.lower import IntNet, lower
 from rtfq_deploy.export.onnx_graph import to_onnx
 from rtfq_deploy.export.verify import VerifyReport, verify
 from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.images import load_folder
 from rtfq_deploy.int4 import expand_int4
 from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.space import SubnetConfig
@@ -41,6 +42,7 @@ class ExportOptions:
     threads: int = 1
     seed: int = 0
     overwrite: bool = False
+    verify_images: Path | None = None  # held-out target images; random inputs otherwise
 
 
 @dataclass
@@ -98,6 +100,15 @@ def build_model(ckpt: Checkpoint, config: SubnetConfig, checkpoint_sha256: str, 
     return onnx_model, ir, net, bn_source
 
 
+def verification_inputs(ckpt: Checkpoint, config: SubnetConfig, options: ExportOptions) -> torch.Tensor:
+    r = config.resolution
+    if options.verify_images is not None:
+        norm = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
+        return load_folder(options.verify_images, r, norm["mean"], norm["std"], options.verify_samples)
+    generator = torch.Generator().manual_seed(options.seed)
+    return torch.randn(options.verify_samples, 3, r, r, generator=generator)
+
+
 def export_subnet(ckpt: Checkpoint, checkpoint_sha256: str, config: SubnetConfig, path: str | os.PathLike,
                   options: ExportOptions = ExportOptions()) -> ExportResult:
     """Build, verify and atomically write one subnet. Verification runs before anything
@@ -108,8 +119,7 @@ def export_subnet(ckpt: Checkpoint, checkpoint_sha256: str, config: SubnetConfig
     onnx_model, ir, net, bn_source = build_model(ckpt, config, checkpoint_sha256, pack_int4=options.pack_int4)
     report = None
     if options.verify:
-        generator = torch.Generator().manual_seed(options.seed)
-        inputs = torch.randn(options.verify_samples, 3, config.resolution, config.resolution, generator=generator)
+        inputs = verification_inputs(ckpt, config, options)
         runnable = expand_int4(onnx_model) if options.pack_int4 else onnx_model
         report = verify(ckpt.model, net, ir, runnable, inputs, options.threads)
         if not report.passed:

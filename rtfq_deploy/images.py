@@ -1,0 +1,59 @@
+"""Reading image folders into normalised tensors (Pillow, no torchvision)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from rtfq_deploy.errors import RtfqError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
+CROP_FRACTION = 0.875  # the usual eval preprocessing: resize the short side to R / 0.875, crop R x R
+
+
+def image_files(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise RtfqError(f"{root}: not a directory of images")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_image(path: Path, resolution: int) -> np.ndarray:
+    """RGB in [0, 1], HWC, short side resized to R / 0.875 then centre-cropped to R x R."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        short = round(resolution / CROP_FRACTION)
+        w, h = img.size
+        scale = short / min(w, h)
+        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def load_folder(root: str | Path, resolution: int, mean: Sequence[float], std: Sequence[float],
+                limit: int | None = None) -> torch.Tensor:
+    """Up to ``limit`` images of a folder tree as an (N, 3, R, R) normalised tensor.
+    Unreadable files are skipped and counted in a warning."""
+    arrays, skipped = [], 0
+    for path in image_files(root):
+        if limit is not None and len(arrays) >= limit:
+            break
+        try:
+            arrays.append(load_image(path, resolution))
+        except (UnidentifiedImageError, OSError):
+            skipped += 1
+    if skipped:
+        log.warning("%s: skipped %d unreadable image file(s)", root, skipped)
+    if not arrays:
+        raise RtfqError(f"{root}: no readable images")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return (x - torch.tensor(mean).reshape(1, 3, 1, 1)) / torch.tensor(std).reshape(1, 3, 1, 1)
