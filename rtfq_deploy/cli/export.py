@@ -17,9 +17,10 @@ def _describe(result, metric_costs) -> str:
     r = result.report
     if r is not None:
         parts.append(f"verified on {r.samples} inputs: top-1 agreement {r.top1_agreement:.3f}, "
-                     f"max logit diff {r.max_diff_steps:.2f} output steps, reference evaluator agrees, "
+                     f"max logit diff {r.max_diff_steps:.2f} output steps, reference evaluator within "
+                     f"{r.reference_max_diff_steps:.2f} steps, "
                      f"integer kernels only")
-        if not r.exact:
+        if r.float32_top1_agreement is not None:
             parts.append(f"within this network's own float32 sensitivity (PyTorch float32 vs float64: top-1 "
                          f"{r.float32_top1_agreement:.3f}, {r.float32_max_diff_steps:.2f} steps)")
     return "; ".join(parts)

@@ -62,9 +62,17 @@ class VerifyReport:
         return misses <= 2 * misses32 + 1 and self.max_diff_steps <= 2 * self.float32_max_diff_steps + MAX_OUTPUT_STEPS
 
     @property
+    def reference_agrees(self) -> bool:
+        """The reference evaluator (float32 numpy convolutions) matches onnxruntime: on top-1
+        and within 2 steps, or, for a float-sensitive network, as closely as PyTorch float32."""
+        if self.reference_top1_match and self.reference_max_diff_steps <= MAX_OUTPUT_STEPS:
+            return True
+        return (self.float32_max_diff_steps is not None
+                and self.reference_max_diff_steps <= 2 * self.float32_max_diff_steps + MAX_OUTPUT_STEPS)
+
+    @property
     def passed(self) -> bool:
-        return ((self.exact or self.within_float_sensitivity)
-                and self.reference_top1_match and not self.float_kernels)
+        return (self.exact or self.within_float_sensitivity) and self.reference_agrees and not self.float_kernels
 
     def problems(self) -> list[str]:
         out = []
@@ -72,8 +80,9 @@ class VerifyReport:
             out.append(f"top-1 agreement {self.top1_agreement:.4f} and max logit difference "
                        f"{self.max_diff_steps:.2f} output steps miss the bar ({MIN_TOP1_AGREEMENT}, {MAX_OUTPUT_STEPS}) "
                        f"and PyTorch float32 itself gets {self.float32_top1_agreement}, {self.float32_max_diff_steps}")
-        if not self.reference_top1_match:
-            out.append("the ONNX reference evaluator disagrees with onnxruntime on top-1")
+        if not self.reference_agrees:
+            out.append(f"the ONNX reference evaluator disagrees with onnxruntime (top-1 match "
+                       f"{self.reference_top1_match}, {self.reference_max_diff_steps:.2f} output steps)")
         if self.float_kernels:
             out.append(f"float kernels left after optimisation: {', '.join(self.float_kernels)}")
         return out
@@ -134,7 +143,7 @@ def verify(model: Supernet, net: ActiveSubnet, ir: IntNet, onnx_model: onnx.Mode
         optimized_ops=dict(sorted(ops.items())),
         float_kernels=sorted(op for op in ops if op in FLOAT_KERNELS),
     )
-    if not report.exact:
+    if not (report.exact and report.reference_top1_match and report.reference_max_diff_steps <= MAX_OUTPUT_STEPS):
         with torch.no_grad():
             own = torch.cat([model.eval()(c, net) for c in inputs.split(32)]).numpy()
         report.float32_top1_agreement = float((expected.argmax(1) == own.argmax(1)).mean())
