@@ -78,11 +78,11 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
     if bits is not None and bits not in space.bits:
         raise click.UsageError(f"bit-width {bits} is not in the space (valid: {', '.join(map(str, space.bits))})")
 
-    reasons: dict = {}
+    reason = None
     if subnet:
         targets = [space.parse(subnet)]
     elif budget_value is not None:
-        chosen, reasons[0] = choose(costs, budget_value, metric, bits, table)
+        chosen, reason = choose(costs, budget_value, metric, bits, table)
         targets = [chosen]
     elif export_all:
         targets = list(space)
@@ -106,8 +106,8 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
                             threads=threads, overwrite=force, verify_images=verify_images)
     results = []
     for cfg, path in zip(targets, paths):
-        if 0 in reasons:
-            click.echo(f"chose {cfg}: {reasons[0]}", err=as_json)
+        if reason:
+            click.echo(f"chose {cfg}: {reason}", err=as_json)
         try:
             result = export_subnet(ckpt, sha, cfg, path, options)
         except VerificationFailed as e:
