@@ -105,11 +105,18 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         mean, var = self._eval_stats(c, net)
         if bias_lsb is None:
             return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
-        factor = weight / torch.sqrt(var + self.eps)
-        shift = bias - mean * factor
+        factor, shift = self.folded(c, net)
         lsb = torch.where(factor == 0, bias_lsb, bias_lsb * factor)
         shift = torch.round(shift / lsb) * lsb
         return x * factor.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+    def folded(self, c: int, net: ActiveSubnet, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Eval-mode BN as y = x * factor + shift over the leading ``c`` channels (the
+        form the exporter folds into the preceding conv)."""
+        mean, var = self._eval_stats(c, net)
+        weight, bias, mean, var = (t.to(dtype) if dtype else t for t in (self.weight[:c], self.bias[:c], mean, var))
+        factor = weight / torch.sqrt(var + self.eps)
+        return factor, bias - mean * factor
 
     def _eval_stats(self, c: int, net: ActiveSubnet) -> tuple[Tensor, Tensor]:
         if net.bn_stats is None:

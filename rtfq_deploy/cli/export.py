@@ -11,8 +11,8 @@ import click
 from rtfq_deploy.cli.common import Command
 
 
-def _describe(result, metric_costs) -> str:
-    parts = [f"wrote {result.path}: {result.subnet}", f"{metric_costs.macs / 1e9:.3f} GMACs",
+def _describe(result) -> str:
+    parts = [f"wrote {result.path}: {result.subnet}", f"{result.costs.macs / 1e9:.3f} GMACs",
              f"{result.size / 1e6:.2f} MB", f"BN statistics {result.bn_statistics}"]
     r = result.report
     if r is not None:
@@ -74,7 +74,7 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
     table = read_accuracy(accuracy) if accuracy else None
     ckpt = load_checkpoint(checkpoint)
     space = ckpt.model.config.space
-    costs = space_costs(ckpt.model)
+    costs = space_costs(ckpt.model) if budget or buckets else {}  # a walk per (R, W): only to choose
     if bits is not None and bits not in space.bits:
         raise click.UsageError(f"bit-width {bits} is not in the space (valid: {', '.join(map(str, space.bits))})")
 
@@ -115,8 +115,8 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
             sys.exit(1)
         results.append(result)
         if not as_json:
-            click.echo(_describe(result, costs[cfg]))
+            click.echo(_describe(result))
     if as_json:
         click.echo(json.dumps([{"subnet": str(r.subnet), "path": str(r.path), "bytes": r.size,
-                                "bn_statistics": r.bn_statistics, **costs[r.subnet].to_dict(),
+                                "bn_statistics": r.bn_statistics, **r.costs.to_dict(),
                                 "verify": r.report.to_dict() if r.report else None} for r in results], indent=2))

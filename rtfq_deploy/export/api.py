@@ -14,7 +14,7 @@ import torch
 
 from rtfq_deploy import __version__
 from rtfq_deploy.checkpoint import Checkpoint
-from rtfq_deploy.costs import subnet_costs
+from rtfq_deploy.costs import Costs, subnet_costs
 from rtfq_deploy.export.lower import IntNet, lower
 from rtfq_deploy.export.onnx_graph import to_onnx
 from rtfq_deploy.export.verify import VerifyReport, verify
@@ -52,6 +52,7 @@ class ExportResult:
     size: int
     bn_statistics: str
     report: VerifyReport | None
+    costs: Costs
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -71,12 +72,12 @@ def subnet_network(ckpt: Checkpoint, config: SubnetConfig) -> tuple[ActiveSubnet
     return ckpt.model.active(config, stats), "calibrated" if stats is not None else "stored"
 
 
-def build_model(ckpt: Checkpoint, config: SubnetConfig, checkpoint_sha256: str, *,
-                pack_int4: bool = False) -> tuple[onnx.ModelProto, IntNet, ActiveSubnet, str]:
+def build_model(ckpt: Checkpoint, config: SubnetConfig, checkpoint_sha256: str, *, pack_int4: bool = False,
+                costs: Costs | None = None) -> tuple[onnx.ModelProto, IntNet, ActiveSubnet, str]:
     model = ckpt.model.eval()
     net, bn_source = subnet_network(ckpt, config)
     ir = lower(model, net, config.resolution)
-    costs = subnet_costs(model, config)
+    costs = costs or subnet_costs(model, config)
     classes = ckpt.meta.get("class_names") or [str(i) for i in range(model.config.num_classes)]
     r = config.resolution
     metadata = {
@@ -116,7 +117,9 @@ def export_subnet(ckpt: Checkpoint, checkpoint_sha256: str, config: SubnetConfig
     path = Path(path)
     if path.exists() and not options.overwrite:
         raise FileExistsError(f"{path} exists (use --force to overwrite)")
-    onnx_model, ir, net, bn_source = build_model(ckpt, config, checkpoint_sha256, pack_int4=options.pack_int4)
+    costs = subnet_costs(ckpt.model, config)
+    onnx_model, ir, net, bn_source = build_model(ckpt, config, checkpoint_sha256, pack_int4=options.pack_int4,
+                                                 costs=costs)
     report = None
     if options.verify:
         inputs = verification_inputs(ckpt, config, options)
@@ -128,4 +131,4 @@ def export_subnet(ckpt: Checkpoint, checkpoint_sha256: str, config: SubnetConfig
     data = onnx_model.SerializeToString()
     with atomic_write(path, overwrite=options.overwrite) as f:
         f.write(data)
-    return ExportResult(config, path, len(data), bn_source, report)
+    return ExportResult(config, path, len(data), bn_source, report, costs)

@@ -15,9 +15,9 @@ integer kernels and the ONNX reference agree on it), so codes are never negated 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
-from torch import Tensor
 
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
@@ -52,7 +52,7 @@ class QuantizeOp:
 
 @dataclass
 class ConvOp:
-    """Conv (or Gemm when ``kernel`` is 0) on an integer input; float output unless
+    """Conv (or Gemm when ``gemm``) on an integer input; float output unless
     ``out`` is quantized. ``weight`` holds integer codes, ``scale`` the folded scales."""
 
     name: str
@@ -117,12 +117,6 @@ def _act(quant: Quantizer, net: ActiveSubnet) -> QParams:
     return QParams(float(quant.scale(bits).item()), bits, quant.signed)
 
 
-def _bn_stats(bn: SlimBatchNorm2d, c: int, net: ActiveSubnet) -> tuple[Tensor, Tensor]:
-    if net.bn_stats is None:
-        return bn.running_mean[:c], bn.running_var[:c]
-    return net.bn_stats[bn.name]
-
-
 def fold(layer: SlimConv2d | SlimLinear, bn: SlimBatchNorm2d | None, c_in: int, in_scale: float,
          net: ActiveSubnet) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Integer weights, folded per-channel scales and int32 bias (at in_scale x scale)."""
@@ -138,9 +132,7 @@ def fold(layer: SlimConv2d | SlimLinear, bn: SlimBatchNorm2d | None, c_in: int, 
             factor = torch.ones(c_out, dtype=torch.float64)
             shift = (layer.bias[:c_out] if layer.bias is not None else torch.zeros(c_out)).to(torch.float64)
         else:
-            mean, var = (t.to(torch.float64) for t in _bn_stats(bn, c_out, net))
-            factor = bn.weight[:c_out].to(torch.float64) / torch.sqrt(var + bn.eps)
-            shift = bn.bias[:c_out].to(torch.float64) - mean * factor
+            factor, shift = bn.folded(c_out, net, torch.float64)
     scale = step * factor
     dead = scale == 0  # gamma == 0: the channel outputs its shift alone
     codes[dead] = 0
