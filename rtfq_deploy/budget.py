@@ -1,0 +1,187 @@
+"""Budgets on a device (latency, peak memory, file size, MACs, BitOPs) and the choice rule.
+
+Shared by ``rtfq-bench select``, ``rtfq-serve`` and ``rtfq fetch``, so it imports
+neither torch nor onnx: it runs on a device with only the light dependencies.
+
+Syntax of one budget: ``KIND=VALUE`` joined by commas when several must hold at once
+(``latency=20ms,memory=64MB``). KIND is one of ``latency`` (p50), ``latency-p90``,
+``memory`` (peak resident memory), ``size`` (model file), ``macs``, ``bitops``. A value
+whose unit says its kind may drop ``KIND=``: ``20ms`` is a p50 latency and ``0.8G`` (no
+unit) a MAC count. Byte values need the kind, since ``64MB`` could be memory or size.
+Byte units: B, KB/MB/GB (powers of 1000) and KiB/MiB/GiB (powers of 1024).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from rtfq_deploy.errors import RtfqError
+
+# kind -> the manifest/results key it limits; entries carry these keys.
+METRIC_KEYS = {
+    "latency": "latency_p50_ms",
+    "latency-p90": "latency_p90_ms",
+    "memory": "peak_memory_bytes",
+    "size": "size_bytes",
+    "macs": "macs",
+    "bitops": "bitops",
+}
+_ALIASES = {"latency-p50": "latency", "p50": "latency", "p90": "latency-p90", "mem": "memory",
+            "file": "size", "mac": "macs"}
+_UNIT_KIND = {"time": ("latency", "latency-p90"), "bytes": ("memory", "size"), "count": ("macs", "bitops")}
+
+_TIME = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+_BYTES = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_COUNT = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_NUMBER_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([A-Za-z]*)")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One bound: ``entry[key] <= value`` (ms for latency, bytes, or a count)."""
+
+    kind: str
+    value: float
+
+    @property
+    def key(self) -> str:
+        return METRIC_KEYS[self.kind]
+
+    def __str__(self) -> str:
+        return f"{self.kind}={format_value(self.kind, self.value)}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits that must all hold; ``text`` is what the user wrote, for reports."""
+
+    limits: tuple[Limit, ...]
+    text: str
+
+    def __str__(self) -> str:
+        return ",".join(str(limit) for limit in self.limits)
+
+    def meets(self, entry: Mapping[str, Any]) -> bool:
+        return all(_number(entry.get(limit.key)) <= limit.value for limit in self.limits)
+
+
+def parse_number(text: str, unit_kind: str) -> float:
+    """'20ms' -> 20.0 (ms), '64MiB' -> 67108864, '0.8G' -> 8e8, by ``unit_kind``."""
+    value, unit = _split(text)
+    scale = _scales(unit_kind).get(unit.lower())
+    if scale is None:
+        units = ", ".join(u for u in _scales(unit_kind) if u) or "none"
+        raise RtfqError(f"malformed budget {text!r}: unit {unit or '(none)'!r} is not one of {units}")
+    return value * scale
+
+
+def parse_limit(text: str) -> Limit:
+    text = text.strip()
+    kind, sep, value_text = text.partition("=")
+    if sep:
+        kind = _ALIASES.get(kind.strip().lower(), kind.strip().lower())
+        if kind not in METRIC_KEYS:
+            raise RtfqError(f"unknown budget kind {kind!r} in {text!r}: expected one of {', '.join(METRIC_KEYS)}")
+        return Limit(kind, parse_number(value_text, _unit_kind(kind)))
+    value, unit = _split(text)
+    unit = unit.lower()
+    if unit in _TIME:
+        return Limit("latency", value * _TIME[unit])
+    if unit in _COUNT:
+        return Limit("macs", value * _COUNT[unit])
+    if unit in _BYTES:
+        raise RtfqError(f"budget {text!r} could be peak memory or file size: write memory={text} or size={text}")
+    raise RtfqError(f"malformed budget {text!r}: unknown unit {unit!r}")
+
+
+def parse_budget(text: str) -> Budget:
+    """``'latency=20ms,memory=64MB'`` -> a Budget whose limits must all hold."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise RtfqError("empty budget: expected e.g. 20ms, memory=64MB or 0.8G")
+    limits = tuple(parse_limit(p) for p in parts)
+    kinds = [limit.kind for limit in limits]
+    if len(set(kinds)) != len(kinds):
+        raise RtfqError(f"budget {text!r} limits the same quantity twice")
+    return Budget(limits, text.strip())
+
+
+def format_value(kind: str, value: float) -> str:
+    unit = _unit_kind(kind)
+    if unit == "time":
+        return f"{value:g}ms"
+    if unit == "bytes":
+        return f"{value / 1e6:g}MB"
+    return f"{value / 1e9:g}G"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The entry chosen for a budget; ``met`` is False when nothing meets it and
+    ``entry`` is then the cheapest option on the budget's first limit."""
+
+    budget: Budget
+    entry: Mapping[str, Any]
+    met: bool
+    reason: str
+
+
+def choose(entries: Sequence[Mapping[str, Any]], budget: Budget, name_key: str = "subnet") -> Choice:
+    """The most accurate entry that meets every limit (ties: the cheaper on the first
+    limit, then the name). Entries without an accuracy rank below those with one."""
+    if not entries:
+        raise RtfqError("nothing to choose from: no measured models")
+    first = budget.limits[0]
+    meeting = [e for e in entries if budget.meets(e)]
+    if not meeting:
+        cheapest = min(entries, key=lambda e: (_number(e.get(first.key)), str(e.get(name_key))))
+        got = format_value(first.kind, _number(cheapest.get(first.key)))
+        return Choice(budget, cheapest, False,
+                      f"nothing meets {budget}; the cheapest option is {cheapest.get(name_key)} ({first.kind} {got})")
+    best = max(meeting, key=lambda e: (_accuracy(e), -_number(e.get(first.key)), str(e.get(name_key))))
+    acc = best.get("accuracy")
+    why = f"top-1 {acc:.4f}" if isinstance(acc, (int, float)) else "no accuracy known"
+    return Choice(budget, best, True, f"most accurate meeting {budget}: {best.get(name_key)} ({why})")
+
+
+def pareto_front(entries: Sequence[Mapping[str, Any]], cost_key: str) -> list[Mapping[str, Any]]:
+    """Entries no other entry beats on both accuracy (higher) and ``cost_key`` (lower),
+    sorted by cost."""
+    ranked = sorted((e for e in entries if _accuracy(e) > -math.inf and _number(e.get(cost_key)) < math.inf),
+                    key=lambda e: (_number(e.get(cost_key)), -_accuracy(e)))
+    front: list[Mapping[str, Any]] = []
+    for e in ranked:
+        if not front or _accuracy(e) > _accuracy(front[-1]):
+            front.append(e)
+    return front
+
+
+def _split(text: str) -> tuple[float, str]:
+    match = _NUMBER_RE.fullmatch(text.strip())
+    if match is None:
+        raise RtfqError(f"malformed budget {text!r}: expected a number and a unit, e.g. 20ms, 64MB or 0.8G")
+    value = float(match[1]) * 10 ** int(match[2] or 0)
+    if not math.isfinite(value) or value <= 0:
+        raise RtfqError(f"budget must be a positive number, got {text!r}")
+    return value, match[3]
+
+
+def _unit_kind(kind: str) -> str:
+    return next(unit for unit, kinds in _UNIT_KIND.items() if kind in kinds)
+
+
+def _scales(unit_kind: str) -> Mapping[str, float]:
+    return {"time": _TIME, "bytes": _BYTES, "count": _COUNT}[unit_kind]
+
+
+def _number(value: Any) -> float:
+    """A missing or non-numeric metric never meets a limit."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.inf
+
+
+def _accuracy(entry: Mapping[str, Any]) -> float:
+    value = entry.get("accuracy")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else -math.inf

@@ -1,0 +1,188 @@
+"""The per-device model directory (DIST_DIR) and its ``manifest.json``, schema v1.
+
+``rtfq-bench select`` writes it, ``rtfq-serve`` serves it, ``rtfq fetch`` resolves
+against it; none of them needs torch. Layout::
+
+    DIST_DIR/manifest.json
+    DIST_DIR/<device>/<subnet>.onnx
+
+Schema (version 1)::
+
+    {"format": "rtfq-manifest", "version": 1,
+     "devices": {"<device>": {
+        "fingerprint": {...},            # what rtfq-bench run recorded about the device
+        "updated": "2026-11-23T10:00:00Z",
+        "files": [{"subnet": "r160-w0.73-q4", "path": "<device>/r160-w0.73-q4.onnx",
+                   "sha256": "<64 hex>", "size_bytes": 1234,
+                   "latency_p50_ms": 3.1, "latency_p90_ms": 3.3,
+                   "peak_memory_bytes": 12345678, "accuracy": 0.81 | null,
+                   "macs": 123, "bitops": 456, "budgets": ["latency=20ms", ...]}]}}}
+
+Budgets use the syntax of :mod:`rtfq_deploy.budget`. A reader never trusts a path: it
+must be ``<device>/<name>.onnx`` with plain names, so it cannot leave DIST_DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.fileio import atomic_write
+
+FORMAT = "rtfq-manifest"
+VERSION = 1
+MANIFEST = "manifest.json"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def check_name(name: str, what: str = "device name") -> str:
+    """Device and file names are plain: letters, digits, '.', '_', '-', not starting with '.'."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
+        raise RtfqError(f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-' (no leading '.', no '..')")
+    return name
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One model file served to a device, with what was measured on it."""
+
+    subnet: str
+    path: str
+    sha256: str
+    size_bytes: int
+    latency_p50_ms: float
+    latency_p90_ms: float
+    peak_memory_bytes: int
+    macs: int
+    bitops: int
+    accuracy: float | None = None
+    budgets: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["budgets"] = list(self.budgets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], device: str) -> "Entry":
+        try:
+            entry = cls(subnet=str(d["subnet"]), path=str(d["path"]), sha256=str(d["sha256"]),
+                        size_bytes=int(d["size_bytes"]), latency_p50_ms=float(d["latency_p50_ms"]),
+                        latency_p90_ms=float(d["latency_p90_ms"]), peak_memory_bytes=int(d["peak_memory_bytes"]),
+                        macs=int(d["macs"]), bitops=int(d["bitops"]),
+                        accuracy=None if d.get("accuracy") is None else float(d["accuracy"]),
+                        budgets=tuple(str(b) for b in d.get("budgets", ())))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RtfqError(f"manifest entry for device {device!r} is malformed: {e}") from None
+        device_dir, _, file_name = entry.path.partition("/")
+        if device_dir != device or not file_name.endswith(".onnx"):
+            raise RtfqError(f"manifest entry path {entry.path!r} is not {device}/<name>.onnx")
+        check_name(file_name, "file name")
+        if not _SHA_RE.fullmatch(entry.sha256):
+            raise RtfqError(f"manifest entry {entry.path!r} has a malformed sha256")
+        return entry
+
+
+@dataclass(frozen=True)
+class Device:
+    fingerprint: Mapping[str, Any]
+    files: tuple[Entry, ...]
+    updated: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"fingerprint": dict(self.fingerprint), "updated": self.updated,
+                "files": [e.as_dict() for e in self.files]}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    devices: Mapping[str, Device] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION,
+                "devices": {name: self.devices[name].as_dict() for name in sorted(self.devices)}}
+
+
+def parse_manifest(data: Any, where: str = MANIFEST) -> Manifest:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise RtfqError(f"{where}: not an rtfq manifest")
+    if data.get("version") != VERSION:
+        raise RtfqError(f"{where}: manifest version {data.get('version')!r} is not supported (this toolkit reads {VERSION})")
+    devices = data.get("devices")
+    if not isinstance(devices, dict):
+        raise RtfqError(f"{where}: 'devices' must be an object")
+    out = {}
+    for name, d in devices.items():
+        check_name(name)
+        if not isinstance(d, dict) or not isinstance(d.get("files"), list):
+            raise RtfqError(f"{where}: device {name!r} has no 'files' list")
+        out[name] = Device(fingerprint=dict(d.get("fingerprint") or {}), updated=str(d.get("updated", "")),
+                           files=tuple(Entry.from_dict(e, name) for e in d["files"]))
+    return Manifest(out)
+
+
+def read_manifest(dist_dir: str | os.PathLike) -> Manifest:
+    """The manifest of ``dist_dir``; an empty one if the directory has none yet."""
+    path = Path(dist_dir) / MANIFEST
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return Manifest({})
+    except OSError as e:
+        raise RtfqError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RtfqError(f"{path}: not JSON: {e.msg} (line {e.lineno})") from None
+    return parse_manifest(data, str(path))
+
+
+def write_manifest(dist_dir: str | os.PathLike, manifest: Manifest) -> Path:
+    """Replace ``manifest.json`` atomically (a reader sees the old or the new file, whole)."""
+    path = Path(dist_dir) / MANIFEST
+    with atomic_write(path, overwrite=True) as f:
+        f.write((json.dumps(manifest.as_dict(), indent=2) + "\n").encode())
+    return path
+
+
+@contextlib.contextmanager
+def locked(dist_dir: str | os.PathLike) -> Iterator[None]:
+    """Serialise read-modify-write of the manifest between processes (advisory lock)."""
+    Path(dist_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(dist_dir) / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def set_device(dist_dir: str | os.PathLike, name: str, device: Device) -> Manifest:
+    """Put ``device`` into the manifest, leaving every other device as it was."""
+    check_name(name)
+    with locked(dist_dir):
+        current = read_manifest(dist_dir)
+        devices = dict(current.devices)
+        devices[name] = Device(device.fingerprint, device.files,
+                               device.updated or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        manifest = Manifest(devices)
+        write_manifest(dist_dir, manifest)
+    return manifest
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
