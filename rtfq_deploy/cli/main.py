@@ -8,6 +8,8 @@ import click
 
 from rtfq_deploy import __version__
 from rtfq_deploy.cli.common import Group
+from rtfq_deploy.cli.data import data
+from rtfq_deploy.cli.eval import eval_
 from rtfq_deploy.cli.init import init
 from rtfq_deploy.cli.subnets import subnets
 
@@ -20,5 +22,7 @@ def rtfq(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+rtfq.add_command(data)
+rtfq.add_command(eval_)
 rtfq.add_command(init)
 rtfq.add_command(subnets)

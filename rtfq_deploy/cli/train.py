@@ -1,13 +1,123 @@
-"""``rtfq-train``: arrives with issue #3; the entry point exists so installs and docs are stable."""
+"""``rtfq-train``: RTF-Q domain adaptation of a supernet checkpoint."""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
 import click
+from click.core import ParameterSource
 
-from rtfq_deploy.cli.common import Command, not_yet
+from rtfq_deploy.cli.common import Command
+
+# option name -> TrainConfig field (loss weights live under "losses")
+_OVERRIDES = {
+    "steps": "steps", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer", "ema": "ema",
+    "rule": "rule", "n_random": "n_random", "single_bits": "single_bits", "seed": "seed",
+    "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every",
+    "log_every": "log_every", "calib_images": "calib_images", "workers": "workers", "device": "device",
+}
+_LOSS_OVERRIDES = {"w_ce": "ce", "w_distill": "distill", "w_pseudo": "pseudo", "w_im": "im", "threshold": "threshold"}
 
 
-@click.command(cls=Command, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def train() -> None:
-    """Not implemented yet (issue #3)."""
-    not_yet("rtfq-train", 3)
+def _read_recipe(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise click.UsageError(f"cannot read recipe {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise click.UsageError(f"recipe {path} is not JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise click.UsageError(f"recipe {path} must be a JSON object of training settings")
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Supernet checkpoint to adapt (from rtfq init).")
+@click.option("--source", type=click.Path(file_okay=False, path_type=Path), help="Labeled source images, one folder per class.")
+@click.option("--target", type=click.Path(file_okay=False, path_type=Path), help="Unlabeled target images (same class folders; labels unused).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory to create.")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), help="JSON file of training settings (train/recipes/).")
+@click.option("--steps", type=int, help="Optimizer steps.  [default: 5000]")
+@click.option("--batch-size", type=int, help="Images per step, half source and half target.  [default: 64]")
+@click.option("--lr", type=float, help="Peak learning rate (cosine annealed).  [default: 2e-4]")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="[default: adam]")
+@click.option("--weight-decay", type=float, help="Weight decay of the weights (not the step sizes).  [default: 0]")
+@click.option("--warmup-steps", type=int, help="Linear warm-up steps.  [default: 0]")
+@click.option("--ema", type=float, help="Teacher EMA momentum.  [default: 0.999]")
+@click.option("--rule", type=click.Choice(["sandwichq", "sandwich", "max6min", "single"]),
+              help="Subnet sampling: SandwichQ (paper), standard Sandwich per bit-width, max+6 random+min, or one bit-width.  [default: sandwichq]")
+@click.option("--n-random", type=int, help="Random subnets per step.  [default: 2]")
+@click.option("--single-bits", type=int, help="The bit-width trained by --rule single.")
+@click.option("--w-ce", type=float, help="Weight of the source cross-entropy.  [default: 1]")
+@click.option("--w-distill", type=float, help="Weight of distillation from the EMA teacher.  [default: 1]")
+@click.option("--w-pseudo", type=float, help="Weight of the target pseudo-label loss.  [default: 0.3]")
+@click.option("--w-im", type=float, help="Weight of information maximisation on target.  [default: 1]")
+@click.option("--threshold", type=float, help="Pseudo-label confidence threshold.  [default: 0.9]")
+@click.option("--source-only", is_flag=True, help="Baseline: source cross-entropy only (no teacher, no target losses).")
+@click.option("--seed", type=int, help="Seed of every random choice (batches, crops, subnets).  [default: 0]")
+@click.option("--checkpoint-every", type=int, help="Save the resumable state every N steps.  [default: 500]")
+@click.option("--log-every", type=int, help="Log a metrics line every N steps.  [default: 50]")
+@click.option("--calib-images", type=int, help="Target images for each subnet's BatchNorm statistics.  [default: 512]")
+@click.option("--workers", type=int, help="Image decoding workers.  [default: 2]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
+@click.option("-v", "--verbose", is_flag=True, help="Log details to stderr.")
+@click.pass_context
+def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, target: Path | None, out: Path | None,
+          resume: Path | None, recipe: Path | None, source_only: bool, verbose: bool, **options: Any) -> None:
+    """Adapt a supernet from a labeled source domain to an unlabeled target domain (RTF-Q).
+
+    Writes OUT/supernet.pt (every subnet's BatchNorm calibrated on target images),
+    OUT/metrics.jsonl and a resumable OUT/state.pt. Under torchrun every process
+    trains its share of each batch (data parallel, gloo on CPU, NCCL on GPUs).
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from rtfq_deploy.train.config import TrainConfig
+    from rtfq_deploy.train.loop import Run, distributed_from_env
+
+    given = [k for k in options if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
+    if resume is not None:
+        extra = [f"--{k.replace('_', '-')}" for k in given] + [f"--{n}" for n, v in
+                 (("checkpoint", checkpoint), ("source", source), ("target", target), ("out", out), ("recipe", recipe))
+                 if v is not None] + (["--source-only"] if source_only else [])
+        if extra:
+            raise click.UsageError(f"--resume continues the run with its own settings; drop {', '.join(extra)}")
+        dist = distributed_from_env()
+        run = Run.resume(resume, dist)
+    else:
+        missing = [n for n, v in (("--checkpoint", checkpoint), ("--source", source), ("--target", target), ("--out", out))
+                   if v is None]
+        if missing:
+            raise click.UsageError(f"missing {', '.join(missing)} (or --resume RUN_DIR)")
+        settings = _read_recipe(recipe) if recipe else {}
+        losses = dict(settings.pop("losses", {}))
+        for k in given:
+            if k in _OVERRIDES:
+                settings[_OVERRIDES[k]] = options[k]
+            else:
+                losses[_LOSS_OVERRIDES[k]] = options[k]
+        if source_only:
+            losses.update(distill=0.0, pseudo=0.0, im=0.0)
+        settings["losses"] = losses
+        cfg = TrainConfig.from_dict(settings)
+        dist = distributed_from_env()
+        run = Run.create(out, cfg, checkpoint, source, target, dist)
+    total, batch = run.cfg.steps, run.cfg.batch_size
+
+    def progress(row: dict) -> None:
+        done = row["step"] + 1
+        eta = (total - done) * batch / max(row["images_per_s"], 1e-9)
+        parts = [f"step {done}/{total}", f"loss {row['loss']:.3f}", f"ce {row['ce']:.3f}"]
+        parts += [f"{k} {row[k]:.3f}" for k in ("distill", "pseudo", "im") if row.get(k)]
+        if "pseudo_rate" in row:
+            parts.append(f"confident {row['pseudo_rate']:.0%}")
+        parts += [f"src-acc {row['source_acc']:.2f}", f"{row['images_per_s']:.0f} img/s", f"eta {eta / 60:.1f} min"]
+        click.echo("  ".join(parts), err=True)
+
+    result = run.train(progress if run.dist.main else None)
+    if run.dist.main:
+        click.echo(f"wrote {result} (every subnet's BatchNorm calibrated on target images); "
+                   f"metrics in {run.run_dir / 'metrics.jsonl'}")

@@ -1,0 +1,81 @@
+"""``rtfq eval``: top-1 accuracy of every subnet on a labeled image folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from rtfq_deploy.cli.common import Command, emit_table
+
+COLUMNS = [
+    ("subnet", "subnet", str),
+    ("top1", "top-1", lambda v: f"{v:.4f}"),
+    ("macs", "GMACs", lambda v: f"{v / 1e9:.3f}"),
+    ("bitops", "GBitOPs", lambda v: f"{v / 1e9:.3f}"),
+    ("bn", "BatchNorm", str),
+]
+
+
+@click.command("eval", cls=Command)
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Supernet checkpoint.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Labeled images, one folder per class (the checkpoint's classes).")
+@click.option("--subnets", "subnet_list", default="all", show_default=True, help="'all' or comma-separated subnets.")
+@click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
+              help="Unlabeled target images to calibrate BatchNorm of subnets the checkpoint has no statistics for "
+                   "(default: the --data images themselves).")
+@click.option("--calib-images", type=int, default=512, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as JSON (acc.json).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def eval_(checkpoint: Path, data: Path, subnet_list: str, calib: Path | None, calib_images: int, device: str,
+          output: Path | None, force: bool, as_json: bool) -> None:
+    """Accuracy table of the supernet's subnets (input of rtfq-export --accuracy and rtfq-bench select)."""
+    if output is not None and output.exists() and not force:
+        raise click.UsageError(f"{output} exists (use --force to overwrite)")
+    import torch
+
+    from rtfq_deploy.checkpoint import load_checkpoint
+    from rtfq_deploy.data.folders import scan
+    from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
+    from rtfq_deploy.errors import RtfqError
+    from rtfq_deploy.evaluate import calibrate_subnets, evaluate_subnets
+    from rtfq_deploy.export.api import file_sha256
+    from rtfq_deploy.fileio import atomic_write
+
+    ckpt = load_checkpoint(checkpoint)
+    model, space = ckpt.model, ckpt.model.config.space
+    subnets = list(space) if subnet_list == "all" else [space.parse(s.strip()) for s in subnet_list.split(",") if s.strip()]
+    folder = scan(data, "evaluation")
+    classes = ckpt.meta.get("class_names")
+    if classes is not None and list(folder.classes) != list(classes):
+        raise RtfqError(f"{data}: class folders {list(folder.classes)[:4]}... differ from the checkpoint's classes "
+                        f"{list(classes)[:4]}...")
+    if len(folder.classes) != model.config.num_classes:
+        raise RtfqError(f"{data} has {len(folder.classes)} classes, the supernet {model.config.num_classes}")
+    normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    model.to(dev)
+    stats = dict(ckpt.bn_stats)
+    missing = [c for c in subnets if str(c) not in stats]
+    if missing:
+        calib_folder = scan(calib, "calibration") if calib else folder
+        g = torch.Generator().manual_seed(0)
+        pick = sorted(torch.randperm(len(calib_folder.samples), generator=g)[:calib_images].tolist())
+        click.echo(f"calibrating BatchNorm of {len(missing)} subnet(s) on {len(pick)} images of {calib_folder.root}"
+                   + ("" if calib else " (the evaluation images; pass --calib for separate target images)"), err=True)
+        stats.update(calibrate_subnets(model, missing, [calib_folder.samples[i][0] for i in pick], normalization,
+                                       device=dev))
+    rows = evaluate_subnets(model.cpu() if dev.type == "cpu" else model, subnets, stats,
+                            [p for p, _ in folder.samples], folder.labels, normalization, device=dev)
+    for r in rows:
+        r["bn"] = "checkpoint" if r["subnet"] in ckpt.bn_stats else "calibrated now"
+    if output is not None:
+        table = {"format": "rtfq-accuracy", "version": 1, "checkpoint": str(checkpoint),
+                 "checkpoint_sha256": file_sha256(checkpoint), "data": str(data), "subnets": rows}
+        with atomic_write(output, overwrite=force) as f:
+            f.write((json.dumps(table, indent=2) + "\n").encode())
+    emit_table(rows, COLUMNS, as_json)

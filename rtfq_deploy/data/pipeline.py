@@ -1,0 +1,190 @@
+"""Training batches: decoded images, per-step sampling and augmentation.
+
+Every random choice of step ``k`` (which images, crops, flips) is drawn from generators
+seeded by ``(seed, stream, k)``, never from global RNG state: a resumed run, or a run
+with another number of workers or processes, sees exactly the same batches.
+
+Small sets (Office-31, the synthetic benchmark) are decoded once into a uint8 tensor;
+larger ones are decoded per batch by DataLoader workers. Images are held at
+``S = round(max R / 0.875)`` pixels; a step crops ``max R`` at random, flips, and each
+sampled subnet resizes the batch to its own resolution (:func:`resize_to`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from rtfq_deploy.data.folders import ImageFolder
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.images import CROP_FRACTION
+
+log = logging.getLogger(__name__)
+
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def stored_size(max_resolution: int) -> int:
+    return round(max_resolution / CROP_FRACTION)
+
+
+def decode(path: Path, size: int) -> np.ndarray:
+    """uint8 CHW: short side resized to ``size``, centre-cropped to size x size."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths, self.size = list(paths), size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return torch.from_numpy(decode(self.paths[index], self.size))
+
+
+def _readable(path: Path, size: int) -> np.ndarray | None:
+    try:
+        return decode(path, size)
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+@dataclass
+class Domain:
+    """The readable images of one domain and their labels (-1 where unknown)."""
+
+    name: str
+    paths: list[Path]
+    labels: Tensor
+    size: int
+    cache: Tensor | None  # (N, 3, S, S) uint8 when decoded up front
+    skipped: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def load_domain(folder: ImageFolder, name: str, size: int, cache_mb: float, workers: int = 2) -> Domain:
+    """Decode (or, when too large for ``cache_mb``, check) every image once; unreadable
+    files are skipped, counted and reported, never silently relabelled."""
+    paths = [p for p, _ in folder.samples]
+    labels = [label for _, label in folder.samples]
+    fits = len(paths) * 3 * size * size <= cache_mb * 2**20
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        if fits:
+            arrays = list(pool.map(functools.partial(_readable, size=size), paths))
+        else:
+            arrays = list(pool.map(_header_ok, paths))
+    keep = [i for i, a in enumerate(arrays) if a is not None and a is not False]
+    skipped = len(paths) - len(keep)
+    if skipped:
+        log.warning("%s: skipped %d unreadable image file(s) of %d", name, skipped, len(paths))
+    if not keep:
+        raise RtfqError(f"{name} folder {folder.root}: no readable images")
+    cache = torch.from_numpy(np.stack([arrays[i] for i in keep])) if fits else None
+    return Domain(name, [paths[i] for i in keep], torch.tensor([labels[i] for i in keep]), size, cache, skipped)
+
+
+def _header_ok(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
+
+
+def _generator(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
+
+
+def step_indices(n: int, batch: int, seed: int, stream: int, step: int) -> list[int]:
+    """Images of step ``step``: consecutive slices of per-epoch permutations, so every
+    image is seen once per epoch whatever the batch size."""
+    out: list[int] = []
+    pos = step * batch
+    while len(out) < batch:
+        epoch, offset = divmod(pos, n)
+        perm = _permutation(n, seed, stream, epoch)
+        take = min(batch - len(out), n - offset)
+        out.extend(perm[offset:offset + take])
+        pos += take
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(n: int, seed: int, stream: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=_generator(seed, stream, epoch)).tolist()
+
+
+class Stream:
+    """Batches of one domain for steps ``start..`` (this process's share of each)."""
+
+    def __init__(self, domain: Domain, batch: int, seed: int, stream: int, rank: int = 0, world: int = 1,
+                 workers: int = 2) -> None:
+        if batch % world:
+            raise RtfqError(f"batch size {batch} is not divisible by the {world} processes")
+        self.domain, self.batch, self.seed, self.stream = domain, batch, seed, stream
+        self.rank, self.world, self.workers = rank, world, workers
+
+    def indices(self, step: int) -> list[int]:
+        return step_indices(len(self.domain), self.batch, self.seed, self.stream, step)[self.rank::self.world]
+
+    def batches(self, start: int, end: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(uint8 images, labels) for each step in [start, end)."""
+        if self.domain.cache is not None:
+            for step in range(start, end):
+                idx = torch.tensor(self.indices(step))
+                yield self.domain.cache[idx], self.domain.labels[idx]
+            return
+        sampler = [self.indices(step) for step in range(start, end)]
+        loader = torch.utils.data.DataLoader(_Decoded(self.domain.paths, self.domain.size), batch_sampler=sampler,
+                                             num_workers=self.workers, persistent_workers=False)
+        for idx, images in zip(sampler, loader):
+            yield images, self.domain.labels[torch.tensor(idx)]
+
+
+def augment(images: Tensor, crop: int, seed: int, stream: int, step: int, normalization: dict) -> Tensor:
+    """Random ``crop`` x ``crop`` window and horizontal flip per image, then float and
+    normalised; the randomness is a function of (seed, stream, step) only."""
+    g = _generator(seed, stream, step, 1 << 20)
+    n, _, s, _ = images.shape
+    offsets = torch.randint(0, s - crop + 1, (n, 2), generator=g).tolist()
+    flips = (torch.rand(n, generator=g) < 0.5).tolist()
+    out = torch.empty(n, 3, crop, crop, dtype=torch.float32)
+    for i, ((y, x), flip) in enumerate(zip(offsets, flips)):
+        patch = images[i, :, y:y + crop, x:x + crop]
+        out[i] = (patch.flip(-1) if flip else patch).to(torch.float32)
+    return normalize(out.div_(255.0), normalization)
+
+
+def normalize(x: Tensor, normalization: dict) -> Tensor:
+    mean = torch.tensor(normalization["mean"], dtype=x.dtype).reshape(1, 3, 1, 1)
+    std = torch.tensor(normalization["std"], dtype=x.dtype).reshape(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def resize_to(x: Tensor, resolution: int) -> Tensor:
+    if x.shape[-1] == resolution:
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)

@@ -1,0 +1,95 @@
+"""Per-subnet BatchNorm calibration and top-1 accuracy over a whole space.
+
+Images are preprocessed exactly as deployment does (:func:`rtfq_deploy.images.load_image`:
+resize to R / 0.875, centre crop R), once per resolution, and shared by every subnet of
+that resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import UnidentifiedImageError
+from torch import Tensor
+
+from rtfq_deploy.calibrate import BNStats, calibrate_bn
+from rtfq_deploy.costs import space_costs
+from rtfq_deploy.data.pipeline import normalize
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.images import load_image
+from rtfq_deploy.models.base import Supernet
+from rtfq_deploy.space import SubnetConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_at(paths: Sequence[Path], resolution: int, normalization: Mapping) -> tuple[Tensor, list[int]]:
+    """Normalised (N, 3, R, R) images and the indices of ``paths`` that were readable."""
+    arrays, kept = [], []
+    for i, path in enumerate(paths):
+        try:
+            arrays.append(load_image(path, resolution))
+            kept.append(i)
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue
+    if not arrays:
+        raise RtfqError("no readable images")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return normalize(x, normalization), kept
+
+
+def _batches(x: Tensor, batch: int, device: torch.device) -> Iterable[Tensor]:
+    for i in range(0, x.shape[0], batch):
+        yield x[i:i + batch].to(device)
+
+
+def _by_resolution(subnets: Iterable[SubnetConfig]) -> dict[int, list[SubnetConfig]]:
+    groups: dict[int, list[SubnetConfig]] = defaultdict(list)
+    for cfg in subnets:
+        groups[cfg.resolution].append(cfg)
+    return dict(sorted(groups.items(), reverse=True))
+
+
+def calibrate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], paths: Sequence[Path], normalization: Mapping,
+                      batch: int = 128, device: torch.device | str = "cpu") -> dict[str, BNStats]:
+    """BatchNorm statistics of every subnet on the (unlabeled) images at ``paths``."""
+    device = torch.device(device)
+    out: dict[str, BNStats] = {}
+    for resolution, configs in _by_resolution(subnets).items():
+        x, _ = load_at(paths, resolution, normalization)
+        for cfg in configs:
+            stats = calibrate_bn(model, model.active(cfg), _batches(x, batch, device))
+            out[str(cfg)] = {k: (m.cpu(), v.cpu()) for k, (m, v) in stats.items()}
+    return out
+
+
+@torch.no_grad()
+def evaluate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], bn_stats: Mapping[str, BNStats],
+                     paths: Sequence[Path], labels: Sequence[int], normalization: Mapping, batch: int = 256,
+                     device: torch.device | str = "cpu") -> list[dict]:
+    """One row per subnet: top-1 accuracy on the labeled images, with its costs."""
+    device = torch.device(device)
+    costs = space_costs(model)
+    rows = []
+    was_training = model.training
+    model.eval()
+    try:
+        for resolution, configs in _by_resolution(subnets).items():
+            x, kept = load_at(paths, resolution, normalization)
+            y = torch.tensor([labels[i] for i in kept])
+            for cfg in configs:
+                net = model.active(cfg, {k: (m.to(device), v.to(device)) for k, (m, v) in bn_stats[str(cfg)].items()})
+                pred = torch.cat([model(xb, net).argmax(1).cpu() for xb in _batches(x, batch, device)])
+                c = costs[cfg]
+                rows.append({"subnet": str(cfg), "resolution": cfg.resolution, "width": cfg.width, "bits": cfg.bits,
+                             "top1": float((pred == y).float().mean()), "images": int(y.numel()),
+                             "macs": c.macs, "bitops": c.bitops, "params": c.params, "weight_bytes": c.weight_bytes})
+    finally:
+        model.train(was_training)
+    order = {str(c): i for i, c in enumerate(subnets)}
+    return sorted(rows, key=lambda r: order[r["subnet"]])

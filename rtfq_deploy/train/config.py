@@ -1,0 +1,81 @@
+"""Training configuration: one frozen dataclass, stored in the run directory so that
+``--resume`` continues with exactly the settings the run started with."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.train.losses import LossWeights
+from rtfq_deploy.train.sampler import RULES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults are the paper's (section IV-A) where it gives them: lr 2e-4 for
+    Office-scale data (3e-5 for DomainNet), cosine annealing, batches half source, half
+    target (it uses 128 + 128 per GPU), SandwichQ with two random subnets. The optimizer
+    is not named in the paper; Adam suits an lr of that scale when fine-tuning."""
+
+    steps: int = 5000
+    batch_size: int = 64  # per step, half source and half target
+    lr: float = 2e-4
+    optimizer: str = "adam"  # or "sgd" (momentum 0.9, nesterov)
+    weight_decay: float = 0.0
+    step_lr_scale: float = 1.0  # lr of the quantizer step sizes relative to ``lr``
+    warmup_steps: int = 0
+    ema: float = 0.999  # teacher = ema * teacher + (1 - ema) * student, after every step
+    rule: str = "sandwichq"
+    n_random: int = 2
+    single_bits: int | None = None
+    losses: LossWeights = field(default_factory=LossWeights)
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    calib_images: int = 512  # target images for each subnet's BatchNorm statistics at the end
+    cache_mb: float = 4096.0  # decode the whole set up front when it fits
+    workers: int = 2
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise RtfqError("--steps must be at least 1")
+        if self.batch_size < 2 or self.batch_size % 2:
+            raise RtfqError(f"--batch-size must be even (half source, half target), got {self.batch_size}")
+        if self.lr <= 0:
+            raise RtfqError("--lr must be positive")
+        if self.optimizer not in ("adam", "sgd"):
+            raise RtfqError(f"unknown optimizer {self.optimizer!r} (adam or sgd)")
+        if not 0.0 <= self.ema < 1.0:
+            raise RtfqError("--ema must be in [0, 1)")
+        if self.rule not in RULES:
+            raise RtfqError(f"unknown sampling rule {self.rule!r} (known: {', '.join(RULES)})")
+        if self.rule == "single" and self.single_bits is None:
+            raise RtfqError("--rule single needs --single-bits")
+        if self.n_random < 0 or self.checkpoint_every < 1 or self.log_every < 1 or self.calib_images < 1:
+            raise RtfqError("--n-random, --checkpoint-every, --log-every and --calib-images must be positive")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise RtfqError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise RtfqError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        try:
+            if "losses" in data:
+                data["losses"] = LossWeights(**data["losses"])
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise RtfqError(f"bad training settings: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

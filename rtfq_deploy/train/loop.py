@@ -1,0 +1,362 @@
+"""RTF-Q training: the supernet student, its EMA teacher, SandwichQ sampling, resume and
+data-parallel scale-out.
+
+A step (paper section III):
+1. a source batch (labeled) and a target batch (unlabeled), half each, cropped and
+   flipped; every sampled subnet sees them resized to its own resolution;
+2. the teacher's maxnet (an EMA of the student) predicts the target batch;
+3. the sampling rule names the subnets, top subnet first. Each is run on the source
+   batch (cross-entropy) and on the target batch: pseudo-labels from the top subnet's
+   confident predictions, information maximisation and, below the top subnet,
+   distillation from the teacher. The source and target batches go through separately,
+   so BatchNorm normalises each with its own domain's statistics (as the target-domain
+   statistics calibrated for deployment will);
+4. gradients of all subnets accumulate into one optimizer step (lr: warm-up, then cosine);
+   the teacher follows by EMA.
+
+Everything random in step k is a function of (seed, k), so ``--resume`` after a crash
+continues bit-for-bit from the last saved step. Run directory::
+
+    RUN_DIR/run.json        data, checkpoint, TrainConfig (what --resume continues)
+    RUN_DIR/state.pt        student, teacher, optimizer, step (atomic, every N steps)
+    RUN_DIR/metrics.jsonl   one line per logged step
+    RUN_DIR/supernet.pt     the trained supernet with per-subnet BatchNorm statistics
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rtfq_deploy.calibrate import init_activation_steps
+from rtfq_deploy.checkpoint import Checkpoint, load_checkpoint, safe_torch_load, save_checkpoint
+from rtfq_deploy.data.folders import ImageFolder, check_same_classes, scan
+from rtfq_deploy.data.pipeline import (IMAGENET_NORMALIZATION, Stream, augment, load_domain, resize_to,
+                                       stored_size)
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.models.base import Supernet
+from rtfq_deploy.plan import ActiveSubnet
+from rtfq_deploy.quant.base import Quantizer
+from rtfq_deploy.train.config import TrainConfig
+from rtfq_deploy.train.losses import distillation, information_maximization, pseudo_label_loss, pseudo_labels
+from rtfq_deploy.train.sampler import make_rule
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "rtfq-train-state"
+SOURCE_STREAM, TARGET_STREAM = 1, 2
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_from_env() -> Distributed:
+    """torchrun sets WORLD_SIZE/RANK; gloo on CPU, NCCL on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("RTFQ_BACKEND") != "gloo"
+                                else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine annealing to zero over the remaining steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(step - cfg.warmup_steps, span) / span))
+
+
+def make_optimizer(model: Supernet, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Step sizes in their own group: their own lr scale and no weight decay."""
+    steps = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)}
+    weights = [p for p in model.parameters() if id(p) not in steps]
+    step_params = [p for p in model.parameters() if id(p) in steps]
+    groups = [{"params": weights, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": step_params, "weight_decay": 0.0, "lr_scale": cfg.step_lr_scale}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameters and float buffers."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        if t.dtype.is_floating_point:
+            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+        else:
+            t.copy_(s)
+
+
+def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supernet, subnets: list,
+                xs: Tensor, ys: Tensor, xt: Tensor, teacher_logits: Tensor | None, cfg: TrainConfig,
+                backward: Callable[[Tensor, bool], None]) -> dict[str, float]:
+    """Run every sampled subnet, backpropagating each as it goes (so only one subnet's
+    graph is alive at a time); returns the summed loss terms for logging."""
+    w = cfg.losses
+    totals = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "pseudo": 0.0, "im": 0.0}
+    labels = mask = None
+    for i, sub in enumerate(subnets):
+        net = model.active(sub)
+        logits_s = forward(resize_to(xs, sub.resolution), net)
+        terms = {"ce": F.cross_entropy(logits_s, ys)}
+        if i == 0:
+            totals["source_acc"] = float((logits_s.argmax(1) == ys).float().mean())
+        if w.uses_target:
+            logits_t = forward(resize_to(xt, sub.resolution), net)
+            if i == 0:
+                labels, mask = pseudo_labels(logits_t, w.threshold)
+                totals["pseudo_rate"] = float(mask.float().mean())
+            if w.pseudo > 0:
+                terms["pseudo"] = pseudo_label_loss(logits_t, labels, mask)
+            if w.im > 0:
+                terms["im"] = information_maximization(logits_t)
+            if w.distill > 0 and i > 0 and teacher_logits is not None:
+                terms["distill"] = distillation(logits_t, teacher_logits, w.temperature)
+        loss = sum(getattr(w, k) * v for k, v in terms.items())
+        backward(loss, i == len(subnets) - 1)
+        totals["loss"] += float(loss.detach())
+        for k, v in terms.items():
+            totals[k] += float(v.detach())
+    return totals
+
+
+class Run:
+    """A training run in RUN_DIR: start fresh or resume, then :meth:`train`."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, checkpoint: Path, source: Path, target: Path,
+                 dist: Distributed) -> None:
+        self.run_dir, self.cfg, self.checkpoint_path = run_dir, cfg, checkpoint
+        self.source_dir, self.target_dir, self.dist = source, target, dist
+        self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                                   else "cpu")
+        if self.device.type == "cuda" and dist.world > 1:
+            torch.cuda.set_device(dist.rank % torch.cuda.device_count())
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    # -- setup -----------------------------------------------------------------
+    @classmethod
+    def create(cls, run_dir: Path, cfg: TrainConfig, checkpoint: Path, source: Path, target: Path,
+               dist: Distributed) -> "Run":
+        if (run_dir / "run.json").exists():
+            raise RtfqError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose a new --out")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RtfqError(f"{run_dir} exists and is not a directory")
+        run = cls(run_dir, cfg, checkpoint, source, target, dist)
+        if dist.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record = {"checkpoint": str(checkpoint.resolve()), "source": str(source.resolve()),
+                      "target": str(target.resolve()), "config": cfg.to_dict()}
+            with atomic_write(run_dir / "run.json", overwrite=True) as f:
+                f.write(json.dumps(record, indent=2).encode())
+        return run
+
+    @classmethod
+    def resume(cls, run_dir: Path, dist: Distributed) -> "Run":
+        try:
+            record = json.loads((run_dir / "run.json").read_text())
+        except FileNotFoundError:
+            raise RtfqError(f"{run_dir} holds no run to resume (no run.json)") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise RtfqError(f"{run_dir}/run.json is unreadable: {e}") from None
+        return cls(run_dir, TrainConfig.from_dict(record["config"]), Path(record["checkpoint"]),
+                   Path(record["source"]), Path(record["target"]), dist)
+
+    def _data(self, model: Supernet) -> tuple[ImageFolder, ImageFolder, Stream, Stream]:
+        source, target = scan(self.source_dir, "source"), scan(self.target_dir, "target")
+        check_same_classes(source, target)
+        if len(source.classes) != model.config.num_classes:
+            raise RtfqError(f"the data has {len(source.classes)} classes but the supernet has "
+                            f"{model.config.num_classes} (create it with rtfq init --num-classes "
+                            f"{len(source.classes)})")
+        size = stored_size(model.config.space.resolutions[0])
+        cfg, half = self.cfg, self.cfg.batch_size // 2
+        src = load_domain(source, "source", size, cfg.cache_mb, cfg.workers)
+        tgt = load_domain(target, "target", size, cfg.cache_mb, cfg.workers)
+        self.skipped = {"source": src.skipped, "target": tgt.skipped}
+        return (source, target, Stream(src, half, cfg.seed, SOURCE_STREAM, self.dist.rank, self.dist.world, cfg.workers),
+                Stream(tgt, half, cfg.seed, TARGET_STREAM, self.dist.rank, self.dist.world, cfg.workers))
+
+    # -- state -----------------------------------------------------------------
+    def _save_state(self, step: int, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer) -> None:
+        if not self.dist.main:
+            return
+        state = {"format": STATE_FORMAT, "version": 1, "step": step,
+                 "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+                 "teacher": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
+                 "optimizer": _to_cpu(opt.state_dict())}
+        with atomic_write(self.run_dir / "state.pt", overwrite=True) as f:
+            torch.save(state, f)
+
+    def _load_state(self, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer) -> int:
+        path = self.run_dir / "state.pt"
+        if not path.exists():
+            return 0
+        state = safe_torch_load(path)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise RtfqError(f"{path}: not an rtfq training state")
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        opt.load_state_dict(state["optimizer"])
+        return int(state["step"])
+
+    def _trim_metrics(self, start: int) -> None:
+        """Drop lines a killed run logged after its last saved state (they will be redone)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.dist.main or not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start]
+        with atomic_write(path, overwrite=True) as f:
+            f.write("".join(line + "\n" for line in keep).encode())
+
+    # -- training --------------------------------------------------------------
+    def train(self, progress: Callable[[dict], None] | None = None) -> Path:
+        cfg, dist = self.cfg, self.dist
+        ckpt = load_checkpoint(self.checkpoint_path)
+        student = ckpt.model
+        source, target, src_stream, tgt_stream = self._data(student)
+        normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
+        student.to(self.device).train()
+        teacher = copy.deepcopy(student).requires_grad_(False)
+        opt = make_optimizer(student, cfg)
+        start = self._load_state(student, teacher, opt)
+        if start == 0:
+            self._init_steps(student, src_stream, tgt_stream, normalization)
+            teacher.load_state_dict(student.state_dict())
+        self._trim_metrics(start)
+        forward_model: nn.Module = student
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Narrow subnets leave parameters unused; the maxnet's steps are not the minnet's.
+            forward_model = DistributedDataParallel(student, find_unused_parameters=True, broadcast_buffers=False)
+        rule = make_rule(cfg.rule, student.config.space, cfg.n_random, cfg.single_bits)
+        crop = student.config.space.resolutions[0]
+        maxnet = student.config.space.maxnet
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if dist.main else None
+        try:
+            t0, images = time.perf_counter(), 0
+            batches = zip(src_stream.batches(start, cfg.steps), tgt_stream.batches(start, cfg.steps))
+            for step, ((xs_u8, ys), (xt_u8, _)) in zip(range(start, cfg.steps), batches):
+                lr = lr_at(cfg, step)
+                for group in opt.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                xs = augment(xs_u8, crop, cfg.seed, SOURCE_STREAM, step, normalization).to(self.device)
+                xt = augment(xt_u8, crop, cfg.seed, TARGET_STREAM, step, normalization).to(self.device)
+                ys = ys.to(self.device)
+                teacher_logits = None
+                if cfg.losses.distill > 0:
+                    with torch.no_grad():
+                        teacher_logits = teacher(xt, teacher.active(maxnet))
+                opt.zero_grad(set_to_none=True)
+                totals = step_losses(forward_model, student, rule(cfg.seed, step), xs, ys, xt, teacher_logits, cfg,
+                                     self._backward(forward_model))
+                opt.step()
+                ema_update(teacher, student, cfg.ema)
+                images += (xs.shape[0] + xt.shape[0]) * dist.world
+                done = step + 1
+                if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps):
+                    elapsed = time.perf_counter() - t0
+                    row = {"step": step, "lr": lr, **{k: round(v, 6) for k, v in totals.items()},
+                           "images_per_s": round(images / elapsed, 2)}
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    if progress:
+                        progress(row)
+                    t0, images = time.perf_counter(), 0
+                if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    self._save_state(done, student, teacher, opt)
+            if dist.world > 1:
+                _check_ranks_agree(student)
+            self._save_state(cfg.steps, student, teacher, opt)
+        finally:
+            if metrics is not None:
+                metrics.close()
+        return self._finish(ckpt, student, source, target, normalization)
+
+    def _backward(self, forward_model: nn.Module) -> Callable[[Tensor, bool], None]:
+        def backward(loss: Tensor, last: bool) -> None:
+            sync = contextlib.nullcontext() if last or not hasattr(forward_model, "no_sync") else forward_model.no_sync()
+            with sync:
+                loss.backward()
+        return backward
+
+    def _init_steps(self, model: Supernet, src: Stream, tgt: Stream, normalization: dict) -> None:
+        """LSQ activation step initialisation on a first source + target batch (every
+        rank computes the same thing from the same images: each takes the full batch)."""
+        full = [Stream(s.domain, s.batch, s.seed, s.stream) for s in (src, tgt)]
+        xs = torch.cat([augment(next(s.batches(0, 1))[0], model.config.space.resolutions[0], self.cfg.seed,
+                                s.stream, 0, normalization) for s in full]).to(self.device)
+        init_activation_steps(model, ActiveSubnet(1.0, model.float_plan()), xs)
+
+    def _finish(self, ckpt: Checkpoint, student: Supernet, source: ImageFolder, target: ImageFolder,
+                normalization: dict) -> Path:
+        """Calibrate every subnet's BatchNorm on target images and write supernet.pt."""
+        out = self.run_dir / "supernet.pt"
+        if not self.dist.main:
+            return out
+        from rtfq_deploy.evaluate import calibrate_subnets
+
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        order = torch.randperm(len(target.samples), generator=g)[: self.cfg.calib_images].tolist()
+        paths = [target.samples[i][0] for i in sorted(order)]
+        stats = calibrate_subnets(student, list(student.config.space), paths, normalization, device=self.device)
+        student.cpu()
+        meta = {**ckpt.meta, "created_by": "rtfq-train", "class_names": list(source.classes),
+                "normalization": normalization, "trained": {"steps": self.cfg.steps, "rule": self.cfg.rule,
+                                                            "config": self.cfg.to_dict(), "skipped": self.skipped},
+                "calibration": {"images": len(paths), "domain": "target"}}
+        save_checkpoint(out, student, bn_stats=stats, meta=meta, overwrite=True)
+        return out
+
+
+def _check_ranks_agree(model: nn.Module) -> None:
+    """Every process must end with the same weights (each saw different images, so only
+    synchronised gradients make them agree); a mismatch is a bug, not noise."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten().cpu() for p in model.parameters()])
+        digest = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(flat.numel()) % 9973).sum()])
+        gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, digest)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("data-parallel processes ended with different weights: gradients were not synchronised")
+    log.info("all %d processes hold identical weights", len(gathered))
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

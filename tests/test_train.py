@@ -1,0 +1,153 @@
+"""End to end: synth -> init -> train -> eval, resume after SIGKILL, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rtfq_deploy.checkpoint import load_checkpoint, save_checkpoint
+from rtfq_deploy.data.synth import SynthConfig, generate
+from rtfq_deploy.models import SupernetConfig, build_supernet
+from rtfq_deploy.space import SearchSpace
+from rtfq_deploy.train.config import TrainConfig
+from rtfq_deploy.train.loop import ema_update, lr_at
+from tests.test_cli import _one_line_error, _run
+
+SPACE = SearchSpace(resolutions=(32, 24), widths=(1.0, 0.5), bits=(8, 4))
+FAST = ["--batch-size", "16", "--lr", "0.002", "--log-every", "1", "--calib-images", "16", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    generate(root / "data", SynthConfig(classes=3, per_class=8, test_per_class=4, size=32, seed=0))
+    torch.manual_seed(0)
+    save_checkpoint(root / "init.pt", build_supernet(SupernetConfig("tiny_resnet", num_classes=3, space=SPACE)))
+    return root
+
+
+def _train(setup: Path, out: Path, *extra: str, exe: list[str] | None = None, **kw) -> subprocess.CompletedProcess:
+    args = ["--checkpoint", str(setup / "init.pt"), "--source", str(setup / "data" / "source"),
+            "--target", str(setup / "data" / "target"), "--out", str(out), *FAST, *extra]
+    return _run("rtfq-train", *args)
+
+
+def test_train_then_eval_gives_one_row_per_subnet(setup, tmp_path):
+    out = tmp_path / "run"
+    result = _train(setup, out, "--steps", "4")
+    assert result.returncode == 0, result.stderr
+    assert "step 4/4" in result.stderr and "img/s" in result.stderr and "distill" in result.stderr
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]
+    assert all({"ce", "distill", "pseudo", "im", "images_per_s", "lr"} <= r.keys() for r in lines)
+    ckpt = load_checkpoint(out / "supernet.pt")
+    assert sorted(ckpt.bn_stats) == sorted(str(c) for c in SPACE)
+    assert ckpt.meta["class_names"] == ["circle", "square", "triangle"]
+    assert ckpt.meta["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    acc = tmp_path / "acc.json"
+    result = _run("rtfq", "eval", "--checkpoint", str(out / "supernet.pt"), "--data", str(setup / "data" / "target_test"),
+                  "-o", str(acc), "--json")
+    assert result.returncode == 0, result.stderr
+    table = json.loads(acc.read_text())
+    assert sorted(r["subnet"] for r in table["subnets"]) == sorted(str(c) for c in SPACE)
+    assert all(0.0 <= r["top1"] <= 1.0 and r["images"] == 12 and r["macs"] > 0 for r in table["subnets"])
+    assert json.loads(result.stdout) == table["subnets"]
+    from rtfq_deploy.export.select import read_accuracy
+
+    assert set(read_accuracy(acc)) == {str(c) for c in SPACE}  # what rtfq-export --accuracy reads
+    _one_line_error(_run("rtfq", "eval", "--checkpoint", str(out / "supernet.pt"), "--data",
+                         str(setup / "data" / "target_test"), "-o", str(acc)), "exists")
+
+
+def test_source_only_trains_no_target_terms(setup, tmp_path):
+    result = _train(setup, tmp_path / "so", "--steps", "2", "--source-only")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "so" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["distill"] == 0 and r["pseudo"] == 0 and r["im"] == 0 for r in rows)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(setup, tmp_path):
+    steps = ["--steps", "8", "--checkpoint-every", "2"]
+    whole = _train(setup, tmp_path / "whole", *steps)
+    assert whole.returncode == 0, whole.stderr
+    run = tmp_path / "killed"
+    args = ["--checkpoint", str(setup / "init.pt"), "--source", str(setup / "data" / "source"), "--target",
+            str(setup / "data" / "target"), "--out", str(run), *FAST, *steps]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "rtfq-train"), *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill once the state of step 4 is saved and step 5 is logged
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= 5 for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "supernet.pt").exists()
+    state = torch.load(run / "state.pt", weights_only=True)  # whole, never half-written
+    assert 4 <= state["step"] < 8
+    _one_line_error(_run("rtfq-train", "--resume", str(run), "--steps", "9"), "drop --steps")
+    resumed = _run("rtfq-train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(tmp_path / "whole" / "supernet.pt"), load_checkpoint(run / "supernet.pt")
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
+    steps_logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(8))  # lines of the killed run past its saved state were dropped
+
+
+def test_two_process_gloo_ddp_run_keeps_ranks_in_sync(setup, tmp_path):
+    script = Path(sys.executable).parent / "rtfq-train"
+    out = tmp_path / "ddp"
+    args = ["--checkpoint", str(setup / "init.pt"), "--source", str(setup / "data" / "source"), "--target",
+            str(setup / "data" / "target"), "--out", str(out), *FAST, "--steps", "3", "-v"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RTFQ_BACKEND": "gloo"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "all 2 processes hold identical weights" in result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # written once, by rank 0
+    assert len(load_checkpoint(out / "supernet.pt").bn_stats) == len(SPACE)
+
+
+def test_bad_inputs_give_one_line(setup, tmp_path):
+    _one_line_error(_run("rtfq-train", "--source", "x"), "missing --checkpoint")
+    _one_line_error(_run("rtfq-train", "--resume", str(tmp_path)), "no run to resume")
+    _one_line_error(_train(setup, tmp_path / "b", "--batch-size", "5"), "must be even")
+    bad = tmp_path / "bad_target"
+    (bad / "circle").mkdir(parents=True)
+    (bad / "circle" / "x.png").write_bytes((setup / "data" / "target" / "circle" / "00000.png").read_bytes())
+    result = _run("rtfq-train", "--checkpoint", str(setup / "init.pt"), "--source", str(setup / "data" / "source"),
+                  "--target", str(bad), "--out", str(tmp_path / "c"), *FAST)
+    _one_line_error(result, "class lists differ")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "five.pt", build_supernet(SupernetConfig("tiny_resnet", num_classes=5, space=SPACE)))
+    result = _run("rtfq-train", "--checkpoint", str(tmp_path / "five.pt"), "--source", str(setup / "data" / "source"),
+                  "--target", str(setup / "data" / "target"), "--out", str(tmp_path / "d"), *FAST)
+    _one_line_error(result, "the data has 3 classes but the supernet has 5")
+    recipe = tmp_path / "r.json"
+    recipe.write_text('{"stepz": 3}')
+    _one_line_error(_train(setup, tmp_path / "e", "--recipe", str(recipe)), "unknown training settings: stepz")
+    done = tmp_path / "done"
+    assert _train(setup, done, "--steps", "1").returncode == 0
+    _one_line_error(_train(setup, done, "--steps", "1"), "already holds a run")
+
+
+def test_ema_and_lr_schedule():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = a.weight.detach().clone()
+    ema_update(a, b, 0.9)
+    torch.testing.assert_close(a.weight, 0.9 * before + 0.1 * b.weight.detach())
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 55) == pytest.approx(0.5)
+    assert lr_at(cfg, 100) == pytest.approx(0.0, abs=1e-12)
