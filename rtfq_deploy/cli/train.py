@@ -114,7 +114,7 @@ def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, targ
         parts += [f"{k} {row[k]:.3f}" for k in ("distill", "pseudo", "im") if row.get(k)]
         if "pseudo_rate" in row:
             parts.append(f"confident {row['pseudo_rate']:.0%}")
-        parts += [f"src-acc {row['source_acc']:.2f}", f"{row['images_per_s']:.0f} img/s", f"eta {eta / 60:.1f} min"]
+        parts += [f"src-acc {row['source_acc']:.2f}", f"{row['images_per_s']:.0f} img/s (data {row['data_share']:.0%})", f"eta {eta / 60:.1f} min"]
         click.echo("  ".join(parts), err=True)
 
     result = run.train(progress if run.dist.main else None)

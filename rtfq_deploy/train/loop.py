@@ -262,15 +262,18 @@ class Run:
         maxnet = student.config.space.maxnet
         metrics = open(self.run_dir / "metrics.jsonl", "a") if dist.main else None
         try:
-            t0, images = time.perf_counter(), 0
+            t0, images, data_s = time.perf_counter(), 0, 0.0
             batches = zip(src_stream.batches(start, cfg.steps), tgt_stream.batches(start, cfg.steps))
-            for step, ((xs_u8, ys), (xt_u8, _)) in zip(range(start, cfg.steps), batches):
+            for step in range(start, cfg.steps):
                 lr = lr_at(cfg, step)
                 for group in opt.param_groups:
                     group["lr"] = lr * group["lr_scale"]
+                t_data = time.perf_counter()
+                (xs_u8, ys), (xt_u8, _) = next(batches)
                 xs = augment(xs_u8, crop, cfg.seed, SOURCE_STREAM, step, normalization).to(self.device)
                 xt = augment(xt_u8, crop, cfg.seed, TARGET_STREAM, step, normalization).to(self.device)
                 ys = ys.to(self.device)
+                data_s += time.perf_counter() - t_data
                 teacher_logits = None
                 if cfg.losses.distill > 0:
                     with torch.no_grad():
@@ -285,12 +288,12 @@ class Run:
                 if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps):
                     elapsed = time.perf_counter() - t0
                     row = {"step": step, "lr": lr, **{k: round(v, 6) for k, v in totals.items()},
-                           "images_per_s": round(images / elapsed, 2)}
+                           "images_per_s": round(images / elapsed, 2), "data_share": round(data_s / elapsed, 4)}
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                     if progress:
                         progress(row)
-                    t0, images = time.perf_counter(), 0
+                    t0, images, data_s = time.perf_counter(), 0, 0.0
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self._save_state(done, student, teacher, opt)
             if dist.world > 1:
