@@ -8,6 +8,7 @@ import click
 
 from rtfq_deploy import __version__
 from rtfq_deploy.cli.common import Group
+from rtfq_deploy.cli.fetch import fetch
 from rtfq_deploy.cli.init import init
 from rtfq_deploy.cli.subnets import subnets
 
@@ -22,3 +23,4 @@ def rtfq(verbose: bool) -> None:
 
 rtfq.add_command(init)
 rtfq.add_command(subnets)
+rtfq.add_command(fetch)
