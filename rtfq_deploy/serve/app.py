@@ -80,7 +80,8 @@ def build_app(config: ServeConfig, store: Store) -> Starlette:
             tasks.cancel_scope.cancel()
 
     app = Starlette(routes=routes, lifespan=lifespan,
-                    middleware=[Middleware(_Guard, max_target_bytes=config.max_target_bytes)],
+                    middleware=[Middleware(_Guard, max_target_bytes=config.max_target_bytes,
+                                           max_header_bytes=config.max_header_bytes)],
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.router.redirect_slashes = False  # a redirect would echo the Host header back
     return app
@@ -207,10 +208,12 @@ async def _read_chunks(fd: int, offset: int, remaining: int, chunk: int) -> Asyn
 
 class _Guard:
     """Refuse what this read-only API never needs before any routing: methods other than
-    GET/HEAD (405), request bodies (413), long targets (414); mark every answer nosniff."""
+    GET/HEAD (405), request bodies (413), long targets (414), large or many headers (431;
+    h11 bounds only what it buffers of an incomplete request); mark every answer nosniff."""
 
-    def __init__(self, app: ASGIApp, max_target_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_target_bytes: int, max_header_bytes: int, max_headers: int = 100) -> None:
         self.app, self.max_target_bytes = app, max_target_bytes
+        self.max_header_bytes, self.max_headers = max_header_bytes, max_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -225,6 +228,10 @@ class _Guard:
             refusal = _error_response(413, "requests must not have a body")
         elif len(scope.get("raw_path") or b"") + len(scope["query_string"]) > self.max_target_bytes:
             refusal = _error_response(414, f"request target longer than {self.max_target_bytes} bytes")
+        elif (len(scope["headers"]) > self.max_headers
+              or sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.max_header_bytes):
+            refusal = _error_response(431, f"request headers over {self.max_headers} fields or "
+                                           f"{self.max_header_bytes} bytes")
         if refusal is not None:
             refusal.headers["Connection"] = "close"
             await refusal(scope, receive, _nosniff(send))
