@@ -155,7 +155,7 @@ def _download(url: str, part: Path, sha: str, size: int, config: FetchConfig, re
 
 def _read(response: http.client.HTTPResponse) -> bytes:
     try:
-        return response.read(_CHUNK)
+        return response.read1(_CHUNK)
     except (OSError, http.client.HTTPException) as e:
         raise _Retry(f"connection lost: {_describe(e)}") from None
 
