@@ -11,7 +11,7 @@ import urllib.parse
 import pytest
 
 from rtfq_deploy import manifest as mf
-from tests.fixtures.dist import entry_for, publish, request, serving
+from tests.fixtures.dist import entry_for, request, serving
 
 SECRET = b"TOP-SECRET outside DIST_DIR"
 
@@ -48,7 +48,7 @@ def _raw(url: str, payload: bytes) -> bytes:
     return b"".join(chunks)
 
 
-def _assert_nothing_leaks(reply, dist) -> None:
+def _assert_nothing_leaks(reply) -> None:
     assert SECRET not in reply.body and b'"format": "rtfq-manifest"' not in reply.body
     assert b"pi/model.onnx" not in reply.body and b"the model bytes" not in reply.body
 
@@ -71,7 +71,7 @@ def test_traversal_and_unlisted_targets_get_404(served, target):
     reply = request(url, target)
     assert reply.status == 404, (target, reply.status, reply.body)
     assert reply.headers["content-type"] == "application/json"
-    _assert_nothing_leaks(reply, dist)
+    _assert_nothing_leaks(reply)
 
 
 @pytest.mark.parametrize("target", ["/", "/v1", "/v1/", "/v1/files", "/v1/files/", "/pi/", "/v1/devices/", "/evil/"])
@@ -79,7 +79,7 @@ def test_no_directory_listing(served, target):
     url, dist, _ = served
     reply = request(url, target)
     assert reply.status == 404 and reply.json() == {"error": "not found"}, target
-    _assert_nothing_leaks(reply, dist)
+    _assert_nothing_leaks(reply)
 
 
 def test_symlinks_out_of_dist_dir_are_not_served_even_with_the_right_hash(served):
