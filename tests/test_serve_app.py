@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import socket
 import threading
@@ -237,3 +238,36 @@ def test_unverified_entries_are_never_offered(tmp_path):
         wait_for(lambda: request(url, "/v1/health").json()["files"] == 0)
         empty = request(url, "/v1/devices/pi/resolve?budget=20ms")
         assert empty.status == 503 and empty.headers["retry-after"] == "1"
+
+
+def test_every_answer_releases_its_file_descriptor(tmp_path):
+    """304, HEAD, 416, ranges, whole files and downloads abandoned half-way by the client
+    all close the file they opened (the server runs in this process: count our fds)."""
+    e = entry_for(tmp_path, "pi", "m", random_bytes(8 << 20, 5), 5.0)
+    publish(tmp_path, "pi", [e])
+    target = f"/v1/files/{e.sha256}"
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with serving(tmp_path) as url:
+        host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+        assert request(url, target).status == 200  # warm up thread pools and connections
+        baseline = open_fds()
+        for _ in range(5):
+            assert request(url, target, {"If-None-Match": f'"{e.sha256}"'}).status == 304
+            assert request(url, target, method="HEAD").status == 200
+            assert request(url, target, {"Range": f"bytes={8 << 20}-"}).status == 416
+            assert request(url, target, {"Range": "bytes=5-9"}).status == 206
+            assert request(url, target).status == 200
+        for _ in range(5):  # abandoned downloads
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.connect((host, port))
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+            conn.sock = sock
+            conn.request("GET", target)
+            assert len(conn.getresponse().read(100_000)) == 100_000
+            conn.close()
+        wait_for(lambda: open_fds() <= baseline)
+        assert request(url, target).status == 200

@@ -156,6 +156,7 @@ class _Api:
         fd = await anyio.to_thread.run_sync(open_verified, served)
         if fd is None:  # replaced since it was hashed; the watcher re-verifies within a poll
             raise ApiError(503, "file is being republished; resolve again", retry_after=1)
+        handed_over = False  # the streaming response owns and closes the fd once it exists
         try:
             size = served.size
             status, first, last = 200, 0, size - 1
@@ -167,15 +168,15 @@ class _Api:
             headers["Content-Length"] = str(last - first + 1)
             headers["Content-Disposition"] = f'attachment; filename="{served.name}"'
             if request.method == "HEAD":
-                os.close(fd)
                 return Response(status_code=status, headers=headers, media_type="application/octet-stream")
-            return _FileStream(fd, first, last - first + 1, self.config.chunk_bytes, status, headers)
+            stream = _FileStream(fd, first, last - first + 1, self.config.chunk_bytes, status, headers)
+            handed_over = True
+            return stream
         except cond.Unsatisfiable:
-            os.close(fd)
             return _error_response(416, "range not satisfiable", {"Content-Range": f"bytes */{served.size}"})
-        except BaseException:
-            os.close(fd)
-            raise
+        finally:
+            if not handed_over:
+                os.close(fd)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(document())
