@@ -9,7 +9,7 @@ import click
 from rtfq_deploy.cli.common import Command
 
 
-@click.command(cls=Command)
+@click.command(cls=Command, short_help="Download the model file a server chooses for this device and budget.")
 @click.option("--server", required=True, metavar="URL", help="Base URL of an rtfq-serve, e.g. http://10.0.0.2:8080.")
 @click.option("--device", required=True, metavar="NAME", help="This device's name in the server's manifest.")
 @click.option("--budget", required=True, metavar="BUDGET",

@@ -20,7 +20,7 @@ from rtfq_deploy.cli.common import Command
 @click.option("--max-connections", type=click.IntRange(1), default=1024, show_default=True,
               help="Concurrent connections; beyond it requests get 503.")
 @click.option("--max-header-bytes", type=click.IntRange(1024, 1 << 20), default=16 * 1024, show_default=True,
-              help="Largest request line plus headers; larger requests get 400.")
+              help="Most bytes of request headers; larger requests are refused (431, or 400 from h11).")
 @click.option("--access-log", is_flag=True, help="Log every request.")
 @click.option("-v", "--verbose", is_flag=True, help="Log manifest reloads and details.")
 def serve(dist_dir: Path, host: str, port: int, poll_s: float, max_connections: int, max_header_bytes: int,
