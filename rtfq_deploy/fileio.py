@@ -74,3 +74,14 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Move a finished, fsynced file ``tmp`` to ``path`` in one step (same directory);
+    without ``overwrite`` an existing ``path`` is kept and FileExistsError raised."""
+    dest = Path(path)
+    if overwrite:
+        os.replace(tmp, dest)
+    else:
+        _link_new(str(tmp), dest)
+    _fsync_dir(dest.parent)

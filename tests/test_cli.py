@@ -39,8 +39,8 @@ def _one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
 
 
 @pytest.mark.parametrize("command,args", [
-    (rtfq, []), (rtfq, ["init"]), (rtfq, ["subnets"]), (export, []), (bench, []), (train, []), (serve, []),
-    (rtfq, ["data"]), (rtfq, ["data", "synth"]), (rtfq, ["eval"]),
+    (rtfq, []), (rtfq, ["init"]), (rtfq, ["subnets"]), (rtfq, ["fetch"]), (export, []), (bench, []), (train, []),
+    (serve, []), (rtfq, ["data"]), (rtfq, ["data", "synth"]), (rtfq, ["eval"]),
 ])
 def test_every_command_answers_help(command, args):
     result = CliRunner().invoke(command, [*args, "--help"])

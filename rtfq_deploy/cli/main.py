@@ -10,6 +10,7 @@ from rtfq_deploy import __version__
 from rtfq_deploy.cli.common import Group
 from rtfq_deploy.cli.data import data
 from rtfq_deploy.cli.eval import eval_
+from rtfq_deploy.cli.fetch import fetch
 from rtfq_deploy.cli.init import init
 from rtfq_deploy.cli.subnets import subnets
 
@@ -26,3 +27,4 @@ rtfq.add_command(data)
 rtfq.add_command(eval_)
 rtfq.add_command(init)
 rtfq.add_command(subnets)
+rtfq.add_command(fetch)

@@ -1,0 +1,39 @@
+"""``rtfq fetch``: download the model file a server chooses for this device and budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rtfq_deploy.cli.common import Command
+
+
+@click.command(cls=Command, short_help="Download the model file a server chooses for this device and budget.")
+@click.option("--server", required=True, metavar="URL", help="Base URL of an rtfq-serve, e.g. http://10.0.0.2:8080.")
+@click.option("--device", required=True, metavar="NAME", help="This device's name in the server's manifest.")
+@click.option("--budget", required=True, metavar="BUDGET",
+              help="Limits that must all hold, as for rtfq-bench select: 20ms, latency=20ms,memory=64MB, size=8MB.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the model file.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it holds a different file.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Seconds to wait on the network before a retry.")
+@click.option("--retries", type=click.IntRange(0, 100), default=3, show_default=True,
+              help="Resumptions after a dropped connection before giving up (a later run resumes too).")
+def fetch(server: str, device: str, budget: str, out: Path, force: bool, timeout_s: float, retries: int) -> None:
+    """Resolve BUDGET on the server, download the chosen file (resuming a partial
+    download), check its sha256 and move it into place atomically. Nothing is
+    downloaded when OUTPUT already holds the chosen file."""
+    from rtfq_deploy.fetch import FetchConfig
+    from rtfq_deploy.fetch import fetch as run_fetch
+
+    result = run_fetch(FetchConfig(server=server, device=device, budget=budget, out=out, force=force,
+                                   timeout_s=timeout_s, retries=retries))
+    entry = result.entry
+    what = f"{result.reason}; {entry['size_bytes']} bytes, sha256 {entry['sha256'][:16]}"
+    if result.up_to_date:
+        click.echo(f"{out}: up to date: {what}")
+    else:
+        resumed = f", resumed after {result.resumed_from} bytes" if result.resumed_from else ""
+        click.echo(f"{out}: {what}{resumed}")

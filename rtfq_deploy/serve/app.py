@@ -1,0 +1,286 @@
+"""The HTTP API (Starlette): devices, budget resolution and content-addressed downloads.
+
+Every answer comes from one :class:`~rtfq_deploy.serve.store.Snapshot`, taken once per
+request. Files are reachable only by the sha256 of a verified manifest entry; a download
+opens the file once, checks it is still the inode that was hashed, and streams from that
+fd, so a publish during the download cannot change the bytes it delivers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rtfq_deploy import __version__
+from rtfq_deploy import budget as bg
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.manifest import Entry, check_name
+from rtfq_deploy.serve import conditional as cond
+from rtfq_deploy.serve.openapi import document
+from rtfq_deploy.serve.store import Snapshot, Store, open_verified
+
+log = logging.getLogger(__name__)
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+API = "/v1"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the server runs; the CLI builds it from its options."""
+
+    dist_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    poll_interval_s: float = 0.5  # how often manifest.json and the listed files are stat'ed
+    chunk_bytes: int = 256 * 1024  # one read from the file per chunk sent
+    max_target_bytes: int = 2048  # request path + query string
+    max_header_bytes: int = 16 * 1024  # request line + headers (h11's incomplete-event limit)
+    limit_concurrency: int = 1024  # connections; beyond it uvicorn answers 503
+    access_log: bool = False
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message, ...extra}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+def build_app(config: ServeConfig, store: Store) -> Starlette:
+    api = _Api(config, store)
+    routes = [
+        Route(f"{API}/health", api.health, methods=["GET"]),
+        Route(f"{API}/devices", api.devices, methods=["GET"]),
+        Route(f"{API}/devices/{{device}}", api.device, methods=["GET"]),
+        Route(f"{API}/devices/{{device}}/resolve", api.resolve, methods=["GET"]),
+        Route(f"{API}/files/{{sha256}}", api.file, methods=["GET"]),  # HEAD comes with GET
+        Route(f"{API}/openapi.json", api.openapi, methods=["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_poll, store, config.poll_interval_s)
+            yield
+            tasks.cancel_scope.cancel()
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(_Guard, max_target_bytes=config.max_target_bytes,
+                                           max_header_bytes=config.max_header_bytes)],
+                    exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    app.router.redirect_slashes = False  # a redirect would echo the Host header back
+    return app
+
+
+async def _poll(store: Store, interval: float) -> None:
+    """Pick up a republished manifest (or a changed file) without a restart."""
+    while True:
+        await anyio.sleep(interval)
+        try:
+            await anyio.to_thread.run_sync(store.refresh)
+        except Exception:  # never let the watcher die; the old snapshot keeps serving
+            log.exception("manifest refresh failed")
+
+
+class _Api:
+    def __init__(self, config: ServeConfig, store: Store) -> None:
+        self.config, self.store = config, store
+
+    async def health(self, request: Request) -> Response:
+        snap = self.store.snapshot
+        return JSONResponse({
+            "status": "ok", "version": __version__, "generation": snap.generation,
+            "manifest_sha256": snap.manifest_sha256, "loaded_at": snap.loaded_at,
+            "devices": len(snap.devices), "files": len(snap.files),
+            "excluded": [{"device": e.device, "path": e.path, "reason": e.reason} for e in snap.excluded],
+            "reload_error": self.store.error,
+        })
+
+    async def devices(self, request: Request) -> Response:
+        snap = self.store.snapshot
+        return JSONResponse({"devices": [
+            {"name": name, "updated": d.updated, "files": len(d.files), "fingerprint": dict(d.fingerprint)}
+            for name, d in sorted(snap.devices.items())]})
+
+    async def device(self, request: Request) -> Response:
+        snap = self.store.snapshot
+        name = _device_name(request, snap)
+        d = snap.devices[name]
+        return JSONResponse({"name": name, "updated": d.updated, "fingerprint": dict(d.fingerprint),
+                             "files": [_entry_json(e) for e in d.files]})
+
+    async def resolve(self, request: Request) -> Response:
+        snap = self.store.snapshot
+        name = _device_name(request, snap)
+        texts = request.query_params.getlist("budget")
+        if len(texts) != 1:
+            raise ApiError(400, "give exactly one budget, e.g. ?budget=latency=20ms,memory=64MB")
+        try:
+            budget = bg.parse_budget(texts[0])
+        except RtfqError as e:
+            raise ApiError(400, str(e)) from None
+        entries = snap.devices[name].files
+        if not entries:
+            raise ApiError(503, f"device {name!r} has no verified model file right now", retry_after=1)
+        dicts = [e.as_dict() for e in entries]
+        choice = bg.choose(dicts, budget)
+        entry = _entry_json(next(e for e, d in zip(entries, dicts) if d is choice.entry))
+        if not choice.met:
+            raise ApiError(422, choice.reason, device=name, budget=str(budget), cheapest=entry)
+        return JSONResponse({"device": name, "budget": str(budget), "reason": choice.reason, "entry": entry})
+
+    async def file(self, request: Request) -> Response:
+        sha = request.path_params["sha256"]
+        served = self.store.snapshot.files.get(sha) if _SHA_RE.fullmatch(sha) else None
+        if served is None:
+            raise ApiError(404, "no such file")
+        etag = cond.etag_for(sha)
+        headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable", "Accept-Ranges": "bytes"}
+        if cond.none_match(request.headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers=headers)
+        fd = await anyio.to_thread.run_sync(open_verified, served)
+        if fd is None:  # replaced since it was hashed; the watcher re-verifies within a poll
+            raise ApiError(503, "file is being republished; resolve again", retry_after=1)
+        handed_over = False  # the streaming response owns and closes the fd once it exists
+        try:
+            size = served.size
+            status, first, last = 200, 0, size - 1
+            if cond.range_applies(request.headers.get("if-range"), etag):
+                span = cond.byte_range(request.headers.get("range"), size)
+                if span is not None:
+                    status, (first, last) = 206, span
+                    headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+            headers["Content-Length"] = str(last - first + 1)
+            headers["Content-Disposition"] = f'attachment; filename="{served.name}"'
+            if request.method == "HEAD":
+                return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+            stream = _FileStream(fd, first, last - first + 1, self.config.chunk_bytes, status, headers)
+            handed_over = True
+            return stream
+        except cond.Unsatisfiable:
+            return _error_response(416, "range not satisfiable", {"Content-Range": f"bytes */{served.size}"})
+        finally:
+            if not handed_over:
+                os.close(fd)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(document())
+
+
+class _FileStream(StreamingResponse):
+    """Streams ``length`` bytes of an open fd from ``first``; owns and closes the fd."""
+
+    def __init__(self, fd: int, first: int, length: int, chunk: int, status: int, headers: dict[str, str]) -> None:
+        self._fd = fd
+        super().__init__(_read_chunks(fd, first, length, chunk), status_code=status, headers=headers,
+                         media_type="application/octet-stream")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            os.close(self._fd)
+
+
+async def _read_chunks(fd: int, offset: int, remaining: int, chunk: int) -> AsyncIterator[bytes]:
+    while remaining > 0:
+        block = await anyio.to_thread.run_sync(os.pread, fd, min(chunk, remaining), offset)
+        if not block:  # only an in-place truncation can do this; the client's hash check catches it
+            raise OSError("file shrank while being sent")
+        offset += len(block)
+        remaining -= len(block)
+        yield block
+
+
+class _Guard:
+    """Refuse what this read-only API never needs before any routing: methods other than
+    GET/HEAD (405), request bodies (413), long targets (414), large or many headers (431;
+    h11 bounds only what it buffers of an incomplete request); mark every answer nosniff."""
+
+    def __init__(self, app: ASGIApp, max_target_bytes: int, max_header_bytes: int, max_headers: int = 100) -> None:
+        self.app, self.max_target_bytes = app, max_target_bytes
+        self.max_header_bytes, self.max_headers = max_header_bytes, max_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        refusal = None
+        if scope["method"] not in ("GET", "HEAD"):
+            refusal = _error_response(405, f"method {scope['method']} is not allowed; this API is read-only",
+                                      {"Allow": "GET, HEAD"})
+        elif headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+            refusal = _error_response(413, "requests must not have a body")
+        elif len(scope.get("raw_path") or b"") + len(scope["query_string"]) > self.max_target_bytes:
+            refusal = _error_response(414, f"request target longer than {self.max_target_bytes} bytes")
+        elif (len(scope["headers"]) > self.max_headers
+              or sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.max_header_bytes):
+            refusal = _error_response(431, f"request headers over {self.max_headers} fields or "
+                                           f"{self.max_header_bytes} bytes")
+        if refusal is not None:
+            refusal.headers["Connection"] = "close"
+            await refusal(scope, receive, _nosniff(send))
+            return
+        await self.app(scope, receive, _nosniff(send))
+
+
+def _nosniff(send: Send) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+        await send(message)
+
+    return wrapped
+
+
+def _device_name(request: Request, snap: Snapshot) -> str:
+    name = request.path_params["device"]
+    try:
+        check_name(name)
+    except RtfqError:
+        raise ApiError(404, "unknown device") from None
+    if name not in snap.devices:
+        raise ApiError(404, f"unknown device {name!r}", devices=sorted(snap.devices))
+    return name
+
+
+def _entry_json(entry: Entry) -> dict[str, Any]:
+    return {**entry.as_dict(), "url": f"{API}/files/{entry.sha256}"}
+
+
+def _error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    extra = dict(exc.extra)
+    headers = {"Retry-After": str(extra.pop("retry_after"))} if "retry_after" in extra else None
+    return _error_response(exc.status, exc.message, headers, **extra)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = "not found" if exc.status_code == 404 else str(exc.detail)
+    return _error_response(exc.status_code, message, dict(exc.headers or {}))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error on %s: %r", request.url.path, exc)
+    return _error_response(500, "internal server error")

@@ -1,0 +1,156 @@
+"""The OpenAPI 3.1 description of the API, served at ``/v1/openapi.json``.
+
+Written by hand (the routes are few and the description is the contract devices code
+against); a test checks it against the OpenAPI schema and against the app's routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rtfq_deploy import __version__
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(description: str, schema: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _header(description: str, schema_type: str = "string") -> dict[str, Any]:
+    return {"description": description, "schema": {"type": schema_type}}
+
+
+_DEVICE = {"name": "device", "in": "path", "required": True, "description": "A device name from GET /v1/devices.",
+           "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}}
+_SHA = {"name": "sha256", "in": "path", "required": True, "description": "The file's sha256, lower-case hex.",
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}
+_FILE_HEADERS = {
+    "ETag": _header('The quoted sha256 of the whole file, e.g. "9f86d0...".'),
+    "Accept-Ranges": _header("Always bytes."),
+    "Cache-Control": _header("public, max-age=31536000, immutable: a hash never names other bytes."),
+}
+_RETRY = {"Retry-After": _header("Seconds to wait before trying again.", "integer")}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {
+        "error": {"type": "string", "description": "What went wrong, one line."}},
+        "additionalProperties": True},
+    "Entry": {"type": "object", "description": "A manifest entry (rtfq_deploy.manifest.Entry) and its download URL.",
+              "required": ["subnet", "path", "sha256", "size_bytes", "latency_p50_ms", "latency_p90_ms",
+                           "peak_memory_bytes", "macs", "bitops", "accuracy", "budgets", "url"],
+              "properties": {
+                  "subnet": {"type": "string", "examples": ["r160-w0.73-q4"]},
+                  "path": {"type": "string", "description": "<device>/<name>.onnx inside DIST_DIR."},
+                  "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                  "size_bytes": {"type": "integer", "minimum": 0},
+                  "latency_p50_ms": {"type": "number"},
+                  "latency_p90_ms": {"type": "number"},
+                  "peak_memory_bytes": {"type": "integer"},
+                  "macs": {"type": "integer"},
+                  "bitops": {"type": "integer"},
+                  "accuracy": {"type": ["number", "null"]},
+                  "budgets": {"type": "array", "items": {"type": "string"}},
+                  "url": {"type": "string", "description": "/v1/files/<sha256>, relative to the server."}}},
+    "DeviceSummary": {"type": "object", "required": ["name", "updated", "files", "fingerprint"], "properties": {
+        "name": {"type": "string"}, "updated": {"type": "string"},
+        "files": {"type": "integer", "description": "Verified files served for the device."},
+        "fingerprint": {"type": "object"}}},
+    "DeviceList": {"type": "object", "required": ["devices"], "properties": {
+        "devices": {"type": "array", "items": _ref("DeviceSummary")}}},
+    "Device": {"type": "object", "required": ["name", "updated", "fingerprint", "files"], "properties": {
+        "name": {"type": "string"}, "updated": {"type": "string"}, "fingerprint": {"type": "object"},
+        "files": {"type": "array", "items": _ref("Entry")}}},
+    "Resolution": {"type": "object", "required": ["device", "budget", "reason", "entry"], "properties": {
+        "device": {"type": "string"},
+        "budget": {"type": "string", "description": "The budget as parsed, e.g. latency=20ms,memory=64MB."},
+        "reason": {"type": "string"}, "entry": _ref("Entry")}},
+    "Unmet": {"type": "object", "required": ["error", "device", "budget", "cheapest"], "properties": {
+        "error": {"type": "string"}, "device": {"type": "string"}, "budget": {"type": "string"},
+        "cheapest": _ref("Entry")}},
+    "Health": {"type": "object", "required": ["status", "version", "generation", "manifest_sha256", "devices",
+                                              "files", "excluded", "reload_error"], "properties": {
+        "status": {"type": "string", "enum": ["ok"]},
+        "version": {"type": "string"},
+        "generation": {"type": "integer", "description": "Increases each time a manifest is loaded."},
+        "manifest_sha256": {"type": ["string", "null"], "description": "sha256 of the manifest.json in service."},
+        "loaded_at": {"type": "number", "description": "Unix time the manifest in service was loaded."},
+        "devices": {"type": "integer"}, "files": {"type": "integer"},
+        "excluded": {"type": "array", "description": "Manifest entries not served (file missing or mismatched).",
+                     "items": {"type": "object", "properties": {
+                         "device": {"type": "string"}, "path": {"type": "string"}, "reason": {"type": "string"}}}},
+        "reload_error": {"type": ["string", "null"],
+                         "description": "Why the newest manifest.json was not loaded (the previous one is served)."}}},
+}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document (a fresh dict each call)."""
+    not_found = _json("Unknown device.", "Error")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "rtfq-serve", "version": __version__,
+                 "description": "Per-device model files of one DIST_DIR written by `rtfq-bench select`. "
+                                "Read-only: GET and HEAD only, no request bodies."},
+        "paths": {
+            "/v1/health": {"get": {"operationId": "health", "summary": "Liveness and the manifest in service.",
+                                   "responses": {"200": _json("Serving.", "Health")}}},
+            "/v1/devices": {"get": {"operationId": "listDevices", "summary": "Devices with at least one manifest entry.",
+                                    "responses": {"200": _json("The devices, by name.", "DeviceList")}}},
+            "/v1/devices/{device}": {"get": {
+                "operationId": "getDevice", "summary": "A device's verified entries.", "parameters": [_DEVICE],
+                "responses": {"200": _json("The device.", "Device"), "404": not_found}}},
+            "/v1/devices/{device}/resolve": {"get": {
+                "operationId": "resolve",
+                "summary": "The most accurate entry meeting a budget, with its download URL.",
+                "parameters": [_DEVICE, {
+                    "name": "budget", "in": "query", "required": True,
+                    "description": "Limits that must all hold, the syntax of `rtfq-bench select`: "
+                                   "latency=20ms,memory=64MB; 20ms; size=8MB; macs=0.8G; latency-p90=5ms.",
+                    "schema": {"type": "string"}}],
+                "responses": {
+                    "200": _json("The chosen entry.", "Resolution"),
+                    "400": _json("Missing or malformed budget.", "Error"),
+                    "404": not_found,
+                    "422": _json("No entry meets the budget; the cheapest one is given.", "Unmet"),
+                    "503": _json("The device's files are all being republished.", "Error", _RETRY)}}},
+            "/v1/files/{sha256}": {
+                "get": {
+                    "operationId": "download", "parameters": [_SHA],
+                    "summary": "A model file by content hash; conditional (If-None-Match) and resumable (Range).",
+                    "description": "Single byte ranges only (`Range: bytes=a-b`, `bytes=a-`, `bytes=-n`); several "
+                                   "ranges or a malformed Range header get the whole file. `If-Range` with the "
+                                   "ETag guards a resumed download.",
+                    "responses": {
+                        "200": {"description": "The whole file.", "headers": _FILE_HEADERS,
+                                "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                    "contentMediaType": "application/octet-stream"}}}},
+                        "206": {"description": "The requested byte range.",
+                                "headers": {**_FILE_HEADERS, "Content-Range": _header("bytes a-b/size")},
+                                "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                    "contentMediaType": "application/octet-stream"}}}},
+                        "304": {"description": "If-None-Match named this file's ETag.", "headers": _FILE_HEADERS},
+                        "404": _json("No verified manifest entry has this hash.", "Error"),
+                        "416": _json("The range starts beyond the end of the file.", "Error",
+                                     {"Content-Range": _header("bytes */size")}),
+                        "503": _json("The file changed on disk since it was verified; resolve again.", "Error",
+                                     _RETRY)}},
+                "head": {"operationId": "downloadHead", "parameters": [_SHA],
+                         "summary": "The headers GET would send, without the body.",
+                         "responses": {"200": {"description": "Headers only.", "headers": _FILE_HEADERS},
+                                       "206": {"description": "Headers only, for the range."},
+                                       "304": {"description": "Not modified.", "headers": _FILE_HEADERS},
+                                       "404": {"description": "No such file."},
+                                       "416": {"description": "Range not satisfiable."},
+                                       "503": {"description": "Republishing; resolve again."}}}},
+            "/v1/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
+                                         "responses": {"200": {"description": "OpenAPI 3.1 document.",
+                                                               "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        },
+        "components": {"schemas": _SCHEMAS},
+    }

@@ -1,0 +1,72 @@
+"""Running the app on uvicorn: from the CLI (main thread, signals) or in a thread (tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Iterator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.serve.app import ServeConfig
+
+BACKLOG = 2048
+
+
+def uvicorn_config(config: ServeConfig, app: ASGIApp) -> uvicorn.Config:
+    """Pinned protocol choices (h11, asyncio) so limits behave the same on every install."""
+    return uvicorn.Config(
+        app, http="h11", loop="asyncio", ws="none", lifespan="on", interface="asgi3",
+        log_config=None, access_log=config.access_log, server_header=False,
+        limit_concurrency=config.limit_concurrency, backlog=BACKLOG,
+        h11_max_incomplete_event_size=config.max_header_bytes,
+        timeout_keep_alive=5, timeout_graceful_shutdown=5,
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free port), bound before the server starts so the
+    caller can announce the real address."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise RtfqError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise RtfqError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def base_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@contextlib.contextmanager
+def running_in_thread(config: ServeConfig, app: ASGIApp, timeout_s: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` on ``config.host`` (any free port) in a daemon thread; yields the base URL."""
+    sock = bind(config.host, 0)
+    server = uvicorn.Server(uvicorn_config(config, app))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server thread did not start")
+            time.sleep(0.01)
+        yield base_url(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()

@@ -1,0 +1,222 @@
+"""The device client against a real server on loopback, with real interruptions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+import rtfq_deploy
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.fetch import FetchConfig, fetch
+from tests.fixtures.dist import entry_for, file_size, publish, random_bytes, serving, sha, wait_for
+
+SIZE = 600_000
+
+
+@pytest.fixture
+def dist(tmp_path):
+    dist = tmp_path / "dist"
+    fast = entry_for(dist, "pi", "fast", random_bytes(SIZE, 1), 4.0, accuracy=0.6)
+    slow = entry_for(dist, "pi", "slow", random_bytes(SIZE + 1, 2), 30.0, accuracy=0.9)
+    publish(dist, "pi", [fast, slow])
+    return dist, fast
+
+
+def _config(url: str, out: Path, **kw) -> FetchConfig:
+    return FetchConfig(**{"server": url, "device": "pi", "budget": "20ms", "out": out, "retries": 0, **kw})
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f"{out.name}.*.part"))
+
+
+class Recorder:
+    """Records the Range/If-Range of each file request; optionally cuts the first
+    download after ``cut_after`` bytes (the server drops the connection) or flips a
+    byte of every body (a lying server), or slows the body down."""
+
+    def __init__(self, app, cut_after: int | None = None, corrupt: bool = False, delay_s: float = 0.0) -> None:
+        self.app, self.cut_after, self.corrupt, self.delay_s = app, cut_after, corrupt, delay_s
+        self.ranges: list[tuple[str | None, str | None]] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/files/"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.ranges.append((headers.get("range"), headers.get("if-range")))
+        cut, sent = self.cut_after if len(self.ranges) == 1 else None, 0
+
+        async def wrapped(message):
+            nonlocal sent
+            if message["type"] == "http.response.body" and message.get("body"):
+                body = message["body"]
+                if self.corrupt and sent == 0:
+                    body = bytes([body[0] ^ 1]) + body[1:]
+                if cut is not None and sent + len(body) > cut:
+                    await send({**message, "body": body[:cut - sent], "more_body": True})
+                    raise ConnectionAbortedError("test: connection dropped mid-download")
+                sent += len(body)
+                message = {**message, "body": body}
+                if self.delay_s:
+                    await anyio.sleep(self.delay_s)
+            await send(message)
+
+        await self.app(scope, receive, wrapped)
+
+
+def test_fetch_resolves_downloads_verifies_and_publishes(dist, tmp_path):
+    root, fast = dist
+    out = tmp_path / "dev" / "model.onnx"
+    with serving(root) as url:
+        result = fetch(_config(url, out, budget="latency=10ms"))
+        assert out.read_bytes() == (root / fast.path).read_bytes()
+        assert result.entry["subnet"] == "fast" and result.downloaded == SIZE and not result.up_to_date
+        assert _parts(out) == []
+        again = fetch(_config(url, out, budget="latency=10ms"))
+        assert again.up_to_date and again.downloaded == 0
+        with pytest.raises(FileExistsError, match="use --force"):
+            fetch(_config(url, out, budget="50ms"))  # the slow, more accurate one: another file
+        assert sha(out.read_bytes()) == fast.sha256
+        replaced = fetch(_config(url, out, budget="50ms", force=True))
+        assert replaced.entry["subnet"] == "slow" and len(out.read_bytes()) == SIZE + 1
+
+
+def test_a_dropped_connection_is_resumed_within_one_call(dist, tmp_path):
+    root, fast = dist
+    out = tmp_path / "model.onnx"
+    holder = {}
+    with serving(root, app_wrapper=lambda app: holder.setdefault("r", Recorder(app, cut_after=200_000))) as url:
+        result = fetch(_config(url, out, budget="10ms", retries=2))
+    assert sha(out.read_bytes()) == fast.sha256
+    assert holder["r"].ranges == [(None, None), ("bytes=200000-", f'"{fast.sha256}"')]
+    assert result.downloaded == SIZE
+
+
+def test_an_interrupted_fetch_leaves_a_part_file_that_the_next_run_resumes(dist, tmp_path):
+    root, fast = dist
+    out = tmp_path / "model.onnx"
+    holder = {}
+    with serving(root, app_wrapper=lambda app: holder.setdefault("r", Recorder(app, cut_after=250_000))) as url:
+        with pytest.raises(RtfqError, match="run again to resume"):
+            fetch(_config(url, out, budget="10ms"))
+        assert not out.exists()
+        [part] = _parts(out)
+        assert part.name == f"model.onnx.{fast.sha256}.part"
+        assert part.read_bytes() == (root / fast.path).read_bytes()[:250_000]
+        result = fetch(_config(url, out, budget="10ms"))
+    assert sha(out.read_bytes()) == fast.sha256 and _parts(out) == []
+    assert (result.resumed_from, result.downloaded) == (250_000, SIZE - 250_000)
+    assert holder["r"].ranges[-1] == ("bytes=250000-", f'"{fast.sha256}"')
+
+
+def test_a_killed_fetch_process_resumes(dist, tmp_path):
+    """``rtfq fetch`` is SIGKILLed mid-download from a slowed-down server; rerun, it
+    continues from the partial file and ends with the right bytes."""
+    root, fast = dist
+    out = tmp_path / "model.onnx"
+    exe = str(Path(sys.executable).parent / "rtfq")
+    holder = {}
+    with serving(root, chunk_bytes=16384,
+                 app_wrapper=lambda app: holder.setdefault("r", Recorder(app, delay_s=0.02))) as url:
+        args = [exe, "fetch", "--server", url, "--device", "pi", "--budget", "10ms", "-o", str(out)]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        part = out.with_name(f"model.onnx.{fast.sha256}.part")
+        try:
+            wait_for(lambda: file_size(part) >= 100_000 or proc.poll() is not None)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(30)
+        assert proc.returncode == -signal.SIGKILL
+        kept = file_size(part)
+        assert 100_000 <= kept < SIZE and not out.exists()
+        holder["r"].delay_s = 0.0
+        rerun = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed after {kept} bytes" in rerun.stdout
+    assert sha(out.read_bytes()) == fast.sha256 and not part.exists()
+    assert holder["r"].ranges[-1] == (f"bytes={kept}-", f'"{fast.sha256}"')
+
+
+def test_a_body_that_does_not_match_its_hash_is_never_published(dist, tmp_path):
+    root, fast = dist
+    out = tmp_path / "model.onnx"
+    with serving(root, app_wrapper=lambda app: Recorder(app, corrupt=True)) as url:
+        with pytest.raises(RtfqError, match="is not"):
+            fetch(_config(url, out, budget="10ms"))
+    assert not out.exists() and _parts(out) == []
+
+
+def test_stale_and_oversized_part_files(dist, tmp_path):
+    root, fast = dist
+    out = tmp_path / "model.onnx"
+    stale = out.with_name(f"model.onnx.{'0' * 64}.part")
+    stale.write_bytes(b"an older version")
+    unrelated = tmp_path / "notes.part"
+    unrelated.write_bytes(b"not ours")
+    too_long = out.with_name(f"model.onnx.{fast.sha256}.part")
+    too_long.write_bytes(b"x" * (SIZE + 10))
+    with serving(root) as url:
+        fetch(_config(url, out, budget="10ms"))
+    assert sha(out.read_bytes()) == fast.sha256
+    assert not stale.exists() and not too_long.exists() and unrelated.read_bytes() == b"not ours"
+
+
+def test_fetch_errors(dist, tmp_path):
+    root, _ = dist
+    out = tmp_path / "m.onnx"
+    with pytest.raises(RtfqError, match="unknown unit"):
+        fetch(_config("http://127.0.0.1:1", out, budget="20xs"))  # checked before any traffic
+    with pytest.raises(RtfqError, match="Connection refused"):
+        fetch(_config("http://127.0.0.1:1", out))
+    with pytest.raises(RtfqError, match="http:// or https://"):
+        fetch(_config("ftp://127.0.0.1:1", out))
+    with serving(root) as url:
+        with pytest.raises(RtfqError, match="unknown device 'toaster'"):
+            fetch(_config(url, out, device="toaster"))
+        with pytest.raises(RtfqError, match="nothing meets latency=1ms; the cheapest option is fast"):
+            fetch(_config(url, out, budget="1ms"))
+        with pytest.raises(RtfqError, match="could be peak memory or file size"):
+            fetch(_config(url, out, budget="64MB"))
+    assert list(tmp_path.glob("m.onnx*")) == []
+
+
+def test_fetch_runs_with_the_standard_library_only(dist, tmp_path):
+    """On a device with nothing installed: ``python -S`` (no site-packages) imports the
+    client from the source tree and downloads."""
+    root, fast = dist
+    out = tmp_path / "m.onnx"
+    src = Path(rtfq_deploy.__file__).resolve().parents[1]
+    with serving(root) as url:
+        code = ("import sys; from pathlib import Path; from rtfq_deploy.fetch import fetch, FetchConfig; "
+                f"r = fetch(FetchConfig({url!r}, 'pi', '10ms', Path({str(out)!r}))); "
+                "heavy = {'torch', 'numpy', 'onnx', 'click', 'starlette', 'uvicorn'} & set(sys.modules); "
+                "assert not heavy, heavy; print(r.entry['subnet'])")
+        done = subprocess.run([sys.executable, "-S", "-c", code], cwd=src, capture_output=True, text=True, timeout=60,
+                              env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "fast" and sha(out.read_bytes()) == fast.sha256
+
+
+def test_fetch_cli_one_line_errors(dist, tmp_path):
+    from tests.test_cli import _one_line_error, _run
+
+    root, _ = dist
+    out = tmp_path / "m.onnx"
+    with serving(root) as url:
+        _one_line_error(_run("rtfq", "fetch", "--server", url, "--device", "toaster", "--budget", "1ms", "-o", str(out)),
+                        "unknown device 'toaster'")
+        _one_line_error(_run("rtfq", "fetch", "--server", url, "--device", "pi", "--budget", "1ms", "-o", str(out)),
+                        "nothing meets latency=1ms")
+        ok = _run("rtfq", "fetch", "--server", url, "--device", "pi", "--budget", "10ms", "-o", str(out))
+        assert ok.returncode == 0 and ok.stdout.startswith(f"{out}: most accurate meeting latency=10ms: fast")
+        _one_line_error(_run("rtfq", "fetch", "--server", url, "--device", "pi", "--budget", "50ms", "-o", str(out)),
+                        "use --force")
+    _one_line_error(_run("rtfq", "fetch", "--server", "http://127.0.0.1:1", "--device", "pi", "--budget", "5xx",
+                         "-o", str(out)), "unknown unit")
+    _one_line_error(_run("rtfq", "fetch", "--device", "pi", "--budget", "5ms", "-o", str(out)), "--server")
