@@ -1,8 +1,8 @@
 """A deterministic, download-free domain-shift benchmark in the ImageFolder layout.
 
-Classes are shapes. The source domain draws them filled, in bright colours, on a light
-plain background; the target domain draws the same shapes as thick outlines in another
-palette on a dark, textured background, slightly blurred. Shape (the label) survives the
+Classes are shapes. The source domain draws them filled, in saturated colours, on a light
+plain background; the target domain draws the same shapes dimly filled with a pale
+outline, on a dark, textured background, slightly blurred. Shape (the label) survives the
 shift, appearance does not: a source-only classifier loses a measurable share of its
 accuracy on the target, which adaptation can win back. Written as::
 
@@ -106,29 +106,27 @@ def render(shape: str, rng: np.random.Generator, size: int, target: bool) -> Ima
     cx, cy = (big / 2 + rng.uniform(-0.12, 0.12) * big for _ in range(2))
     angle = rng.uniform(-0.35, 0.35)
     if target:
-        colour = tuple(int(v) for v in rng.uniform([150, 150, 60], [255, 255, 160]))  # pale yellows/whites
-        width = max(2, int(big * rng.uniform(0.04, 0.07)))
+        # Pale yellow/white outline around a dim fill of another hue: same silhouette, other look.
+        colour = tuple(int(v) for v in rng.uniform([150, 150, 60], [255, 255, 160]))
+        fill = tuple(int(v) for v in rng.uniform([60, 60, 60], [130, 110, 140]))
+        width = max(2, int(big * rng.uniform(0.03, 0.05)))
     else:
         hue = rng.integers(0, 3)
-        colour = tuple(int(v) for v in np.roll(rng.uniform([150, 0, 0], [255, 90, 110]), hue))  # saturated r/g/b
+        colour = fill = tuple(int(v) for v in np.roll(rng.uniform([150, 0, 0], [255, 90, 110]), hue))  # saturated
         width = 0
     box = [cx - r, cy - r, cx + r, cy + r]
     if shape in ("circle", "ring"):
         inner = r * 0.55
-        if target:
-            draw.ellipse(box, outline=colour, width=width)
-            if shape == "ring":
-                draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], outline=colour, width=width)
-        else:
-            draw.ellipse(box, fill=colour)
-            if shape == "ring":
-                draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=img.getpixel((1, 1)))
+        draw.ellipse(box, fill=fill, outline=colour, width=width)
+        if shape == "ring":
+            hole = [cx - inner, cy - inner, cx + inner, cy + inner]
+            draw.ellipse(hole, fill=img.getpixel((int(cx), int(cy - r * 0.1))) if not target else (30, 30, 30),
+                         outline=colour, width=width)
     else:
         points = _polygon(shape, cx, cy, r, angle)
-        if target:
+        draw.polygon(points, fill=fill)
+        if width:
             draw.line(points + points[:1], fill=colour, width=width, joint="curve")
-        else:
-            draw.polygon(points, fill=colour)
     img = img.resize((size, size), Image.LANCZOS)
     if target:
         img = img.filter(ImageFilter.GaussianBlur(radius=size / 96))
