@@ -216,7 +216,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
             raise RtfqError(f"{path}: model row {i} is malformed")
         if row["ok"]:
             missing = [k for k in ("subnet", "sha256", "size_bytes", "latency_p50_ms", "latency_p90_ms",
-                                   "peak_memory_bytes") if k not in row]
+                                   "peak_memory_bytes", "peak_memory_no_arena_bytes") if k not in row]
             if missing:
                 raise RtfqError(f"{path}: model row {i} lacks {', '.join(missing)}")
     return data

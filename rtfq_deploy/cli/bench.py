@@ -120,3 +120,90 @@ _RUN_COLUMNS = [
 
 def _with_defaults(row: dict) -> dict:
     return {key: row.get(key) for key, _, _ in _RUN_COLUMNS} | {"status": "ok" if row["ok"] else "FAILED"}
+
+
+@bench.command(context_settings=_SETTINGS)
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Results file of rtfq-bench run on the device.")
+@click.option("--accuracy", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Accuracy table (rtfq eval): top-1 per subnet.")
+@click.option("--budget", "budgets", multiple=True, required=True,
+              help="A budget, repeatable: 20ms, latency-p90=5ms, memory=64MB, size=8MB, 0.8G (MACs), bitops=50G; "
+                   "several limits at once joined by commas.")
+@click.option("-o", "--output", "dist_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="DIST_DIR: model files per device and manifest.json.")
+@click.option("--device", help="Device name in DIST_DIR (default: from the results' fingerprint).")
+@click.option("--memory", type=click.Choice(["arena", "no-arena"]), default="arena", show_default=True,
+              help="Which measured peak memory a memory budget limits (onnxruntime's arena on or off).")
+@click.option("--prune/--keep-old", default=True, show_default=True,
+              help="Remove files this device no longer uses, after the new manifest is in place.")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Write DIST_DIR/<device>/pareto.png and report.html (needs matplotlib).")
+@click.option("--dry-run", is_flag=True, help="Print the choices; write nothing.")
+@click.option("--force", is_flag=True, help="Replace a model file of the same name whose content differs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the choices and fronts as JSON.")
+def select(results: Path, accuracy: Path, budgets: tuple[str, ...], dist_dir: Path, device: str | None, memory: str,
+           prune: bool, report: bool, dry_run: bool, force: bool, as_json: bool) -> None:
+    """Choose, for each --budget, the most accurate subnet that meets it on the measured
+    device, copy the chosen files to DIST_DIR/<device>/<subnet>.onnx and record them in
+    DIST_DIR/manifest.json (other devices are left as they are). An unmeetable budget is
+    reported with its cheapest option and serves no file; the exit status is then 1."""
+    from rtfq_deploy.accuracy import read_accuracy
+    from rtfq_deploy.bench.fingerprint import device_slug
+    from rtfq_deploy.bench.run import read_results
+    from rtfq_deploy.bench.select import FRONT_KEYS, SelectOptions, plan, publish
+    from rtfq_deploy.budget import parse_budget
+
+    parsed = [parse_budget(b) for b in budgets]
+    data = read_results(results)
+    table = read_accuracy(accuracy)
+    name = device or device_slug(data["fingerprint"])
+    options = SelectOptions(memory=memory, prune=prune, force=force)
+    selection = plan(data, table, parsed, name, options)
+    if not dry_run:
+        selection = publish(selection, data, dist_dir, options)
+    from rtfq_deploy.bench.report import choice_rows
+
+    rows = choice_rows(selection)
+    if as_json:
+        click.echo(json.dumps({"device": name, "choices": rows, "fronts": {k: [e["subnet"] for e in v] for k, v in
+                                                                           selection.fronts.items()},
+                               "copied": list(selection.copied), "removed": list(selection.removed),
+                               "skipped": list(selection.skipped)}, indent=2))
+    else:
+        click.echo(f"device {name}")
+        emit_table(rows, [("budget", "budget", str), ("met", "met", lambda m: "yes" if m else "NO"),
+                          ("subnet", "subnet", str), ("accuracy", "top-1", _acc), ("latency_p50_ms", "p50 ms", _ms),
+                          ("latency_p90_ms", "p90 ms", _ms), ("peak_memory_bytes", "mem MB", _mb),
+                          ("size_bytes", "size MB", _mb), ("macs", "GMACs", _g)], as_json=False)
+        for key, label in FRONT_KEYS.items():
+            fmt = _ms if key.startswith("latency") else _mb
+            front = ", ".join(f"{e['subnet']} ({_acc(e['accuracy'])} @ {fmt(e[key])})" for e in selection.fronts[key])
+            click.echo(f"Pareto front, accuracy vs {label.replace('(bytes)', '(MB)')}: {front or '-'}")
+        for line in selection.skipped:
+            click.echo(f"left out: {line}")
+    for choice in selection.unmet:
+        click.echo(f"UNMET {choice.budget}: {choice.reason}", err=True)
+    if dry_run:
+        return
+    if not selection.written:
+        click.echo(f"no budget can be met on {name}: nothing written", err=True)
+        sys.exit(1)
+    if report:
+        from rtfq_deploy.bench.report import html_report, pareto_png
+        from rtfq_deploy.fileio import atomic_write
+
+        png = pareto_png(selection)
+        for file_name, content in (("pareto.png", png), ("report.html", html_report(selection, data["fingerprint"],
+                                                                                    png).encode())):
+            with atomic_write(dist_dir / name / file_name, overwrite=True) as f:
+                f.write(content)
+    click.echo(f"wrote {dist_dir / 'manifest.json'}: {name} serves {len(selection.written)} file(s)"
+               f" ({len(selection.copied)} copied, {len(selection.removed)} removed)"
+               + (f"; report in {dist_dir / name}/report.html" if report else ""), err=as_json)
+    if selection.unmet:
+        sys.exit(1)
+
+
+def _acc(v):  # noqa: ANN001, ANN202
+    return "-" if v is None else f"{v:.4f}"
