@@ -39,7 +39,8 @@ def _one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
 
 
 @pytest.mark.parametrize("command,args", [
-    (rtfq, []), (rtfq, ["init"]), (rtfq, ["subnets"]), (export, []), (bench, []), (train, []), (serve, []),
+    (rtfq, []), (rtfq, ["init"]), (rtfq, ["subnets"]), (export, []), (bench, []), (bench, ["run"]),
+    (bench, ["select"]), (train, []), (serve, []),
 ])
 def test_every_command_answers_help(command, args):
     result = CliRunner().invoke(command, [*args, "--help"])
@@ -137,8 +138,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
 
 
 def test_placeholder_commands_say_so():
-    result = _run("rtfq-bench", "run", "x.onnx")
-    assert result.returncode == 1 and "not implemented yet (see issue #5)" in result.stderr
+    result = _run("rtfq-serve", "--port", "8000")
+    assert result.returncode == 1 and "not implemented yet (see issue #6)" in result.stderr
 
 
 def test_cli_import_does_not_load_torch():

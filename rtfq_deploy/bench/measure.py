@@ -15,12 +15,14 @@ Latency: ``warmup`` untimed runs, then timed runs (``time.perf_counter_ns`` arou
 ``session.run``) until the p50 is stable. Stability is judged by the batch-medians
 method (batch means, with medians): the runs so far are cut into ``blocks`` consecutive
 equal blocks, and the coefficient of variation of the p50 estimate is
-``std(block medians) / sqrt(blocks) / p50``. Unlike the spread of single runs, this
-standard error shrinks as evidence accumulates, and it stays high while the machine
-drifts (a slow trend separates the early blocks from the late ones). It is checked every
-``check_every`` runs; runs stop early when it is at most ``cv_target`` after at least
-``min_runs`` runs and ``min_time_s`` seconds; ``max_runs`` and ``max_time_s`` are hard
-caps (the figures are then reported with ``stable: false``).
+``std(block medians) / sqrt(blocks) / p50``: unlike the spread of single runs, this
+standard error shrinks as evidence accumulates. Since it assumes the blocks independent,
+a machine that drifts (warming up, a neighbour starting) is caught separately: the
+medians of the earlier and the later half of the runs must agree within
+``2 * cv_target`` of the p50 (for independent runs that difference has about twice the
+standard error). Both are checked every ``check_every`` runs; runs stop early when both
+hold after at least ``min_runs`` runs and ``min_time_s`` seconds; ``max_runs`` and
+``max_time_s`` are hard caps (the figures are then reported with ``stable: false``).
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class Latency:
     p99_ms: float
     mean_ms: float
     std_ms: float
-    p50_cv: float | None  # batch-medians estimate; None with fewer than three blocks
+    p50_cv: float | None  # batch-medians estimate; None with too few runs
+    p50_drift: float | None  # |median(later half) - median(earlier half)| / p50; None with one run
     stable: bool
 
 
@@ -100,6 +103,25 @@ def p50_cv(samples_ns: list[int], blocks: int) -> float:
     return float(medians.std(ddof=1) / math.sqrt(blocks) / p50) if p50 > 0 else math.inf
 
 
+def p50_drift(samples_ns: list[int]) -> float:
+    """How far the p50 of the later half of the runs is from that of the earlier half,
+    relative to the p50 of all."""
+    import numpy as np
+
+    if len(samples_ns) < 2:
+        return math.inf
+    data = np.asarray(samples_ns, dtype=np.float64)
+    half = len(data) // 2
+    p50 = float(np.median(data))
+    return abs(float(np.median(data[half:]) - np.median(data[:half]))) / p50 if p50 > 0 else math.inf
+
+
+def is_stable(samples_ns: list[int], config: "MeasureConfig") -> tuple[bool, float, float]:
+    """(stable, p50 cv, p50 drift) by the rule in the module doc."""
+    cv, drift = p50_cv(samples_ns, config.blocks), p50_drift(samples_ns)
+    return cv <= config.cv_target and drift <= 2 * config.cv_target, cv, drift  # nan compares False
+
+
 def run_until_stable(run_once: Callable[[], int], config: MeasureConfig,
                      clock: Callable[[], int] = time.perf_counter_ns) -> Latency:
     """Warm up, then time ``run_once`` (which returns nanoseconds) by the stopping rule."""
@@ -109,27 +131,22 @@ def run_until_stable(run_once: Callable[[], int], config: MeasureConfig,
         run_once()
     samples: list[int] = []
     start = clock()
-    cv = math.nan
-    stable = False
     while True:
         samples.append(run_once())
         n = len(samples)
         elapsed = (clock() - start) / 1e9
-        if n % config.check_every == 0 and n >= config.min_runs:
-            cv = p50_cv(samples, config.blocks)
-            if cv <= config.cv_target and elapsed >= config.min_time_s:
-                stable = True
+        if n % config.check_every == 0 and n >= config.min_runs and elapsed >= config.min_time_s:
+            if is_stable(samples, config)[0]:
                 break
         if n >= config.max_runs or elapsed >= config.max_time_s:
             break
-    if not stable:
-        cv = p50_cv(samples, config.blocks)
-        stable = cv <= config.cv_target  # False for nan
+    stable, cv, drift = is_stable(samples, config)
     ms = np.asarray(samples, dtype=np.float64) / 1e6
     p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
     return Latency(runs=len(samples), time_s=(clock() - start) / 1e9, p50_ms=p50, p90_ms=p90, p99_ms=p99,
                    mean_ms=float(ms.mean()), std_ms=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
-                   p50_cv=None if math.isnan(cv) else cv, stable=bool(stable))
+                   p50_cv=None if math.isnan(cv) else cv, p50_drift=drift if math.isfinite(drift) else None,
+                   stable=bool(stable))
 
 
 def _status_kib(field: str) -> int | None:

@@ -98,7 +98,8 @@ def run(models: tuple[Path, ...], output: Path, threads: int, provider: str, gra
                 click.echo(f"FAILED {row['path']}: {row['error']}")
             elif not row.get("stable"):
                 click.echo(f"note: {row['subnet']}: p50 not stable to --cv {cv_target:g} within the run/time caps "
-                           f"(cv {'n/a' if row['p50_cv'] is None else format(row['p50_cv'], '.3f')})")
+                           f"(cv {'n/a' if row['p50_cv'] is None else format(row['p50_cv'], '.3f')}, "
+                           f"drift {'n/a' if row['p50_drift'] is None else format(row['p50_drift'], '.3f')})")
     fp = results["fingerprint"]
     click.echo(f"wrote {output}: {len(rows)} models on {fp['cpu_model']}, {fp['provider']}, {fp['threads']} thread(s)",
                err=as_json)
