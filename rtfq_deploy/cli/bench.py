@@ -156,6 +156,11 @@ def select(results: Path, accuracy: Path, budgets: tuple[str, ...], dist_dir: Pa
     from rtfq_deploy.budget import parse_budget
 
     parsed = [parse_budget(b) for b in budgets]
+    if report and not dry_run:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise click.UsageError("the report needs matplotlib (pip install matplotlib), or pass --no-report")
     data = read_results(results)
     table = read_accuracy(accuracy)
     name = device or device_slug(data["fingerprint"])
