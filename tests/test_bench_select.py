@@ -172,6 +172,14 @@ def test_select_errors_are_one_line_and_leave_dist_untouched(tmp_path):
     _one_line_error(_select(results, dist, "5ms", extra=["--device", "../evil"]), "invalid device name '../evil'")
     _one_line_error(_select(tmp_path / "acc.json", dist, "5ms"), "not an rtfq-bench results file")
     _one_line_error(_select(tmp_path / "missing.json", dist, "5ms"), "cannot read results")
+    data = json.loads(results.read_text())
+    data["models"][1]["latency_p50_ms"] = "fast"
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(json.dumps(data))
+    _one_line_error(_select(tampered, dist, "5ms"), "model row 1 (r64-w1.00-q4) has no valid latency_p50_ms")
+    data["version"] = 7
+    tampered.write_text(json.dumps(data))
+    _one_line_error(_select(tampered, dist, "5ms"), "results version 7 is not supported")
     # a measured file that changed afterwards is refused: its figures are not its own
     model = tmp_path / "models" / "r96-w1.00-q8.onnx"
     model.write_bytes(b"retrained")

@@ -30,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,9 +173,10 @@ def collect_models(paths: Sequence[Path]) -> list[Path]:
 
 
 def bench_models(paths: Sequence[Path], settings: BenchSettings, output: Path | None = None,
-                 progress: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[Path, dict[str, Any] | None], None] | None = None) -> dict[str, Any]:
     """Benchmark every model; the results file (if given) is rewritten atomically after
-    each model, so an interrupted run keeps what it measured."""
+    each model, so an interrupted run keeps what it measured. ``progress`` is called with
+    None as a model starts and with its row when it is done."""
     m = settings.measure
     results: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -183,6 +186,8 @@ def bench_models(paths: Sequence[Path], settings: BenchSettings, output: Path | 
         "models": [],
     }
     for path in paths:
+        if progress is not None:
+            progress(path, None)
         row = bench_model(path, settings)
         if not row["ok"]:
             log.info("%s failed: %s", path, row["error"])
@@ -214,11 +219,19 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data.get("models"), list) or not isinstance(data.get("fingerprint"), dict):
         raise RtfqError(f"{path}: results without 'models' or 'fingerprint'")
     for i, row in enumerate(data["models"]):
-        if not isinstance(row, dict) or "ok" not in row or "path" not in row:
+        if not isinstance(row, dict) or not isinstance(row.get("ok"), bool) or not isinstance(row.get("path"), str):
             raise RtfqError(f"{path}: model row {i} is malformed")
         if row["ok"]:
-            missing = [k for k in ("subnet", "sha256", "size_bytes", "latency_p50_ms", "latency_p90_ms",
-                                   "peak_memory_bytes", "peak_memory_no_arena_bytes") if k not in row]
-            if missing:
-                raise RtfqError(f"{path}: model row {i} lacks {', '.join(missing)}")
+            bad = [k for k in _NUMBERS if not _is_number(row.get(k))]
+            if bad or not isinstance(row.get("subnet"), str) or not _SHA_RE.fullmatch(str(row.get("sha256"))):
+                what = ", ".join(bad) or "subnet or sha256"
+                raise RtfqError(f"{path}: model row {i} ({row.get('subnet')}) has no valid {what}")
     return data
+
+
+_NUMBERS = ("size_bytes", "latency_p50_ms", "latency_p90_ms", "peak_memory_bytes", "peak_memory_no_arena_bytes")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0

@@ -84,8 +84,13 @@ def run(models: tuple[Path, ...], output: Path, threads: int, provider: str, gra
     settings = BenchSettings(measure=measure, timeout_s=timeout)
     with click.progressbar(length=len(paths), label="benchmarking", file=sys.stderr,
                            item_show_func=lambda p: p, show_pos=True) as bar:
-        def advance(path: Path, row: dict) -> None:
-            bar.update(1, f"{path.name}: {'ok' if row['ok'] else 'FAILED'}")
+        def advance(path: Path, row: dict | None) -> None:
+            if row is None:
+                bar.update(0, path.name)  # show the model being measured
+            elif not row["ok"]:
+                bar.update(1, f"{path.name}: FAILED")
+            else:
+                bar.update(1, path.name)
 
         results = bench_models(paths, settings, output=output, progress=advance)
     rows = results["models"]
