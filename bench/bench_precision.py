@@ -67,7 +67,7 @@ def repeatability(models: list[Path], workdir: Path, bench_args: list[str]) -> N
     fp = results["fingerprint"]
     print(f"device: {fp['cpu_model']}, {fp['usable_cores']} usable cores, onnxruntime {fp['onnxruntime']}, "
           f"{fp['threads']} thread(s)")
-    print(f"{'model':<28} {'p50 #1 ms':>10} {'p50 #2 ms':>10} {'ratio':>7} {'runs':>11} {'stable':>8}")
+    print(f"{'model':<28} {'p50 #1 ms':>10} {'p50 #2 ms':>10} {'ratio':>7} {'runs':>11} {'stable':>8} {'cpu/wall':>11}")
     worst = 0.0
     for first, second in zip(rows[::2], rows[1::2]):
         if not (first["ok"] and second["ok"]):
@@ -76,8 +76,11 @@ def repeatability(models: list[Path], workdir: Path, bench_args: list[str]) -> N
         ratio = second["latency_p50_ms"] / first["latency_p50_ms"]
         worst = max(worst, abs(ratio - 1))
         print(f"{first['subnet']:<28} {first['latency_p50_ms']:>10.3f} {second['latency_p50_ms']:>10.3f} {ratio:>7.3f} "
-              f"{first['runs']:>5}/{second['runs']:<5} {str(first['stable'])[0] + '/' + str(second['stable'])[0]:>8}")
+              f"{first['runs']:>5}/{second['runs']:<5} {str(first['stable'])[0] + '/' + str(second['stable'])[0]:>8} "
+              f"{first['cpu_per_wall']:>5.2f}/{second['cpu_per_wall']:<5.2f}")
     print(f"largest p50 difference between the two runs: {worst:.1%} (target: within 5%); wall {wall:.1f} s")
+    print("cpu/wall: CPU time per wall time of the measuring process; well below the thread count means other "
+          "work shared the cores, and the figures then say little about the device")
 
 
 def all_resnet50(workdir: Path, bench_args: list[str]) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -241,7 +242,12 @@ def measure(config: MeasureConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"ok": True, "session_create_s": create_s, "providers": session.get_providers(),
                               "metadata": metadata}
     if config.latency:
+        cpu0, wall0 = time.process_time_ns(), time.perf_counter_ns()
         result["latency"] = asdict(run_until_stable(run_once, config))
+        # CPU time per wall time of this process while timing: about the thread count when
+        # the cores were its own, well below when other work took them.
+        result["cpu_per_wall"] = (time.process_time_ns() - cpu0) / max(1, time.perf_counter_ns() - wall0)
+        result["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     else:
         for _ in range(config.warmup + config.memory_runs):
             run_once()

@@ -17,7 +17,7 @@ Results file (``format: rtfq-bench-results``, version 1)::
                  "session_create_s": 0.1, "latency_p50_ms": 3.1, "latency_p90_ms": 3.3,
                  "latency_p99_ms": 3.9, "latency_mean_ms": 3.2, "latency_std_ms": 0.2,
                  "runs": 300, "measure_time_s": 1.0, "p50_cv": 0.004, "p50_drift": 0.002,
-                 "stable": true,
+                 "stable": true, "cpu_per_wall": 0.99, "load_average": 1.1,
                  "peak_memory_bytes": 25000000, "peak_memory_no_arena_bytes": 21000000,
                  "metadata": {...}}]}   # every rtfq.* metadata entry of the file
 
@@ -147,6 +147,7 @@ def bench_model(path: Path, settings: BenchSettings) -> dict[str, Any]:
         "latency_mean_ms": lat["mean_ms"], "latency_std_ms": lat["std_ms"],
         "runs": lat["runs"], "measure_time_s": lat["time_s"], "p50_cv": lat["p50_cv"],
         "p50_drift": lat["p50_drift"], "stable": lat["stable"],
+        "cpu_per_wall": first.get("cpu_per_wall"), "load_average": first.get("load_average"),
         "peak_memory_bytes": first["peak_memory_bytes"],
         "peak_memory_no_arena_bytes": second["peak_memory_bytes"],
         "memory_method": first.get("memory_method"),

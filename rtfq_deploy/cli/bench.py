@@ -106,6 +106,10 @@ def run(models: tuple[Path, ...], output: Path, threads: int, provider: str, gra
                            f"(cv {'n/a' if row['p50_cv'] is None else format(row['p50_cv'], '.3f')}, "
                            f"drift {'n/a' if row['p50_drift'] is None else format(row['p50_drift'], '.3f')})")
     fp = results["fingerprint"]
+    busy = [r for r in rows if r["ok"] and (r.get("cpu_per_wall") or threads) < 0.8 * min(threads, fp["usable_cores"])]
+    if busy and not as_json:
+        click.echo(f"note: {len(busy)} model(s) got less than 80% of {threads} core(s) while timed (other work on this "
+                   "machine); their latency is not this device's own")
     click.echo(f"wrote {output}: {len(rows)} models on {fp['cpu_model']}, {fp['provider']}, {fp['threads']} thread(s)",
                err=as_json)
     failed = sum(not r["ok"] for r in rows)
