@@ -75,7 +75,7 @@ def parse_number(text: str, unit_kind: str) -> float:
     if scale is None:
         units = ", ".join(u for u in _scales(unit_kind) if u) or "none"
         raise RtfqError(f"malformed budget {text!r}: unit {unit or '(none)'!r} is not one of {units}")
-    return value * scale
+    return _finite(value * scale, text)
 
 
 def parse_limit(text: str) -> Limit:
@@ -89,9 +89,9 @@ def parse_limit(text: str) -> Limit:
     value, unit = _split(text)
     unit = unit.lower()
     if unit in _TIME:
-        return Limit("latency", value * _TIME[unit])
+        return Limit("latency", _finite(value * _TIME[unit], text))
     if unit in _COUNT:
-        return Limit("macs", value * _COUNT[unit])
+        return Limit("macs", _finite(value * _COUNT[unit], text))
     if unit in _BYTES:
         raise RtfqError(f"budget {text!r} could be peak memory or file size: write memory={text} or size={text}")
     raise RtfqError(f"malformed budget {text!r}: unknown unit {unit!r}")
@@ -109,13 +109,15 @@ def parse_budget(text: str) -> Budget:
     return Budget(limits, text.strip())
 
 
-def format_value(kind: str, value: float) -> str:
+def format_value(kind: str, value: float, digits: int = 12) -> str:
+    """The canonical text of a value: with the default digits it parses back to the same
+    value (to 12 significant digits); fewer digits are for messages."""
     unit = _unit_kind(kind)
     if unit == "time":
-        return f"{value:g}ms"
+        return f"{value:.{digits}g}ms"
     if unit == "bytes":
-        return f"{value / 1e6:g}MB"
-    return f"{value / 1e9:g}G"
+        return f"{value / 1e6:.{digits}g}MB"
+    return f"{value / 1e9:.{digits}g}G"
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def choose(entries: Sequence[Mapping[str, Any]], budget: Budget, name_key: str =
     meeting = [e for e in entries if budget.meets(e)]
     if not meeting:
         cheapest = min(entries, key=lambda e: (_number(e.get(first.key)), str(e.get(name_key))))
-        got = format_value(first.kind, _number(cheapest.get(first.key)))
+        got = format_value(first.kind, _number(cheapest.get(first.key)), digits=4)
         return Choice(budget, cheapest, False,
                       f"nothing meets {budget}; the cheapest option is {cheapest.get(name_key)} ({first.kind} {got})")
     best = max(meeting, key=lambda e: (_accuracy(e), -_number(e.get(first.key)), str(e.get(name_key))))
@@ -163,10 +165,16 @@ def _split(text: str) -> tuple[float, str]:
     match = _NUMBER_RE.fullmatch(text.strip())
     if match is None:
         raise RtfqError(f"malformed budget {text!r}: expected a number and a unit, e.g. 20ms, 64MB or 0.8G")
-    value = float(match[1]) * 10 ** int(match[2] or 0)
+    value = float(f"{match[1]}e{match[2] or 0}")  # float() parses any exponent; 10 ** int(...) may not end
     if not math.isfinite(value) or value <= 0:
-        raise RtfqError(f"budget must be a positive number, got {text!r}")
+        raise RtfqError(f"budget must be a positive, finite number, got {text!r}")
     return value, match[3]
+
+
+def _finite(value: float, text: str) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise RtfqError(f"budget {text!r} is out of range")
+    return value
 
 
 def _unit_kind(kind: str) -> str:

@@ -169,15 +169,22 @@ def locked(dist_dir: str | os.PathLike) -> Iterator[None]:
 
 def set_device(dist_dir: str | os.PathLike, name: str, device: Device) -> Manifest:
     """Put ``device`` into the manifest, leaving every other device as it was."""
+    return replace_device(dist_dir, name, device)[0]
+
+
+def replace_device(dist_dir: str | os.PathLike, name: str, device: Device) -> tuple[Manifest, Device | None]:
+    """:func:`set_device`, also returning the entry it replaced (read under the same lock,
+    so the caller knows exactly which files the old entry served)."""
     check_name(name)
     with locked(dist_dir):
         current = read_manifest(dist_dir)
         devices = dict(current.devices)
+        previous = devices.get(name)
         devices[name] = Device(device.fingerprint, device.files,
                                device.updated or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         manifest = Manifest(devices)
         write_manifest(dist_dir, manifest)
-    return manifest
+    return manifest, previous
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Mapping
 
+from rtfq_deploy.accuracy import read_accuracy  # noqa: F401  (torch-free home; re-exported here)
 from rtfq_deploy.costs import Costs
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.space import SubnetConfig
@@ -29,31 +28,6 @@ def parse_budget(text: str) -> float:
 
 def format_cost(value: float, metric: str) -> str:
     return f"{value / 1e9:.3f} G{'MACs' if metric == 'macs' else 'BitOPs'}"
-
-
-def read_accuracy(path: str | Path) -> dict[str, float]:
-    """Top-1 accuracy per subnet from the table ``rtfq eval`` writes.
-
-    Accepted shapes: {"subnets": [{"subnet": ..., "top1": ...}, ...]}, the bare list, or
-    a mapping of subnet to a number or to {"top1": ...}.
-    """
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise RtfqError(f"{path}: cannot read accuracy table: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise RtfqError(f"{path}: not JSON: {e.msg} (line {e.lineno})") from None
-    rows = data.get("subnets", data) if isinstance(data, dict) else data
-    try:
-        if isinstance(rows, list):
-            table = {str(r["subnet"]): float(r.get("top1", r.get("accuracy"))) for r in rows}
-        else:
-            table = {str(k): float(v["top1"] if isinstance(v, dict) else v) for k, v in rows.items()}
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise RtfqError(f"{path}: not an accuracy table (expected rows with 'subnet' and 'top1')") from None
-    if not table:
-        raise RtfqError(f"{path}: the accuracy table is empty")
-    return table
 
 
 def choose(costs: Mapping[SubnetConfig, Costs], budget: float, metric: str = "macs", bits: int | None = None,

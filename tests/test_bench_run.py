@@ -1,0 +1,126 @@
+"""``rtfq-bench run`` on real exported tiny models, in real child processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from rtfq_deploy.bench.run import read_results
+from rtfq_deploy.checkpoint import save_checkpoint
+from rtfq_deploy.models import SupernetConfig, build_supernet
+from rtfq_deploy.space import SearchSpace
+from tests.test_cli import _one_line_error, _run
+
+SPACE = SearchSpace(resolutions=(64, 32), widths=(1.0, 0.5), bits=(8, 4))
+QUICK = ["--warmup", "2", "--min-runs", "20", "--max-runs", "200", "--min-time", "0", "--max-time", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """Every subnet of a tiny space exported (without verification, to keep it quick)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("bench")
+    save_checkpoint(root / "tiny.pt", build_supernet(SupernetConfig("tiny_resnet", num_classes=5, space=SPACE)))
+    result = _run("rtfq-export", "--checkpoint", str(root / "tiny.pt"), "--all", "--no-verify", "-o", str(root / "models"))
+    assert result.returncode == 0, result.stderr
+    return root / "models"
+
+
+def _meta(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(path).metadata_props}
+
+
+def test_run_measures_models_and_reports_a_broken_one_as_a_failed_row(models, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes((models / "r64-w1.00-q8.onnx").read_bytes()[:5000])  # a truncated file
+    out = tmp_path / "results.json"
+    chosen = [models / "r64-w1.00-q8.onnx", broken, models / "r32-w0.50-q4.onnx"]
+    result = _run("rtfq-bench", "run", *map(str, chosen), "-o", str(out), *QUICK)
+    assert result.returncode == 1, result.stderr  # one model failed; the others still ran
+    assert "1 of 3 models failed" in result.stderr
+    assert "FAILED" in result.stdout and "Protobuf parsing failed" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    data = read_results(out)
+    ok, bad, ok2 = data["models"]
+    assert not bad["ok"] and "Protobuf parsing failed" in bad["error"] and bad["path"] == str(broken.resolve())
+    for row, path in ((ok, chosen[0]), (ok2, chosen[2])):
+        meta = _meta(path)
+        assert row["ok"] and row["error"] is None and row["path"] == str(path.resolve())
+        assert row["subnet"] == meta["rtfq.subnet"] == path.stem
+        assert (row["macs"], row["bitops"]) == (int(meta["rtfq.macs"]), int(meta["rtfq.bitops"]))
+        assert row["metadata"]["rtfq.arch"] == "tiny_resnet"
+        assert row["size_bytes"] == path.stat().st_size
+        assert row["sha256"] == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
+        assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"] <= row["latency_p99_ms"]
+        assert row["latency_std_ms"] >= 0 and row["latency_mean_ms"] > 0
+        assert 20 <= row["runs"] <= 200 and row["session_create_s"] > 0
+        assert isinstance(row["stable"], bool)
+        assert 0 < row["cpu_per_wall"] <= 1.5 and row["load_average"] >= 0  # 1 thread: at most about one core
+        # a session and its buffers take memory above the onnxruntime-loaded baseline, but not gigabytes
+        assert 0 < row["peak_memory_bytes"] < 2e9 and 0 < row["peak_memory_no_arena_bytes"] < 2e9
+        assert row["providers"] == ["CPUExecutionProvider"]
+    fp = data["fingerprint"]
+    assert fp["provider"] == "CPUExecutionProvider" and fp["threads"] == 1 and fp["batch_size"] == 1
+    assert fp["cpu_model"] and fp["logical_cores"] >= 1 and fp["onnxruntime"] and fp["os"]
+    assert data["settings"]["min_runs"] == 20 and data["settings"]["max_time_s"] == 0.3
+
+
+def test_batch_threads_and_optimisation_options(models, tmp_path):
+    out = tmp_path / "r.json"
+    result = _run("rtfq-bench", "run", str(models / "r32-w0.50-q8.onnx"), "-o", str(out), *QUICK, "--batch-size", "3",
+                  "--threads", "2", "--graph-optimization", "basic", "--provider", "CPUExecutionProvider", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert rows[0]["ok"] and rows[0]["latency_p50_ms"] > 0
+    fp = json.loads(out.read_text())["fingerprint"]
+    assert (fp["batch_size"], fp["threads"], fp["graph_optimization"]) == (3, 2, "basic")
+
+
+def test_a_directory_stands_for_its_models_and_the_stopping_caps_hold(models, tmp_path):
+    folder = tmp_path / "some"
+    folder.mkdir()
+    for name in ("r64-w0.50-q4.onnx", "r32-w1.00-q8.onnx"):
+        (folder / name).write_bytes((models / name).read_bytes())
+    (folder / "notes.txt").write_text("not a model")
+    out = tmp_path / "r.json"
+    result = _run("rtfq-bench", "run", str(folder), "-o", str(out), "--warmup", "0", "--min-runs", "5",
+                  "--max-runs", "7", "--min-time", "0", "--max-time", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["subnet"] for r in rows] == ["r32-w1.00-q8", "r64-w0.50-q4"]  # sorted, .onnx only
+    assert all(r["runs"] == 7 and r["stable"] is False and r["p50_cv"] is None for r in rows)  # too few runs to judge
+
+
+def test_run_errors_are_one_line(models, tmp_path):
+    out = tmp_path / "r.json"
+    m = str(models / "r32-w0.50-q8.onnx")
+    _one_line_error(_run("rtfq-bench", "run", m, "-o", str(out), "--provider", "warp-drive"),
+                    "execution provider 'warp-drive' is not available here (onnxruntime offers: ")
+    _one_line_error(_run("rtfq-bench", "run", m, "-o", str(out), "--min-runs", "10", "--max-runs", "5"),
+                    "--min-runs 10 is above --max-runs 5")
+    _one_line_error(_run("rtfq-bench", "run", str(tmp_path), "-o", str(out)), "no .onnx files in this directory")
+    out.write_text("keep")
+    _one_line_error(_run("rtfq-bench", "run", m, "-o", str(out)), "exists (use --force")
+    assert out.read_text() == "keep"
+
+
+def test_missing_file_is_a_failed_row(tmp_path):
+    out = tmp_path / "r.json"
+    result = _run("rtfq-bench", "run", str(tmp_path / "absent.onnx"), "-o", str(out), *QUICK)
+    assert result.returncode == 1
+    row = json.loads(out.read_text())["models"][0]
+    assert not row["ok"] and row["error"] == "cannot read: No such file or directory"
+
+
+def test_bench_imports_no_torch_or_onnx():
+    code = ("import sys, rtfq_deploy.cli.bench, rtfq_deploy.bench.run, rtfq_deploy.bench.measure, "
+            "rtfq_deploy.bench.select, rtfq_deploy.bench.report, rtfq_deploy.bench.fingerprint, rtfq_deploy.accuracy; "
+            "bad = [m for m in ('torch', 'onnx', 'matplotlib') if m in sys.modules]; assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rtfq_deploy.budget import METRIC_KEYS, Budget, Limit, choose, format_value, parse_budget, parse_limit, pareto_front
+from rtfq_deploy.errors import RtfqError
+
+UNITS = {
+    "latency": {"us": 1e-3, "ms": 1.0, "s": 1e3},
+    "latency-p90": {"us": 1e-3, "ms": 1.0, "s": 1e3},
+    "memory": {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 1024, "MiB": 2**20, "GiB": 2**30},
+    "size": {"B": 1, "kb": 1e3, "mb": 1e6, "Gb": 1e9, "kib": 1024, "MIB": 2**20, "gib": 2**30},
+    "macs": {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12},
+    "bitops": {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12},
+}
+numbers = st.floats(min_value=1e-3, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+@given(kind=st.sampled_from(sorted(UNITS)), value=numbers, data=st.data())
+def test_value_and_unit_parse_to_the_scaled_value(kind, value, data):
+    unit = data.draw(st.sampled_from(sorted(UNITS[kind])))
+    text = f"{value!r}{unit}"
+    limit = parse_limit(f"{kind}={text}")
+    assert limit.kind == kind
+    assert limit.value == pytest.approx(value * UNITS[kind][unit], rel=1e-12)
+
+
+@given(kind=st.sampled_from(sorted(UNITS)), value=st.floats(min_value=1e-6, max_value=1e15))
+def test_canonical_text_round_trips(kind, value):
+    limit = Limit(kind, value)
+    again = parse_limit(str(limit))
+    assert again.kind == kind and again.value == pytest.approx(value, rel=1e-11)
+    assert str(again) == str(limit)  # canonical form is a fixed point
+
+
+@given(limits=st.lists(st.tuples(st.sampled_from(sorted(UNITS)), numbers), min_size=1, max_size=6,
+                       unique_by=lambda t: t[0]))
+def test_several_limits_round_trip_through_the_budget_text(limits):
+    budget = Budget(tuple(Limit(k, v) for k, v in limits), "")
+    again = parse_budget(str(budget))
+    assert [lim.kind for lim in again.limits] == [k for k, _ in limits]
+    assert [lim.value for lim in again.limits] == pytest.approx([v for _, v in limits], rel=1e-11)
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=30))
+def test_any_text_parses_or_fails_with_rtfq_error(text):
+    try:
+        budget = parse_budget(text)
+    except RtfqError as e:
+        assert str(e)
+        return
+    assert budget.limits and all(math.isfinite(lim.value) and lim.value > 0 for lim in budget.limits)
+
+
+@given(st.from_regex(r"[a-z0-9=.,eE+-]{0,20}(ms|MB|G|us|s|KiB)?", fullmatch=True))
+def test_budget_like_text_parses_or_fails_with_rtfq_error(text):
+    try:
+        parse_budget(text)
+    except RtfqError:
+        pass
+
+
+def test_unit_implies_kind_and_errors_say_what_to_write():
+    assert parse_budget("20ms").limits == (Limit("latency", 20.0),)
+    assert parse_budget("0.8G").limits == (Limit("macs", 0.8e9),)
+    assert parse_budget("p90=5ms").limits == (Limit("latency-p90", 5.0),)
+    assert parse_budget(" latency=20ms , memory=64MiB ").limits == (Limit("latency", 20.0), Limit("memory", 2**26))
+    for text, needle in [("64MB", "write memory=64MB or size=64MB"), ("", "empty budget"), ("fast", "malformed"),
+                         ("speed=3ms", "unknown budget kind 'speed'"), ("latency=3MB", "unit 'MB' is not one of"),
+                         ("0ms", "positive"), ("-3ms", "malformed"), ("1e400ms", "finite"),
+                         ("1e999999999ms", "finite"), ("memory=1e307GB", "out of range"),
+                         ("20ms,latency=30ms", "the same quantity twice"), ("3parsecs", "unknown unit")]:
+        with pytest.raises(RtfqError, match=needle):
+            parse_budget(text)
+
+
+def _e(name, acc, **costs):
+    return {"subnet": name, "accuracy": acc, **costs}
+
+
+def test_choose_most_accurate_within_budget_ties_and_unmeetable():
+    entries = [_e("a", 0.70, latency_p50_ms=5.0, size_bytes=100), _e("b", 0.80, latency_p50_ms=9.0, size_bytes=300),
+               _e("c", 0.80, latency_p50_ms=8.0, size_bytes=400), _e("d", 0.90, latency_p50_ms=20.0, size_bytes=50)]
+    assert choose(entries, parse_budget("10ms")).entry["subnet"] == "c"  # tie on accuracy: the faster
+    assert choose(entries, parse_budget("latency=10ms,size=350B")).entry["subnet"] == "b"
+    assert choose(entries, parse_budget("30ms")).entry["subnet"] == "d"
+    unmet = choose(entries, parse_budget("1ms"))
+    assert not unmet.met and unmet.entry["subnet"] == "a" and "cheapest option is a" in unmet.reason
+    assert choose(entries, parse_budget("latency=1ms,size=1GB")).entry["subnet"] == "a"  # cheapest on the first
+    no_metric = choose(entries, parse_budget("memory=1GB"))  # nobody measured memory: nothing meets it
+    assert not no_metric.met
+    with pytest.raises(RtfqError, match="nothing to choose from"):
+        choose([], parse_budget("1ms"))
+
+
+def test_pareto_front_keeps_only_undominated():
+    entries = [_e("a", 0.7, size_bytes=1), _e("b", 0.6, size_bytes=2), _e("c", 0.9, size_bytes=3),
+               _e("d", 0.9, size_bytes=4), _e("e", None, size_bytes=0)]
+    assert [e["subnet"] for e in pareto_front(entries, "size_bytes")] == ["a", "c"]
+
+
+def test_every_kind_limits_a_manifest_key():
+    assert set(METRIC_KEYS.values()) == {"latency_p50_ms", "latency_p90_ms", "peak_memory_bytes", "size_bytes", "macs",
+                                         "bitops"}
+    assert format_value("memory", 64e6) == "64MB" and format_value("macs", 8e8) == "0.8G"
