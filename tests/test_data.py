@@ -42,13 +42,13 @@ def test_synth_layout_and_determinism(synth, tmp_path):
 
 
 def test_synth_domains_differ_in_appearance(synth):
-    """The gap is real: mean brightness of source and target differ a lot."""
+    """The gap is real: brightness and contrast of source and target differ a lot."""
     import numpy as np
 
     def mean(split: str) -> float:
         return float(np.mean([np.asarray(Image.open(p)) for p, _ in scan(synth / split).samples]))
 
-    assert mean("source") - mean("target") > 80
+    assert mean("source") - mean("target") > 40
 
 
 def test_synth_cli_and_errors(tmp_path):

@@ -104,7 +104,7 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
     sha = file_sha256(checkpoint)
     options = ExportOptions(pack_int4=pack == "int4", verify=verify, verify_samples=verify_samples,
                             threads=threads, overwrite=force, verify_images=verify_images)
-    results = []
+    results, failed = [], []
     for cfg, path in zip(targets, paths):
         if reason:
             click.echo(f"chose {cfg}: {reason}", err=as_json)
@@ -112,7 +112,10 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
             result = export_subnet(ckpt, sha, cfg, path, options)
         except VerificationFailed as e:
             click.echo(f"Error: {e}", err=True)
-            sys.exit(1)
+            if single:
+                sys.exit(1)
+            failed.append(str(cfg))  # the others are still worth having
+            continue
         results.append(result)
         if not as_json:
             click.echo(_describe(result))
@@ -120,3 +123,7 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
         click.echo(json.dumps([{"subnet": str(r.subnet), "path": str(r.path), "bytes": r.size,
                                 "bn_statistics": r.bn_statistics, **r.costs.to_dict(),
                                 "verify": r.report.to_dict() if r.report else None} for r in results], indent=2))
+    if failed:
+        click.echo(f"Error: {len(failed)} of {len(targets)} subnets failed verification and were not written: "
+                   f"{', '.join(failed)}", err=True)
+        sys.exit(1)

@@ -9,6 +9,7 @@ import click
 from rtfq_deploy import __version__
 from rtfq_deploy.cli.common import Group
 from rtfq_deploy.cli.data import data
+from rtfq_deploy.cli.demo import demo
 from rtfq_deploy.cli.eval import eval_
 from rtfq_deploy.cli.fetch import fetch
 from rtfq_deploy.cli.init import init
@@ -24,6 +25,7 @@ def rtfq(verbose: bool) -> None:
 
 
 rtfq.add_command(data)
+rtfq.add_command(demo)
 rtfq.add_command(eval_)
 rtfq.add_command(init)
 rtfq.add_command(subnets)

@@ -23,6 +23,10 @@ _LOSS_OVERRIDES = {"w_ce": "ce", "w_distill": "distill", "w_pseudo": "pseudo", "
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:
+    """A recipe file, or the name of a built-in one (synth_cpu, office31, officehome, domainnet)."""
+    builtin = Path(__file__).resolve().parents[1] / "train" / "recipes" / f"{path}.json"
+    if not path.exists() and path.parent == Path(".") and builtin.exists():
+        path = builtin
     try:
         data = json.loads(path.read_text())
     except OSError as e:
@@ -40,7 +44,8 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 @click.option("--target", type=click.Path(file_okay=False, path_type=Path), help="Unlabeled target images (same class folders; labels unused).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory to create.")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
-@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), help="JSON file of training settings (train/recipes/).")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON file of training settings, or a built-in recipe: synth_cpu, office31, officehome, domainnet.")
 @click.option("--steps", type=int, help="Optimizer steps.  [default: 5000]")
 @click.option("--batch-size", type=int, help="Images per step, half source and half target.  [default: 64]")
 @click.option("--lr", type=float, help="Peak learning rate (cosine annealed).  [default: 2e-4]")

@@ -1,8 +1,9 @@
 """A deterministic, download-free domain-shift benchmark in the ImageFolder layout.
 
-Classes are shapes. The source domain draws them filled, in saturated colours, on a light
-plain background; the target domain draws the same shapes dimly filled with a pale
-outline, on a dark, textured background, slightly blurred. Shape (the label) survives the
+Classes are shapes. The source domain draws them in saturated colours on a light plain
+background; the target domain draws the same shapes in dark muted colours on a
+mid-grey, striped and blotched background, slightly blurred (lower contrast, other
+palette, texture; the contrast polarity is kept, as a camera change would). Shape (the label) survives the
 shift, appearance does not: a source-only classifier loses a measurable share of its
 accuracy on the target, which adaptation can win back. Written as::
 
@@ -85,7 +86,7 @@ def _background(rng: np.random.Generator, size: int, target: bool) -> Image.Imag
         base = rng.uniform(200, 245, size=3)
         noise = rng.normal(0, 6, size=(size, size, 1))
         return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-    base = rng.uniform(20, 70, size=3)
+    base = rng.uniform(110, 170, size=3)
     # Texture: random oriented stripes plus blotches, so the background carries edges too.
     yy, xx = np.mgrid[0:size, 0:size] / size
     theta, freq = rng.uniform(0, math.pi), rng.uniform(4, 10)
@@ -93,7 +94,7 @@ def _background(rng: np.random.Generator, size: int, target: bool) -> Image.Imag
     blotch = rng.normal(0, 1, size=(size // 8 + 1, size // 8 + 1))
     blotch = np.kron(blotch, np.ones((8, 8)))[:size, :size]
     tint = rng.uniform(0.5, 1.0, size=3)
-    img = base + (18 * stripes + 14 * blotch)[..., None] * tint + rng.normal(0, 8, size=(size, size, 3))
+    img = base + (8 * stripes + 6 * blotch)[..., None] * tint + rng.normal(0, 8, size=(size, size, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
@@ -106,10 +107,8 @@ def render(shape: str, rng: np.random.Generator, size: int, target: bool) -> Ima
     cx, cy = (big / 2 + rng.uniform(-0.12, 0.12) * big for _ in range(2))
     angle = rng.uniform(-0.35, 0.35)
     if target:
-        # Pale yellow/white outline around a dim fill of another hue: same silhouette, other look.
-        colour = tuple(int(v) for v in rng.uniform([150, 150, 60], [255, 255, 160]))
-        fill = tuple(int(v) for v in rng.uniform([60, 60, 60], [130, 110, 140]))
-        width = max(2, int(big * rng.uniform(0.03, 0.05)))
+        colour = fill = tuple(int(v) for v in rng.uniform([20, 20, 20], [80, 70, 60]))  # dark, muted
+        width = 0
     else:
         hue = rng.integers(0, 3)
         colour = fill = tuple(int(v) for v in np.roll(rng.uniform([150, 0, 0], [255, 90, 110]), hue))  # saturated

@@ -1,0 +1,137 @@
+"""``rtfq demo``: the whole pipeline on built-in synthetic data, on this machine.
+
+synth -> init -> train -> eval -> export every subnet -> bench -> select -> DIST_DIR.
+Each stage runs the real command in its own process and is skipped when its output is
+already there (outputs are written atomically, so an existing one is complete); an
+interrupted training run is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from rtfq_deploy.cli.common import Command
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    synth: tuple[str, ...]
+    init: tuple[str, ...]
+    train: tuple[str, ...]
+    bench: tuple[str, ...]
+
+
+FULL = DemoSettings(
+    synth=("--classes", "10", "--per-class", "60", "--test-per-class", "30", "--size", "64"),
+    init=("--arch", "tiny_resnet", "--num-classes", "10", "--resolutions", "64,56,48,40",
+          "--widths", "1.0,0.86,0.73,0.6", "--bits", "8,6,4"),
+    train=("--recipe", "synth_cpu"),
+    bench=("--threads", "1", "--min-time", "0.3", "--max-time", "2"),
+)
+QUICK = DemoSettings(  # a smoke test of every stage in about a minute
+    synth=("--classes", "3", "--per-class", "8", "--test-per-class", "4", "--size", "32"),
+    init=("--arch", "tiny_resnet", "--num-classes", "3", "--resolutions", "32,24", "--widths", "1.0,0.5",
+          "--bits", "8,4"),
+    train=("--steps", "4", "--batch-size", "16", "--calib-images", "16", "--log-every", "2", "--workers", "0"),
+    bench=("--threads", "1", "--warmup", "2", "--min-runs", "5", "--min-time", "0.05", "--max-time", "0.3"),
+)
+
+
+def _tool(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+class _Stages:
+    def __init__(self, total: int) -> None:
+        self.n, self.total, self.started = 0, total, time.monotonic()
+
+    def run(self, title: str, done: Path, *cmd: str, ok_codes: tuple[int, ...] = (0,)) -> None:
+        self.n += 1
+        head = f"[{self.n}/{self.total}] {title}"
+        if done.exists():
+            click.echo(f"{head}: reused {done}")
+            return
+        click.echo(f"{head} ...")
+        t0 = time.monotonic()
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if result.returncode not in ok_codes:
+            sys.stdout.write(result.stdout)
+            raise click.ClickException(f"stage '{title}' failed (exit {result.returncode}): {' '.join(cmd)}")
+        click.echo(f"{head}: {time.monotonic() - t0:.0f} s -> {done}")
+        self.last_stdout = result.stdout
+
+
+def _budgets(results: Path, accuracy: Path) -> list[str]:
+    """A few budgets spread over what was measured here: the fastest quarter, the median
+    latency, the median file size together with the median latency, and MACs."""
+    rows = [r for r in json.loads(results.read_text())["models"] if r.get("ok")]
+    lat = sorted(r["latency_p50_ms"] for r in rows)
+    size = sorted(r["size_bytes"] for r in rows)
+    macs = sorted(r["macs"] for r in rows if r.get("macs"))
+
+    def q(values: list, f: float) -> float:
+        return values[min(len(values) - 1, int(f * (len(values) - 1) + 0.5))]
+
+    out = [f"latency={q(lat, 0.25):.4g}ms", f"latency={q(lat, 0.5):.4g}ms",
+           f"latency={q(lat, 0.5):.4g}ms,size={q(size, 0.5) / 1e6:.4g}MB", f"latency-p90={q(lat, 1.0) * 1.2:.4g}ms"]
+    if macs:
+        out.append(f"macs={q(macs, 0.5) / 1e6:.4g}M")
+    return out
+
+
+@click.command(cls=Command)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("rtfq-demo"), show_default=True,
+              help="Working directory; finished stages found there are reused.")
+@click.option("--quick", is_flag=True, help="Tiny settings (3 classes, 8 subnets, 4 steps): a smoke test of every stage.")
+@click.option("--fresh", is_flag=True, help="Delete OUT first and redo every stage.")
+def demo(out: Path, quick: bool, fresh: bool) -> None:
+    """Run the whole pipeline on synthetic domain-shift data: synth, init, train, eval,
+    export every subnet, bench on this machine, select per budget, and write a DIST_DIR
+    with manifest.json and report.html (serve it with `rtfq-serve OUT/dist`)."""
+    settings = QUICK if quick else FULL
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data, init, run, acc = out / "data", out / "init.pt", out / "run", out / "acc.json"
+    models, results, dist = out / "models", out / "results.json", out / "dist"
+    stages = _Stages(7)
+    stages.run("synthetic data", data, _tool("rtfq"), "data", "synth", str(data), *settings.synth)
+    stages.run("supernet", init, _tool("rtfq"), "init", *settings.init, "-o", str(init))
+    train = [_tool("rtfq-train"), "--resume", str(run)] if (run / "run.json").exists() else [
+        _tool("rtfq-train"), "--checkpoint", str(init), "--source", str(data / "source"), "--target",
+        str(data / "target"), "--out", str(run), *settings.train]
+    stages.run("RTF-Q training (progress on stderr)", run / "supernet.pt", *train)
+    stages.run("accuracy of every subnet on held-out target images", acc, _tool("rtfq"), "eval", "--checkpoint",
+               str(run / "supernet.pt"), "--data", str(data / "target_test"), "-o", str(acc))
+    if not models.exists():  # export into a temporary folder, then rename: all or nothing
+        tmp = out / ".models.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        stages.run("export every subnet to ONNX (verified on target images)", models, _tool("rtfq-export"),
+                   "--checkpoint", str(run / "supernet.pt"), "--all", "--verify-images", str(data / "target_test"),
+                   "-o", str(tmp), ok_codes=(0, 1))
+        tmp.rename(models)
+    else:
+        stages.run("export every subnet", models)
+    stages.run("benchmark every model on this machine (onnxruntime)", results, _tool("rtfq-bench"), "run",
+               str(models), "-o", str(results), *settings.bench, ok_codes=(0, 1))
+    budgets = _budgets(results, acc)
+    select = [_tool("rtfq-bench"), "select", "--results", str(results), "--accuracy", str(acc), "-o", str(dist),
+              "--force"]
+    for b in budgets:
+        select += ["--budget", b]
+    stages.run("choose per budget, write the per-device DIST_DIR", dist / "manifest.json", *select, ok_codes=(0, 1))
+    if getattr(stages, "last_stdout", None) and (dist / "manifest.json").exists():
+        click.echo(stages.last_stdout.rstrip())
+    click.echo(f"\ndone in {time.monotonic() - stages.started:.0f} s. Where everything went:\n"
+               f"  data            {data}\n  supernet        {run / 'supernet.pt'} (metrics {run / 'metrics.jsonl'})\n"
+               f"  accuracy table  {acc}\n  ONNX models     {models}\n  measurements    {results}\n"
+               f"  DIST_DIR        {dist} (manifest.json; report.html and pareto.png per device)\n"
+               f"serve it: rtfq-serve {dist} --port 8080")

@@ -1,0 +1,28 @@
+"""`rtfq demo --quick`: every stage for real, then a second run reuses them all."""
+
+from __future__ import annotations
+
+import json
+
+from rtfq_deploy.manifest import read_manifest, sha256_file
+from tests.test_cli import _run
+
+
+def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
+    out = tmp_path / "demo"
+    first = _run("rtfq", "demo", "--quick", "--out", str(out))
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    for stage in range(1, 8):
+        assert f"[{stage}/7]" in first.stdout
+    assert "reused" not in first.stdout
+    acc = json.loads((out / "acc.json").read_text())
+    assert len(acc["subnets"]) == 8
+    assert len(list((out / "models").glob("*.onnx"))) == 8
+    manifest = read_manifest(out / "dist")
+    (device, entry), = manifest.devices.items()
+    assert entry.files and all(sha256_file(out / "dist" / f.path) == f.sha256 for f in entry.files)
+    assert all(f.budgets for f in entry.files)
+    assert (out / "dist" / device / "report.html").exists()
+    second = _run("rtfq", "demo", "--quick", "--out", str(out))
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("reused") == 7
