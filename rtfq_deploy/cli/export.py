@@ -21,7 +21,7 @@ def _describe(result) -> str:
                      f"{r.reference_max_diff_steps:.2f} steps, "
                      f"integer kernels only")
         if r.float32_top1_agreement is not None:
-            parts.append(f"within this network's own float32 sensitivity (PyTorch float32 vs float64: top-1 "
+            parts.append(f"within this network's own float32 sensitivity (float32 evaluation vs float64: top-1 "
                          f"{r.float32_top1_agreement:.3f}, {r.float32_max_diff_steps:.2f} steps)")
     return "; ".join(parts)
 

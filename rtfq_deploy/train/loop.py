@@ -115,9 +115,19 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
             t.copy_(s)
 
 
+def rampup(cfg: TrainConfig, step: int) -> float:
+    """Weight multiplier of the target terms: exp(-5 (1 - t)^2) over ``rampup_steps``
+    (the consistency ramp-up of Laine & Aila 2017 and Mean Teacher), so a network that
+    does not yet classify the source does not sharpen its own wrong target predictions."""
+    if step >= cfg.rampup_steps:
+        return 1.0
+    t = step / cfg.rampup_steps
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
 def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supernet, subnets: list,
                 xs: Tensor, ys: Tensor, xt: Tensor, teacher_logits: Tensor | None, cfg: TrainConfig,
-                backward: Callable[[Tensor, bool], None]) -> dict[str, float]:
+                backward: Callable[[Tensor, bool], None], target_scale: float = 1.0) -> dict[str, float]:
     """Run every sampled subnet, backpropagating each as it goes (so only one subnet's
     graph is alive at a time); returns the summed loss terms for logging."""
     w = cfg.losses
@@ -140,7 +150,7 @@ def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supern
                 terms["im"] = information_maximization(logits_t)
             if w.distill > 0 and i > 0 and teacher_logits is not None:
                 terms["distill"] = distillation(logits_t, teacher_logits, w.temperature)
-        loss = sum(getattr(w, k) * v for k, v in terms.items())
+        loss = sum(getattr(w, k) * (1.0 if k == "ce" else target_scale) * v for k, v in terms.items())
         backward(loss, i == len(subnets) - 1)
         totals["loss"] += float(loss.detach())
         for k, v in terms.items():
@@ -280,7 +290,7 @@ class Run:
                         teacher_logits = teacher(xt, teacher.active(maxnet))
                 opt.zero_grad(set_to_none=True)
                 totals = step_losses(forward_model, student, rule(cfg.seed, step), xs, ys, xt, teacher_logits, cfg,
-                                     self._backward(forward_model))
+                                     self._backward(forward_model), rampup(cfg, step))
                 opt.step()
                 ema_update(teacher, student, cfg.ema)
                 images += (xs.shape[0] + xt.shape[0]) * dist.world
