@@ -25,18 +25,22 @@ def image_files(root: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def load_image(path: Path, resolution: int) -> np.ndarray:
-    """RGB in [0, 1], HWC, short side resized to R / 0.875 then centre-cropped to R x R."""
+def resized_crop(path: Path, short: int, crop: int) -> np.ndarray:
+    """uint8 RGB, HWC: the short side resized to ``short`` (bilinear), then the centre
+    ``crop`` x ``crop``. The one resize rule of evaluation, verification and training."""
     with Image.open(path) as img:
         img = img.convert("RGB")
-        short = round(resolution / CROP_FRACTION)
         w, h = img.size
         scale = short / min(w, h)
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+        img = img.resize((max(crop, round(w * scale)), max(crop, round(h * scale))), Image.BILINEAR)
         w, h = img.size
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-        return np.asarray(img, dtype=np.float32) / 255.0
+        left, top = (w - crop) // 2, (h - crop) // 2
+        return np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+
+
+def load_image(path: Path, resolution: int) -> np.ndarray:
+    """RGB in [0, 1], HWC, short side resized to R / 0.875 then centre-cropped to R x R."""
+    return resized_crop(path, round(resolution / CROP_FRACTION), resolution).astype(np.float32) / 255.0
 
 
 def load_folder(root: str | Path, resolution: int, mean: Sequence[float], std: Sequence[float],

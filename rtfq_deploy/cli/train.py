@@ -16,7 +16,7 @@ from rtfq_deploy.cli.common import Command
 _OVERRIDES = {
     "steps": "steps", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer", "ema": "ema",
     "rule": "rule", "n_random": "n_random", "single_bits": "single_bits", "seed": "seed",
-    "warmup_steps": "warmup_steps", "rampup_steps": "rampup_steps", "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every",
+    "warmup_steps": "warmup_steps", "rampup_steps": "rampup_steps", "target_start": "target_start", "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "calib_images": "calib_images", "workers": "workers", "device": "device",
 }
 _LOSS_OVERRIDES = {"w_ce": "ce", "w_distill": "distill", "w_pseudo": "pseudo", "w_im": "im", "threshold": "threshold"}
@@ -52,6 +52,7 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="[default: adam]")
 @click.option("--weight-decay", type=float, help="Weight decay of the weights (not the step sizes).  [default: 0]")
 @click.option("--warmup-steps", type=int, help="Linear warm-up steps.  [default: 0]")
+@click.option("--target-start", type=int, help="Source-only steps before the target terms start.  [default: 0]")
 @click.option("--rampup-steps", type=int, help="Ramp the target terms' weights up over N steps.  [default: 0]")
 @click.option("--ema", type=float, help="Teacher EMA momentum.  [default: 0.999]")
 @click.option("--rule", type=click.Choice(["sandwichq", "sandwich", "max6min", "single"]),

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from rtfq_deploy.data.folders import ImageFolder
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.images import CROP_FRACTION
+from rtfq_deploy.images import CROP_FRACTION, resized_crop
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,7 @@ def stored_size(max_resolution: int) -> int:
 
 def decode(path: Path, size: int) -> np.ndarray:
     """uint8 CHW: short side resized to ``size``, centre-cropped to size x size."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+    return np.ascontiguousarray(resized_crop(path, size, size).transpose(2, 0, 1))
 
 
 class _Decoded(torch.utils.data.Dataset):

@@ -27,7 +27,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     step_lr_scale: float = 1.0  # lr of the quantizer step sizes relative to ``lr``
     warmup_steps: int = 0
-    rampup_steps: int = 0  # target terms' weights ramp up as exp(-5 (1 - t)^2) over these steps
+    target_start: int = 0  # steps of source-only training before the target terms start
+    rampup_steps: int = 0  # then the target terms' weights ramp up as exp(-5 (1 - t)^2) over these steps
     ema: float = 0.999  # teacher = ema * teacher + (1 - ema) * student, after every step
     rule: str = "sandwichq"
     n_random: int = 2
@@ -56,8 +57,8 @@ class TrainConfig:
             raise RtfqError(f"unknown sampling rule {self.rule!r} (known: {', '.join(RULES)})")
         if self.rule == "single" and self.single_bits is None:
             raise RtfqError("--rule single needs --single-bits")
-        if self.rampup_steps < 0:
-            raise RtfqError("--rampup-steps must be >= 0")
+        if self.rampup_steps < 0 or self.target_start < 0:
+            raise RtfqError("--rampup-steps and --target-start must be >= 0")
         if self.n_random < 0 or self.checkpoint_every < 1 or self.log_every < 1 or self.calib_images < 1:
             raise RtfqError("--n-random, --checkpoint-every, --log-every and --calib-images must be positive")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -116,9 +116,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 def rampup(cfg: TrainConfig, step: int) -> float:
-    """Weight multiplier of the target terms: exp(-5 (1 - t)^2) over ``rampup_steps``
+    """Weight multiplier of the target terms: 0 for ``target_start`` steps, then
+    exp(-5 (1 - t)^2) over ``rampup_steps``
     (the consistency ramp-up of Laine & Aila 2017 and Mean Teacher), so a network that
     does not yet classify the source does not sharpen its own wrong target predictions."""
+    if step < cfg.target_start:
+        return 0.0
+    step -= cfg.target_start
     if step >= cfg.rampup_steps:
         return 1.0
     t = step / cfg.rampup_steps
