@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from rtfq_deploy.data.synth import SynthConfig, generate
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.space import SearchSpace
 from rtfq_deploy.train.config import TrainConfig
-from rtfq_deploy.train.loop import ema_update, lr_at
+from rtfq_deploy.train.loop import ema_update, lr_at, rampup
 from tests.test_cli import _one_line_error, _run
 
 SPACE = SearchSpace(resolutions=(32, 24), widths=(1.0, 0.5), bits=(8, 4))
@@ -151,3 +152,12 @@ def test_ema_and_lr_schedule():
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
     assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 55) == pytest.approx(0.5)
     assert lr_at(cfg, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_target_terms_start_late_and_ramp_up():
+    cfg = TrainConfig(steps=100, target_start=20, rampup_steps=10)
+    assert rampup(cfg, 0) == 0.0 and rampup(cfg, 19) == 0.0
+    assert rampup(cfg, 20) == pytest.approx(math.exp(-5.0))
+    assert rampup(cfg, 25) == pytest.approx(math.exp(-5.0 * 0.25))
+    assert rampup(cfg, 30) == 1.0 and rampup(TrainConfig(steps=100), 0) == 1.0
+
