@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,9 @@ def test_run_measures_models_and_reports_a_broken_one_as_a_failed_row(models, tm
         assert row["latency_std_ms"] >= 0 and row["latency_mean_ms"] > 0
         assert 20 <= row["runs"] <= 200 and row["session_create_s"] > 0
         assert isinstance(row["stable"], bool)
-        assert 0 < row["cpu_per_wall"] <= 1.5 and row["load_average"] >= 0  # 1 thread: at most about one core
+        # CPU time per wall time cannot exceed the cores (onnxruntime's own helper threads
+        # can take it above 1 even at one intra-op thread on sub-millisecond models)
+        assert 0 < row["cpu_per_wall"] <= (os.cpu_count() or 1) + 0.25 and row["load_average"] >= 0
         # a session and its buffers take memory above the onnxruntime-loaded baseline, but not gigabytes
         assert 0 < row["peak_memory_bytes"] < 2e9 and 0 < row["peak_memory_no_arena_bytes"] < 2e9
         assert row["providers"] == ["CPUExecutionProvider"]
