@@ -50,7 +50,7 @@ def bench() -> None:
 @click.option("--min-runs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Timed runs before the stability test may stop.")
 @click.option("--max-runs", type=click.IntRange(min=1), default=2000, show_default=True, help="At most this many timed runs.")
-@click.option("--min-time", type=click.FloatRange(min=0), default=0.5, show_default=True,
+@click.option("--min-time", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="Seconds of timed runs before the stability test may stop.")
 @click.option("--max-time", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="At most this many seconds of timed runs per model.")
