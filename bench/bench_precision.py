@@ -77,7 +77,7 @@ def repeatability(models: list[Path], workdir: Path, bench_args: list[str]) -> N
         worst = max(worst, abs(ratio - 1))
         print(f"{first['subnet']:<28} {first['latency_p50_ms']:>10.3f} {second['latency_p50_ms']:>10.3f} {ratio:>7.3f} "
               f"{first['runs']:>5}/{second['runs']:<5} {str(first['stable'])[0] + '/' + str(second['stable'])[0]:>8} "
-              f"{first['cpu_per_wall']:>5.2f}/{second['cpu_per_wall']:<5.2f}")
+              f"{_ratio(first['cpu_per_wall']):>5}/{_ratio(second['cpu_per_wall']):<5}")
     print(f"largest p50 difference between the two runs: {worst:.1%} (target: within 5%); wall {wall:.1f} s")
     print("cpu/wall: CPU time per wall time of the measuring process; well below the thread count means other "
           "work shared the cores, and the figures then say little about the device")
@@ -101,6 +101,10 @@ def all_resnet50(workdir: Path, bench_args: list[str]) -> None:
         fastest, slowest = min(ok, key=lambda r: r["latency_p50_ms"]), max(ok, key=lambda r: r["latency_p50_ms"])
         print(f"p50 from {fastest['latency_p50_ms']:.1f} ms ({fastest['subnet']}) to {slowest['latency_p50_ms']:.1f} ms "
               f"({slowest['subnet']}); results in {workdir / 'resnet50-all.json'}")
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:

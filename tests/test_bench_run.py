@@ -64,7 +64,12 @@ def test_run_measures_models_and_reports_a_broken_one_as_a_failed_row(models, tm
         assert isinstance(row["stable"], bool)
         # CPU time per wall time cannot exceed the cores (onnxruntime's own helper threads
         # can take it above 1 even at one intra-op thread on sub-millisecond models)
-        assert 0 < row["cpu_per_wall"] <= (os.cpu_count() or 1) + 0.25 and row["load_average"] >= 0
+        cpu = row["cpu_per_wall"]
+        if row["measure_time_s"] >= 0.25:
+            assert 0 < cpu <= (os.cpu_count() or 1) + 0.25
+        elif row["measure_time_s"] < 0.2:
+            assert cpu is None  # too short a window for the CPU clock
+        assert row["load_average"] >= 0
         # a session and its buffers take memory above the onnxruntime-loaded baseline, but not gigabytes
         assert 0 < row["peak_memory_bytes"] < 2e9 and 0 < row["peak_memory_no_arena_bytes"] < 2e9
         assert row["providers"] == ["CPUExecutionProvider"]

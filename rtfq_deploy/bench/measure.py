@@ -43,6 +43,8 @@ _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(dou
            "tensor(bool)": "bool"}
 
 
+MIN_CPU_WINDOW_S = 0.2
+
 @dataclass(frozen=True)
 class MeasureConfig:
     """What one child process does. ``latency=False`` only warms up and runs
@@ -246,7 +248,9 @@ def measure(config: MeasureConfig) -> dict[str, Any]:
         result["latency"] = asdict(run_until_stable(run_once, config))
         # CPU time per wall time of this process while timing: about the thread count when
         # the cores were its own, well below when other work took them.
-        result["cpu_per_wall"] = (time.process_time_ns() - cpu0) / max(1, time.perf_counter_ns() - wall0)
+        # Over less than MIN_CPU_WINDOW_S the CPU clock's tick makes the ratio meaningless: None.
+        wall = time.perf_counter_ns() - wall0
+        result["cpu_per_wall"] = (time.process_time_ns() - cpu0) / wall if wall >= MIN_CPU_WINDOW_S * 1e9 else None
         result["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     else:
         for _ in range(config.warmup + config.memory_runs):
