@@ -5,11 +5,11 @@ Torch-free, since ``rtfq-bench select`` reads it on a device.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.fileio import read_json
 
 
 def read_accuracy(path: str | Path) -> dict[str, float]:
@@ -18,12 +18,7 @@ def read_accuracy(path: str | Path) -> dict[str, float]:
     Accepted shapes: {"subnets": [{"subnet": ..., "top1": ...}, ...]}, the bare list, or
     a mapping of subnet to a number or to {"top1": ...}.
     """
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise RtfqError(f"{path}: cannot read accuracy table: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise RtfqError(f"{path}: not JSON: {e.msg} (line {e.lineno})") from None
+    data = read_json(path, "accuracy table")
     rows = data.get("subnets", data) if isinstance(data, dict) else data
     try:
         if isinstance(rows, list):

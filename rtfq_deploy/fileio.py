@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 
 @contextlib.contextmanager
@@ -85,3 +87,25 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike, *, overwrite: bool 
     else:
         _link_new(str(tmp), dest)
     _fsync_dir(dest.parent)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON in ``path``; an unreadable or malformed file is one RtfqError naming ``what``."""
+    from rtfq_deploy.errors import RtfqError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise RtfqError(f"{path}: cannot read {what}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        detail = f"{e.msg} (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise RtfqError(f"{path}: not JSON: {detail}") from None
+

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.fileio import atomic_write, read_json, sha256_file  # noqa: F401  (sha256_file: part of this API)
 
 FORMAT = "rtfq-manifest"
 VERSION = 1
@@ -134,17 +133,9 @@ def parse_manifest(data: Any, where: str = MANIFEST) -> Manifest:
 def read_manifest(dist_dir: str | os.PathLike) -> Manifest:
     """The manifest of ``dist_dir``; an empty one if the directory has none yet."""
     path = Path(dist_dir) / MANIFEST
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    if not path.exists():
         return Manifest({})
-    except OSError as e:
-        raise RtfqError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RtfqError(f"{path}: not JSON: {e.msg} (line {e.lineno})") from None
-    return parse_manifest(data, str(path))
+    return parse_manifest(read_json(path, "manifest"), str(path))
 
 
 def write_manifest(dist_dir: str | os.PathLike, manifest: Manifest) -> Path:
@@ -185,11 +176,3 @@ def replace_device(dist_dir: str | os.PathLike, name: str, device: Device) -> tu
         manifest = Manifest(devices)
         write_manifest(dist_dir, manifest)
     return manifest, previous
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

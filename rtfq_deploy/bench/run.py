@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 from rtfq_deploy.bench.fingerprint import fingerprint
 from rtfq_deploy.bench.measure import MeasureConfig
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.fileio import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +207,7 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
     """A results file, checked enough that select can trust its shape."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise RtfqError(f"{path}: cannot read results: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise RtfqError(f"{path}: not JSON: {e.msg} (line {e.lineno})") from None
+    data = read_json(path, "results")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise RtfqError(f"{path}: not an rtfq-bench results file")
     if data.get("version") != VERSION:

@@ -43,7 +43,7 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str, calib: Path | None, ca
     from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.errors import RtfqError
     from rtfq_deploy.evaluate import calibrate_subnets, evaluate_subnets
-    from rtfq_deploy.export.api import file_sha256
+    from rtfq_deploy.fileio import sha256_file
     from rtfq_deploy.fileio import atomic_write
 
     ckpt = load_checkpoint(checkpoint)
@@ -75,7 +75,7 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str, calib: Path | None, ca
         r["bn"] = "checkpoint" if r["subnet"] in ckpt.bn_stats else "calibrated now"
     if output is not None:
         table = {"format": "rtfq-accuracy", "version": 1, "checkpoint": str(checkpoint),
-                 "checkpoint_sha256": file_sha256(checkpoint), "data": str(data), "subnets": rows}
+                 "checkpoint_sha256": sha256_file(checkpoint), "data": str(data), "subnets": rows}
         with atomic_write(output, overwrite=force) as f:
             f.write((json.dumps(table, indent=2) + "\n").encode())
     emit_table(rows, COLUMNS, as_json)

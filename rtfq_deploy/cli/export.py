@@ -67,7 +67,8 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     from rtfq_deploy.checkpoint import load_checkpoint
     from rtfq_deploy.costs import space_costs
-    from rtfq_deploy.export.api import ExportOptions, VerificationFailed, export_subnet, file_sha256
+    from rtfq_deploy.export.api import ExportOptions, VerificationFailed, export_subnet
+    from rtfq_deploy.fileio import sha256_file
     from rtfq_deploy.export.select import bucket_budgets, choose, parse_budget, read_accuracy
 
     budget_value = parse_budget(budget) if budget else None  # bad input fails before the slow load
@@ -101,7 +102,7 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
     if single and output.is_dir():
         raise click.UsageError(f"{output} is a directory; give a file name")
 
-    sha = file_sha256(checkpoint)
+    sha = sha256_file(checkpoint)
     options = ExportOptions(pack_int4=pack == "int4", verify=verify, verify_samples=verify_samples,
                             threads=threads, overwrite=force, verify_images=verify_images)
     results, failed = [], []

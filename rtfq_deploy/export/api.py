@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -53,14 +52,6 @@ class ExportResult:
     bn_statistics: str
     report: VerifyReport | None
     costs: Costs
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def subnet_network(ckpt: Checkpoint, config: SubnetConfig) -> tuple[ActiveSubnet, str]:
