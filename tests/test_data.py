@@ -126,3 +126,16 @@ def test_augment_is_a_function_of_seed_and_step():
     assert torch.equal(a, b) and a.shape == (4, 3, 16, 16)
     assert not torch.equal(a, augment(images, 16, 0, 1, 8, norm))
     assert float(a.min()) >= -2.0 - 1e-6 and float(a.max()) <= 2.0 + 1e-6  # (x - 0.5) / 0.25 of [0, 1]
+
+
+@pytest.mark.parametrize("target", [False, True])
+def test_ring_has_a_hole_unlike_circle(target):
+    """Same random draws, so the two images differ only where the ring's hole is."""
+    import numpy as np
+
+    from rtfq_deploy.data.synth import render
+
+    circle = np.asarray(render("circle", np.random.default_rng(5), 48, target), dtype=float)
+    ring = np.asarray(render("ring", np.random.default_rng(5), 48, target), dtype=float)
+    diff = np.abs(circle - ring).max(axis=2)
+    assert (diff > 40).sum() > 20  # a clearly visible hole of background

@@ -107,25 +107,20 @@ def render(shape: str, rng: np.random.Generator, size: int, target: bool) -> Ima
     cx, cy = (big / 2 + rng.uniform(-0.12, 0.12) * big for _ in range(2))
     angle = rng.uniform(-0.35, 0.35)
     if target:
-        colour = fill = tuple(int(v) for v in rng.uniform([20, 20, 20], [80, 70, 60]))  # dark, muted
-        width = 0
+        fill = tuple(int(v) for v in rng.uniform([20, 20, 20], [80, 70, 60]))  # dark, muted
     else:
         hue = rng.integers(0, 3)
-        colour = fill = tuple(int(v) for v in np.roll(rng.uniform([150, 0, 0], [255, 90, 110]), hue))  # saturated
-        width = 0
-    box = [cx - r, cy - r, cx + r, cy + r]
+        fill = tuple(int(v) for v in np.roll(rng.uniform([150, 0, 0], [255, 90, 110]), hue))  # saturated
     if shape in ("circle", "ring"):
-        inner = r * 0.55
-        draw.ellipse(box, fill=fill, outline=colour, width=width)
-        if shape == "ring":
-            hole = [cx - inner, cy - inner, cx + inner, cy + inner]
-            draw.ellipse(hole, fill=img.getpixel((int(cx), int(cy - r * 0.1))) if not target else (30, 30, 30),
-                         outline=colour, width=width)
+        background = img.copy()
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        if shape == "ring":  # the hole shows the background again
+            inner = r * 0.55
+            hole = Image.new("L", img.size, 0)
+            ImageDraw.Draw(hole).ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=255)
+            img.paste(background, mask=hole)
     else:
-        points = _polygon(shape, cx, cy, r, angle)
-        draw.polygon(points, fill=fill)
-        if width:
-            draw.line(points + points[:1], fill=colour, width=width, joint="curve")
+        draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
     img = img.resize((size, size), Image.LANCZOS)
     if target:
         img = img.filter(ImageFilter.GaussianBlur(radius=size / 96))
