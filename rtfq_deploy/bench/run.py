@@ -27,7 +27,6 @@ checked against a budget (:mod:`rtfq_deploy.budget`) as it is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ from typing import Any, Callable, Sequence
 from rtfq_deploy.bench.fingerprint import fingerprint
 from rtfq_deploy.bench.measure import MeasureConfig
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write, read_json
+from rtfq_deploy.fileio import atomic_write, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +70,6 @@ def resolve_provider(name: str) -> str:
         if provider.lower().removesuffix("executionprovider") == wanted:
             return provider
     raise RtfqError(f"execution provider {name!r} is not available here (onnxruntime offers: {', '.join(available)})")
-
-
-def sha256_and_size(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
 
 
 def run_child(config: MeasureConfig, settings: BenchSettings) -> dict[str, Any]:
@@ -123,7 +112,7 @@ def bench_model(path: Path, settings: BenchSettings) -> dict[str, Any]:
     """Measure one model file; never raises for a bad model (the row says what failed)."""
     row: dict[str, Any] = {"path": str(path.resolve()), "ok": False, "error": None, "subnet": path.stem}
     try:
-        row["sha256"], row["size_bytes"] = sha256_and_size(path)
+        row["sha256"], row["size_bytes"] = sha256_file(path), path.stat().st_size
     except OSError as e:
         row["error"] = f"cannot read: {e.strerror}"
         return row

@@ -52,6 +52,7 @@ def _tool(name: str) -> str:
 class _Stages:
     def __init__(self, total: int) -> None:
         self.n, self.total, self.started = 0, total, time.monotonic()
+        self.last_stdout = ""
 
     def run(self, title: str, done: Path, *cmd: str, ok_codes: tuple[int, ...] = (0,)) -> None:
         self.n += 1
@@ -69,7 +70,7 @@ class _Stages:
         self.last_stdout = result.stdout
 
 
-def _budgets(results: Path, accuracy: Path) -> list[str]:
+def _budgets(results: Path) -> list[str]:
     """A few budgets spread over what was measured here: the fastest quarter, the median
     latency, the median file size together with the median latency, and MACs."""
     rows = [r for r in json.loads(results.read_text())["models"] if r.get("ok")]
@@ -122,13 +123,13 @@ def demo(out: Path, quick: bool, fresh: bool) -> None:
         stages.run("export every subnet", models)
     stages.run("benchmark every model on this machine (onnxruntime)", results, _tool("rtfq-bench"), "run",
                str(models), "-o", str(results), *settings.bench, ok_codes=(0, 1))
-    budgets = _budgets(results, acc)
+    budgets = _budgets(results)
     select = [_tool("rtfq-bench"), "select", "--results", str(results), "--accuracy", str(acc), "-o", str(dist),
               "--force"]
     for b in budgets:
         select += ["--budget", b]
     stages.run("choose per budget, write the per-device DIST_DIR", dist / "manifest.json", *select, ok_codes=(0, 1))
-    if getattr(stages, "last_stdout", None) and (dist / "manifest.json").exists():
+    if stages.last_stdout and (dist / "manifest.json").exists():
         click.echo(stages.last_stdout.rstrip())
     click.echo(f"\ndone in {time.monotonic() - stages.started:.0f} s. Where everything went:\n"
                f"  data            {data}\n  supernet        {run / 'supernet.pt'} (metrics {run / 'metrics.jsonl'})\n"
