@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any, Callable, Sequence
 
@@ -11,6 +12,12 @@ import click
 from rtfq_deploy.errors import RtfqError
 
 USAGE_EXIT = 2
+
+
+def setup_logging(verbose: bool) -> None:
+    """-v shows this toolkit's debug lines, not every library's (Pillow logs each PNG chunk)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rtfq_deploy").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 class _OneLineErrors:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 
 import click
 
 from rtfq_deploy import __version__
-from rtfq_deploy.cli.common import Group
+from rtfq_deploy.cli.common import Group, setup_logging
 from rtfq_deploy.cli.data import data
 from rtfq_deploy.cli.demo import demo
 from rtfq_deploy.cli.eval import eval_
@@ -21,7 +20,7 @@ from rtfq_deploy.cli.subnets import subnets
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
 def rtfq(verbose: bool) -> None:
     """rtfq_deploy: integer subnets of one retraining-free quantized supernet, for edge devices."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose)
 
 
 rtfq.add_command(data)

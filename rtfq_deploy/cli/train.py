@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from rtfq_deploy.cli.common import Command
+from rtfq_deploy.cli.common import Command, setup_logging
 
 # option name -> TrainConfig field (loss weights live under "losses")
 _OVERRIDES = {
@@ -81,7 +80,7 @@ def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, targ
     OUT/metrics.jsonl and a resumable OUT/state.pt. Under torchrun every process
     trains its share of each batch (data parallel, gloo on CPU, NCCL on GPUs).
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose)
     from rtfq_deploy.train.config import TrainConfig
     from rtfq_deploy.train.loop import Run, distributed_from_env
 

@@ -69,6 +69,13 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        """Wait for every process; a no-op when training alone."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
 
 def distributed_from_env() -> Distributed:
     """torchrun sets WORLD_SIZE/RANK; gloo on CPU, NCCL on GPUs."""
@@ -184,6 +191,7 @@ class Run:
         if run_dir.exists() and not run_dir.is_dir():
             raise RtfqError(f"{run_dir} exists and is not a directory")
         run = cls(run_dir, cfg, checkpoint, source, target, dist)
+        dist.barrier()  # every rank has checked run_dir before rank 0 writes run.json into it
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             record = {"checkpoint": str(checkpoint.resolve()), "source": str(source.resolve()),
