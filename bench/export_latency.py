@@ -1,10 +1,16 @@
 """Latency and size of rtfq-export's integer ONNX files against two references built from
 the same ResNet-50 subnet in the same run: the fp32 graph, and onnxruntime's own
 ``quantize_static`` (QDQ, per-channel, U8S8) of that fp32 graph. Batch 1, onnxruntime
-CPU, sessions measured interleaved (A B C A B C ...) so machine drift hits all alike.
+CPU.
+
+Each measurement is one fresh process holding one session, as on a device: several
+sessions with 2+ threads in one process keep their idle pools spinning and fight over
+the cores (measured here: 2 threads slower than 1, by up to 3x). The variants of one
+subnet are measured in alternation (A B C, A B C, ...) for ``--rounds`` rounds, so
+machine drift hits all alike; ratios are medians of the per-round ratios.
 
     python bench/export_latency.py [--subnets r224-w1.00,r160-w0.73,r128-w0.60] [--bits 8,6,4]
-                                   [--threads 1,2] [--reps 30]
+                                   [--threads 1,2] [--rounds 5] [--runs 20]
 
 Prints medians, ratios and the fraction of this machine's int8 GEMM rate (MatMulInteger
 u8 x s8, 3136x576x256, measured here) that the full-width subnet reaches.
@@ -14,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -60,6 +69,27 @@ def ort_quantize_static(fp32: onnx.ModelProto, resolution: int) -> bytes:
         return open(dst, "rb").read()
 
 
+def child(path: str, threads: int, runs: int) -> None:
+    """Print the median seconds of ``runs`` runs of the model at ``path`` (after warm-up)."""
+    s = session(open(path, "rb").read(), threads)
+    r = s.get_inputs()[0].shape[2]
+    x = {"input": np.random.default_rng(1).standard_normal((1, 3, r, r)).astype(np.float32)}
+    for _ in range(5):
+        s.run(None, x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        s.run(None, x)
+        times.append(time.perf_counter() - start)
+    print(statistics.median(times))
+
+
+def measure(path: str, threads: int, runs: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", path, str(threads), str(runs)],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
 def int8_gemm_rate(threads: int, reps: int = 20) -> float:
     """MACs/s of MatMulInteger u8 x s8 (3136x576 @ 576x256) on this machine."""
     m, k, n = 3136, 576, 256
@@ -85,13 +115,15 @@ def main() -> None:
     parser.add_argument("--subnets", default="r224-w1.00,r160-w0.73,r128-w0.60")
     parser.add_argument("--bits", default="8,6,4")
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of the variants (one process each)")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per process, after 5 warm-up runs")
     args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="export_latency_")
+    torch.set_num_threads(1)  # no OpenMP pool left spinning in this process while children measure
     torch.manual_seed(0)
     model = build_supernet(SupernetConfig("resnet50")).eval()
     threads = [int(t) for t in args.threads.split(",")]
-    rows, size_rows = [], []
-    rate = {t: int8_gemm_rate(t) for t in threads}
+    rows, size_rows, todo = [], [], []
     for shape in args.subnets.split(","):
         for bits in (int(b) for b in args.bits.split(",")):
             cfg = SubnetConfig.parse(f"{shape}-q{bits}")
@@ -104,35 +136,40 @@ def main() -> None:
             packed = len(packed_bytes) if packed_bytes else None
             size_rows.append([str(cfg), f"{len(fp32) / 1e6:.1f}", f"{len(ours) / 1e6:.1f}", f"{len(ours) / len(fp32):.3f}",
                               f"{packed / len(fp32):.3f}" if packed else "-"])
-            macs = subnet_costs(model, cfg).macs
-            x = {"input": np.random.default_rng(1).standard_normal((1, 3, cfg.resolution, cfg.resolution)).astype(np.float32)}
-            for t in threads:
-                sessions = {"ours": session(ours, t), "ort_qdq": session(theirs, t), "fp32": session(fp32, t)}
-                if packed_bytes:  # the INT4 file as it is, without the load-time expansion to int8
-                    sessions["int4_direct"] = session(packed_bytes, t)
-                for s in sessions.values():
-                    for _ in range(3):
-                        s.run(None, x)
-                times: dict[str, list[float]] = {k: [] for k in sessions}
-                for _ in range(args.reps):
-                    for name, s in sessions.items():
-                        start = time.perf_counter()
-                        s.run(None, x)
-                        times[name].append(time.perf_counter() - start)
-                med = {k: statistics.median(v) for k, v in times.items()}
-                ratio_q = statistics.median(a / b for a, b in zip(times["ours"], times["ort_qdq"]))
-                ratio_f = statistics.median(b / a for a, b in zip(times["ours"], times["fp32"]))
-                rows.append([str(cfg), t, f"{med['ours'] * 1e3:.2f}", f"{med['ort_qdq'] * 1e3:.2f}",
-                             f"{med['fp32'] * 1e3:.2f}", f"{ratio_q:.3f}", f"{ratio_f:.2f}",
-                             f"{macs / med['ours'] / rate[t]:.2f}",
-                             f"{med['int4_direct'] * 1e3:.2f}" if "int4_direct" in med else "-"])
-    print(f"onnxruntime {ort.__version__}, batch 1, {args.reps} interleaved reps, medians; "
+            files = {"ours": ours, "ort_qdq": theirs, "fp32": fp32}
+            if packed_bytes:  # the INT4 file as it is, without the load-time expansion to int8
+                files["int4_direct"] = packed_bytes
+            paths = {name: os.path.join(workdir, f"{cfg}.{name}.onnx") for name in files}
+            for name, data in files.items():
+                with open(paths[name], "wb") as f:
+                    f.write(data)
+            todo.append((cfg, subnet_costs(model, cfg).macs, paths))
+    rate = {t: int8_gemm_rate(t) for t in threads}
+    for cfg, macs, paths in todo:
+        for t in threads:
+            times: dict[str, list[float]] = {k: [] for k in paths}
+            for _ in range(args.rounds):
+                for name, path in paths.items():
+                    times[name].append(measure(path, t, args.runs if name != "int4_direct" else 3))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            ratio_q = statistics.median(a / b for a, b in zip(times["ours"], times["ort_qdq"]))
+            ratio_f = statistics.median(b / a for a, b in zip(times["ours"], times["fp32"]))
+            rows.append([str(cfg), t, f"{med['ours'] * 1e3:.2f}", f"{med['ort_qdq'] * 1e3:.2f}",
+                         f"{med['fp32'] * 1e3:.2f}", f"{ratio_q:.3f}", f"{ratio_f:.2f}",
+                         f"{macs / med['ours'] / rate[t]:.2f}",
+                         f"{med['int4_direct'] * 1e3:.2f}" if "int4_direct" in med else "-"])
+    print(f"onnxruntime {ort.__version__}, batch 1, one process per measurement, {args.rounds} alternating rounds of "
+          f"{args.runs} runs, medians; "
           f"int8 GEMM rate: " + ", ".join(f"{t} thread(s) {r / 1e12:.2f} TMAC/s" for t, r in rate.items()))
     print(tabulate(rows, headers=["subnet", "threads", "ours ms", "ort qdq ms", "fp32 ms", "ours/ort_qdq",
                                   "fp32/ours", "of int8 GEMM rate", "int4 file unexpanded ms"]))
     print()
     print(tabulate(size_rows, headers=["subnet", "fp32 MB", "ours MB", "ours/fp32", "int4 pack/fp32"]))
+    shutil.rmtree(workdir)
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()

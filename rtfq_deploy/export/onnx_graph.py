@@ -1,8 +1,11 @@
 """Emit an ONNX QDQ graph from the integer IR.
 
-Every quantized tensor ``t`` exists twice in the graph: its codes ``t_q`` (uint8) and their dequantized float ``t``. All QuantizeLinear, Clip and
-DequantizeLinear nodes are made in :meth:`_Emitter.quantize`, one place. Placement
-follows what onnxruntime fuses into integer kernels (see shared/NOTES.md):
+Every quantized tensor ``t`` exists twice in the graph: its codes ``t_q`` (uint8) and their
+dequantized float ``t``. QuantizeLinear, Clip and DequantizeLinear nodes are made only in
+:meth:`_Emitter.quantize`, :meth:`_Emitter.clamp` and :meth:`_Emitter.dequantize`; nodes
+whose outputs nothing reads are dropped at the end (onnxruntime keeps a dead
+DequantizeLinear and the layout Transpose it drags in). Placement follows what
+onnxruntime fuses into integer kernels (see shared/NOTES.md):
 
 - Activations are uint8 (signed ones with zero point 128, see ``_zero_point``).
 - Conv/Gemm read DequantizeLinear'd inputs, weights (int8, per-channel scales on axis 0)
@@ -12,7 +15,8 @@ follows what onnxruntime fuses into integer kernels (see shared/NOTES.md):
 - A b-bit code (b < 8) rides in an 8-bit container; its exact range is enforced by a
   Clip on the integer side (QuantizeLinear -> Clip -> DequantizeLinear), which keeps the
   integer kernels; a float Clip before QuantizeLinear would not.
-- MaxPool and Flatten run on the codes themselves.
+- MaxPool and Flatten run on the codes themselves; MaxPool reads the codes before the
+  b-bit Clip (max commutes with a clamp), so the Clip runs on the pooled, 4x smaller tensor.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class _Emitter:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.consts_made: set[str] = set()
+        self.saturated: dict[str, str] = {}  # tensor -> its codes before the b-bit Clip
 
     def node(self, op: str, inputs: list[str], outputs: list[str], **attrs) -> None:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", **attrs))
@@ -69,18 +74,26 @@ class _Emitter:
 
     def quantize(self, pre: str, t: str, codes: str | None = None) -> None:
         """float ``pre`` -> codes ``t_q`` (clipped to the exact b-bit range) -> float ``t``."""
-        q: QParams = self.ir.qparams[t]
-        scale, zp = self.qconsts(t)
         codes = codes or f"{t}_q"
-        lo, hi = (v + _zero_point(q) for v in q.qrange)
-        if q.bits < 8:
-            self.node("QuantizeLinear", [pre, scale, zp], [f"{codes}.sat"])
-            self.node("Clip", [f"{codes}.sat", self.const(f"{t}.min", np.array(lo, np.uint8)),
-                               self.const(f"{t}.max", np.array(hi, np.uint8))], [codes])
-        else:
-            self.node("QuantizeLinear", [pre, scale, zp], [codes])
+        saturated = f"{codes}.sat" if self.ir.qparams[t].bits < 8 else codes
+        self.node("QuantizeLinear", [pre, *self.qconsts(t)], [saturated])
+        self.saturated[t] = saturated
+        self.clamp(saturated, t, codes)
         if codes == f"{t}_q":
-            self.node("DequantizeLinear", [codes, scale, zp], [t])
+            self.dequantize(codes, t)
+
+    def clamp(self, saturated: str, t: str, codes: str) -> None:
+        """Codes as QuantizeLinear saturates them to 8 bits -> ``codes`` in the exact b-bit
+        range of ``t`` (nothing to do at 8 bits)."""
+        q: QParams = self.ir.qparams[t]
+        if q.bits < 8:
+            lo, hi = (v + _zero_point(q) for v in q.qrange)
+            min_, max_ = f"{t}.min", f"{t}.max"
+            if min_ not in self.consts_made:
+                self.const(min_, np.array(lo, np.uint8))
+                self.const(max_, np.array(hi, np.uint8))
+                self.consts_made.add(min_)
+            self.node("Clip", [saturated, min_, max_], [codes])
 
     def dequantize(self, codes: str, t: str) -> None:
         self.node("DequantizeLinear", [codes, *self.qconsts(t)], [t])
@@ -120,8 +133,10 @@ class _Emitter:
             self.node("Add", [op.a, op.b], [f"{op.out}.pre"])
             self.quantize(f"{op.out}.pre", op.out)
         elif isinstance(op, MaxPoolOp):
-            self.node("MaxPool", [f"{op.inp}_q"], [f"{op.out}_q"], kernel_shape=[op.kernel] * 2,
+            pooled = f"{op.out}_q.sat" if self.ir.qparams[op.out].bits < 8 else f"{op.out}_q"
+            self.node("MaxPool", [self.saturated[op.inp]], [pooled], kernel_shape=[op.kernel] * 2,
                       strides=[op.stride] * 2, pads=[op.padding] * 4)
+            self.clamp(pooled, op.out, f"{op.out}_q")
             self.dequantize(f"{op.out}_q", op.out)
         elif isinstance(op, GlobalAvgPoolOp):
             self.node("GlobalAveragePool", [op.inp], [f"{op.out}.pre"])
@@ -132,17 +147,29 @@ class _Emitter:
             raise TypeError(f"cannot emit {type(op).__name__}")
 
 
+def _drop_unused(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
+                 output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes (last to first) and initializers that something reads on the way to ``output``."""
+    needed, kept = {output}, []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output):
+            kept.append(n)
+            needed.update(n.input)
+    return kept[::-1], [i for i in inits if i.name in needed]
+
+
 def to_onnx(ir: IntNet, metadata: Mapping[str, str], *, pack_int4: bool = False) -> onnx.ModelProto:
     """The ONNX model of ``ir`` (input: float NCHW image, output: float logits)."""
     emitter = _Emitter(ir, pack_int4)
     for op in ir.ops:
         emitter.emit(op)
+    nodes, inits = _drop_unused(emitter.nodes, emitter.inits, ir.output)
     r = ir.resolution
     graph = helper.make_graph(
-        emitter.nodes, "rtfq_subnet",
+        nodes, "rtfq_subnet",
         [helper.make_tensor_value_info(ir.input, TensorProto.FLOAT, ["N", 3, r, r])],
         [helper.make_tensor_value_info(ir.output, TensorProto.FLOAT, ["N", ir.num_classes])],
-        emitter.inits,
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="rtfq_deploy")
     model.ir_version = IR_VERSION
