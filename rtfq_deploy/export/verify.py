@@ -43,9 +43,10 @@ class VerifyReport:
     reference_max_diff_steps: float
     optimized_ops: dict[str, int]
     float_kernels: list[str]
-    # The float32-sized perturbations of the PyTorch subnet (its float32 run, and float64
-    # with jittered quantizer inputs) against the float64 subnet, the further of the two: how far float rounding alone moves this
-    # network. Measured only when the absolute bar is missed.
+    # How far float rounding alone moves this network: float32-sized perturbations of the
+    # PyTorch subnet (its float32 run, and if that does not cover the difference, float64
+    # with jittered quantizer inputs) against the float64 subnet, the further of them.
+    # Measured only when the absolute bar is missed.
     float32_top1_agreement: float | None = None
     float32_max_diff_steps: float | None = None
 
@@ -166,9 +167,17 @@ def verify(model: Supernet, net: ActiveSubnet, ir: IntNet, onnx_model: onnx.Mode
         # float rounding of a .5 tie takes either code in any float32 runtime (onnxruntime's
         # requantization is float32), and deep trained networks carry such a flip to the
         # logits; the integer kernels are judged against that.
+        # The jittered run (the costly one: float64 with noise at every quantizer) only when
+        # the float32 run alone does not already account for the difference; it can only
+        # widen the baseline, so skipping it never turns a failure into a pass.
+        def baseline(runs: list[np.ndarray]) -> None:
+            report.float32_top1_agreement = float(min((expected.argmax(1) == o.argmax(1)).mean() for o in runs))
+            report.float32_max_diff_steps = float(max(np.abs(expected - o).max() for o in runs) / step)
+
         with torch.no_grad():
-            own = torch.cat([model.eval()(c, net) for c in inputs.split(32)]).numpy()
-        jittered = torch_logits(model, net, inputs, jitter=FLOAT32_JITTER)
-        report.float32_top1_agreement = float(min((expected.argmax(1) == o.argmax(1)).mean() for o in (own, jittered)))
-        report.float32_max_diff_steps = float(max(np.abs(expected - o).max() for o in (own, jittered)) / step)
+            runs = [torch.cat([model.eval()(c, net) for c in inputs.split(32)]).numpy()]
+        baseline(runs)
+        if not (report.within_float_sensitivity and report.reference_agrees):
+            runs.append(torch_logits(model, net, inputs, jitter=FLOAT32_JITTER))
+            baseline(runs)
     return report
