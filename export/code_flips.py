@@ -49,7 +49,8 @@ def main() -> None:
     model, ir, net, _ = build_model(ckpt, SubnetConfig.parse(str(cfg)), "")
     norm = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
     x = load_folder(args.images, cfg.resolution, norm["mean"], norm["std"], limit=args.limit).float()
-    expected, step = torch_logits(ckpt.model, net, x), output_step(ir)
+    expected = torch_logits(ckpt.model, net, x)
+    step = output_step(expected)
     worst = 0
     for fused in (True, False):
         got = session(model, fused).run(None, {ir.input: x.numpy()})[0]

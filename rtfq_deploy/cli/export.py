@@ -17,7 +17,8 @@ def _describe(result) -> str:
     r = result.report
     if r is not None:
         parts.append(f"verified on {r.samples} inputs: top-1 agreement {r.top1_agreement:.3f}, "
-                     f"max logit diff {r.max_diff_steps:.2f} output steps, reference evaluator within "
+                     f"max logit diff {r.max_logit_diff:.3g} ({r.max_diff_steps:.2f} output steps, "
+                     f"{r.max_diff_input_steps:.2f} classifier-input steps), reference evaluator within "
                      f"{r.reference_max_diff_steps:.2f} steps, "
                      f"integer kernels only")
         if r.float32_top1_agreement is not None:
