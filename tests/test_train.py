@@ -18,8 +18,8 @@ from rtfq_deploy.checkpoint import load_checkpoint, save_checkpoint
 from rtfq_deploy.data.synth import SynthConfig, generate
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.space import SearchSpace
-from rtfq_deploy.train.config import TrainConfig
-from rtfq_deploy.train.loop import ema_update, lr_at, rampup
+from rtfq_deploy.train.config import ADAM_STEP_LR_SCALE, TrainConfig
+from rtfq_deploy.train.loop import ema_update, lr_at, make_optimizer, rampup
 from tests.test_cli import _one_line_error, _run
 
 SPACE = SearchSpace(resolutions=(32, 24), widths=(1.0, 0.5), bits=(8, 4))
@@ -152,6 +152,23 @@ def test_ema_and_lr_schedule():
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
     assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 55) == pytest.approx(0.5)
     assert lr_at(cfg, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_sizes_get_their_own_lr_scaled_for_the_optimizer():
+    torch.manual_seed(0)
+    model = build_supernet(SupernetConfig("tiny_resnet", num_classes=3, space=SPACE))
+    steps = {id(q.step) for _, q in model.quantizers()}
+
+    def step_group(cfg: TrainConfig) -> dict:
+        (group,) = [g for g in make_optimizer(model, cfg).param_groups if {id(p) for p in g["params"]} == steps]
+        return group
+
+    # Adam moves a parameter by about lr whatever its gradient scale: tiny 8-bit steps get a
+    # twentieth of the weights' lr; SGD keeps LSQ's gradient scale in charge.
+    assert step_group(TrainConfig()).get("lr_scale") == ADAM_STEP_LR_SCALE
+    assert step_group(TrainConfig(optimizer="sgd"))["lr_scale"] == 1.0
+    assert step_group(TrainConfig(step_lr_scale=0.3))["lr_scale"] == 0.3
+    assert step_group(TrainConfig())["weight_decay"] == 0.0
 
 
 def test_target_terms_start_late_and_ramp_up():

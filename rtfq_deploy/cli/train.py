@@ -15,7 +15,7 @@ from rtfq_deploy.cli.common import Command, setup_logging
 _OVERRIDES = {
     "steps": "steps", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer", "ema": "ema",
     "rule": "rule", "n_random": "n_random", "single_bits": "single_bits", "seed": "seed",
-    "warmup_steps": "warmup_steps", "rampup_steps": "rampup_steps", "target_start": "target_start", "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every",
+    "warmup_steps": "warmup_steps", "step_lr_scale": "step_lr_scale", "rampup_steps": "rampup_steps", "target_start": "target_start", "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "calib_images": "calib_images", "workers": "workers", "device": "device",
 }
 _LOSS_OVERRIDES = {"w_ce": "ce", "w_distill": "distill", "w_pseudo": "pseudo", "w_im": "im", "threshold": "threshold"}
@@ -49,6 +49,8 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 @click.option("--batch-size", type=int, help="Images per step, half source and half target.  [default: 64]")
 @click.option("--lr", type=float, help="Peak learning rate (cosine annealed).  [default: 2e-4]")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="[default: adam]")
+@click.option("--step-lr-scale", type=float,
+              help="lr of the quantizer step sizes relative to --lr.  [default: 0.05 with adam, 1 with sgd]")
 @click.option("--weight-decay", type=float, help="Weight decay of the weights (not the step sizes).  [default: 0]")
 @click.option("--warmup-steps", type=int, help="Linear warm-up steps.  [default: 0]")
 @click.option("--target-start", type=int, help="Source-only steps before the target terms start.  [default: 0]")
