@@ -168,6 +168,7 @@ def test_step_sizes_get_their_own_lr_scaled_for_the_optimizer():
     assert step_group(TrainConfig()).get("lr_scale") == ADAM_STEP_LR_SCALE
     assert step_group(TrainConfig(optimizer="sgd"))["lr_scale"] == 1.0
     assert step_group(TrainConfig(step_lr_scale=0.3))["lr_scale"] == 0.3
+    assert TrainConfig().to_dict()["step_lr_scale"] == ADAM_STEP_LR_SCALE  # run.json records the value used
     assert step_group(TrainConfig())["weight_decay"] == 0.0
 
 

@@ -136,6 +136,7 @@ class _Emitter:
             pooled = f"{op.out}_q.sat" if self.ir.qparams[op.out].bits < 8 else f"{op.out}_q"
             self.node("MaxPool", [self.saturated[op.inp]], [pooled], kernel_shape=[op.kernel] * 2,
                       strides=[op.stride] * 2, pads=[op.padding] * 4)
+            self.saturated[op.out] = pooled
             self.clamp(pooled, op.out, f"{op.out}_q")
             self.dequantize(f"{op.out}_q", op.out)
         elif isinstance(op, GlobalAvgPoolOp):

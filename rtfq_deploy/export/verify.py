@@ -40,6 +40,7 @@ class VerifyReport:
     max_diff_steps: float  # in output quantization steps (see output_step)
     output_step: float
     max_diff_input_steps: float  # the same difference in the finer classifier_input_step
+    beyond_bar: int  # inputs whose logits differ by more than MAX_OUTPUT_STEPS
     reference_top1_match: bool
     reference_max_diff_steps: float
     optimized_ops: dict[str, int]
@@ -50,6 +51,7 @@ class VerifyReport:
     # Measured only when the absolute bar is missed.
     float32_top1_agreement: float | None = None
     float32_max_diff_steps: float | None = None
+    float32_beyond_bar: int | None = None
 
     @property
     def exact(self) -> bool:
@@ -58,13 +60,16 @@ class VerifyReport:
 
     @property
     def within_float_sensitivity(self) -> bool:
-        """onnxruntime is no further from the float64 subnet than PyTorch's float32 run is
-        (with slack for sampling: twice the disagreements plus one, twice the steps plus two).
-        Deep networks carry single code flips at float32 near-ties to the logits."""
-        if self.float32_top1_agreement is None or self.float32_max_diff_steps is None:
+        """onnxruntime is no further from the float64 subnet than float32-sized perturbations
+        of it are, in the worst input and in how many inputs miss (with slack for sampling:
+        twice the count plus one, twice the steps plus two). Deep networks carry single code
+        flips at float32 near-ties to the logits of a few inputs; an export error moves most
+        inputs, which the counts catch even where the worst case is excused."""
+        if self.float32_top1_agreement is None or self.float32_max_diff_steps is None or self.float32_beyond_bar is None:
             return False
         misses, misses32 = (round((1 - a) * self.samples) for a in (self.top1_agreement, self.float32_top1_agreement))
-        return misses <= 2 * misses32 + 1 and self.max_diff_steps <= 2 * self.float32_max_diff_steps + MAX_OUTPUT_STEPS
+        return (misses <= 2 * misses32 + 1 and self.beyond_bar <= 2 * self.float32_beyond_bar + 1
+                and self.max_diff_steps <= 2 * self.float32_max_diff_steps + MAX_OUTPUT_STEPS)
 
     @property
     def reference_agrees(self) -> bool:
@@ -83,8 +88,10 @@ class VerifyReport:
         out = []
         if not (self.exact or self.within_float_sensitivity):
             out.append(f"top-1 agreement {self.top1_agreement:.4f} and max logit difference "
-                       f"{self.max_diff_steps:.2f} output steps miss the bar ({MIN_TOP1_AGREEMENT}, {MAX_OUTPUT_STEPS}) "
-                       f"and float32 evaluation itself gets {self.float32_top1_agreement}, {self.float32_max_diff_steps}")
+                       f"{self.max_diff_steps:.2f} output steps ({self.beyond_bar} inputs beyond {MAX_OUTPUT_STEPS}) "
+                       f"miss the bar ({MIN_TOP1_AGREEMENT}, {MAX_OUTPUT_STEPS}), and float32-sized perturbations "
+                       f"of the subnet get only {self.float32_top1_agreement}, {self.float32_max_diff_steps} "
+                       f"({self.float32_beyond_bar} inputs)")
         if not self.reference_agrees:
             out.append(f"the ONNX reference evaluator disagrees with onnxruntime (top-1 match "
                        f"{self.reference_top1_match}, {self.reference_max_diff_steps:.2f} output steps)")
@@ -155,7 +162,8 @@ def verify(model: Supernet, net: ActiveSubnet, ir: IntNet, onnx_model: onnx.Mode
     from onnx.reference import ReferenceEvaluator
 
     ref = ReferenceEvaluator(onnx_model).run(None, {ir.input: inputs[:1].numpy()})[0]
-    step = output_step(expected) or classifier_input_step(ir)  # all-zero logits: the finer unit
+    fine = classifier_input_step(ir) or 1.0  # an all-zero classifier: plain logit units
+    step = output_step(expected) or fine  # all-zero logits: the finer unit
     diff = np.abs(expected - got)
     report = VerifyReport(
         samples=len(inputs),
@@ -163,7 +171,8 @@ def verify(model: Supernet, net: ActiveSubnet, ir: IntNet, onnx_model: onnx.Mode
         max_logit_diff=float(diff.max()),
         max_diff_steps=float(diff.max() / step),
         output_step=step,
-        max_diff_input_steps=float(diff.max() / classifier_input_step(ir)),
+        max_diff_input_steps=float(diff.max() / fine),
+        beyond_bar=int((diff.max(1) > MAX_OUTPUT_STEPS * step).sum()),
         reference_top1_match=bool(ref.argmax(1)[0] == got[:1].argmax(1)[0]),
         reference_max_diff_steps=float(np.abs(ref - got[:1]).max() / step),
         optimized_ops=dict(sorted(ops.items())),
@@ -182,6 +191,8 @@ def verify(model: Supernet, net: ActiveSubnet, ir: IntNet, onnx_model: onnx.Mode
         def baseline(runs: list[np.ndarray]) -> None:
             report.float32_top1_agreement = float(min((expected.argmax(1) == o.argmax(1)).mean() for o in runs))
             report.float32_max_diff_steps = float(max(np.abs(expected - o).max() for o in runs) / step)
+            report.float32_beyond_bar = max(int((np.abs(expected - o).max(1) > MAX_OUTPUT_STEPS * step).sum())
+                                            for o in runs)
 
         with torch.no_grad():
             runs = [torch.cat([model.eval()(c, net) for c in inputs.split(32)]).numpy()]

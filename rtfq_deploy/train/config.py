@@ -28,8 +28,13 @@ class TrainConfig:
     lr: float = 2e-4
     optimizer: str = "adam"  # or "sgd" (momentum 0.9, nesterov)
     weight_decay: float = 0.0
-    # lr of the quantizer step sizes relative to ``lr``; None: ADAM_STEP_LR_SCALE with Adam,
-    # 1 with SGD (see step_lr_factor).
+    # lr of the quantizer step sizes relative to ``lr``. None (the default) becomes 1 with
+    # SGD, where LSQ's gradient scale 1/sqrt(N Qp) paces the steps like the weights, and
+    # ADAM_STEP_LR_SCALE with Adam, which undoes any gradient scale and moves every
+    # parameter by about lr per step: an 8-bit weight step (~1e-3) at lr 2e-3 moved by its
+    # own size within a few steps, and training only at 8 bits reached 0.56 mean target
+    # top-1 against 0.97 at a twentieth of the lr (train/uda_ablation.py, seed 1). The
+    # resolved value is what run.json stores.
     step_lr_scale: float | None = None
     warmup_steps: int = 0
     target_start: int = 0  # steps of source-only training before the target terms start
@@ -54,7 +59,9 @@ class TrainConfig:
             raise RtfqError(f"--batch-size must be even (half source, half target), got {self.batch_size}")
         if self.lr <= 0:
             raise RtfqError("--lr must be positive")
-        if self.step_lr_scale is not None and self.step_lr_scale < 0:
+        if self.step_lr_scale is None:
+            object.__setattr__(self, "step_lr_scale", ADAM_STEP_LR_SCALE if self.optimizer == "adam" else 1.0)
+        if self.step_lr_scale < 0:
             raise RtfqError("--step-lr-scale must be >= 0")
         if self.optimizer not in ("adam", "sgd"):
             raise RtfqError(f"unknown optimizer {self.optimizer!r} (adam or sgd)")
@@ -70,20 +77,6 @@ class TrainConfig:
             raise RtfqError("--n-random, --checkpoint-every, --log-every and --calib-images must be positive")
         if self.device not in ("auto", "cpu", "cuda"):
             raise RtfqError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-
-    @property
-    def step_lr_factor(self) -> float:
-        """The step sizes' lr relative to ``lr``.
-
-        LSQ scales the step's gradient by 1/sqrt(N Qp) so that SGD moves it at the pace of
-        the weights. Adam undoes any gradient scale: it moves every parameter by about lr
-        per step. An 8-bit weight step is ~1e-3, so at lr 2e-3 it moved by its own size
-        within a few steps, and training only at 8 bits reached 0.56 mean target top-1
-        against 0.97 with the step sizes' lr 20x lower (train/uda_ablation.py, seed 1).
-        """
-        if self.step_lr_scale is not None:
-            return self.step_lr_scale
-        return ADAM_STEP_LR_SCALE if self.optimizer == "adam" else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

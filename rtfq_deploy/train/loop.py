@@ -104,7 +104,7 @@ def make_optimizer(model: Supernet, cfg: TrainConfig) -> torch.optim.Optimizer:
     weights = [p for p in model.parameters() if id(p) not in steps]
     step_params = [p for p in model.parameters() if id(p) in steps]
     groups = [{"params": weights, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-              {"params": step_params, "weight_decay": 0.0, "lr_scale": cfg.step_lr_factor}]
+              {"params": step_params, "weight_decay": 0.0, "lr_scale": cfg.step_lr_scale}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     return torch.optim.Adam(groups, lr=cfg.lr)
