@@ -85,9 +85,11 @@ def child(path: str, threads: int, runs: int) -> None:
 
 
 def measure(path: str, threads: int, runs: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", path, str(threads), str(runs)],
-                         capture_output=True, text=True, check=True).stdout
-    return float(out.split()[-1])
+    done = subprocess.run([sys.executable, __file__, "--child", path, str(threads), str(runs)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"measuring {path} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1])
 
 
 def int8_gemm_rate(threads: int, reps: int = 20) -> float:
@@ -119,6 +121,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per process, after 5 warm-up runs")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="export_latency_")
+    try:
+        run(args, workdir)
+    finally:
+        shutil.rmtree(workdir)
+
+
+def run(args: argparse.Namespace, workdir: str) -> None:
     torch.set_num_threads(1)  # no OpenMP pool left spinning in this process while children measure
     torch.manual_seed(0)
     model = build_supernet(SupernetConfig("resnet50")).eval()
@@ -165,7 +174,6 @@ def main() -> None:
                                   "fp32/ours", "of int8 GEMM rate", "int4 file unexpanded ms"]))
     print()
     print(tabulate(size_rows, headers=["subnet", "fp32 MB", "ours MB", "ours/fp32", "int4 pack/fp32"]))
-    shutil.rmtree(workdir)
 
 
 if __name__ == "__main__":
