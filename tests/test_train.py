@@ -172,6 +172,16 @@ def test_step_sizes_get_their_own_lr_scaled_for_the_optimizer():
     assert step_group(TrainConfig())["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("name", ["synth_cpu", "office31", "officehome", "domainnet"])
+def test_built_in_recipes_are_valid_settings(name):
+    from rtfq_deploy.cli.train import _read_recipe
+
+    settings = _read_recipe(Path(name))  # found by name, as --recipe NAME does
+    cfg = TrainConfig.from_dict(settings)
+    assert cfg.optimizer == "adam" and cfg.step_lr_scale == ADAM_STEP_LR_SCALE
+    assert cfg.to_dict() == TrainConfig.from_dict(cfg.to_dict()).to_dict()  # what run.json stores reloads
+
+
 def test_target_terms_start_late_and_ramp_up():
     cfg = TrainConfig(steps=100, target_start=20, rampup_steps=10)
     assert rampup(cfg, 0) == 0.0 and rampup(cfg, 19) == 0.0
