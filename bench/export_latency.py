@@ -69,19 +69,24 @@ def ort_quantize_static(fp32: onnx.ModelProto, resolution: int) -> bytes:
         return open(dst, "rb").read()
 
 
+def median_run(s: ort.InferenceSession, feed: dict, runs: int, warmup: int) -> float:
+    """Median seconds of ``runs`` timed runs of ``s`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        s.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        s.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def child(path: str, threads: int, runs: int) -> None:
     """Print the median seconds of ``runs`` runs of the model at ``path`` (after warm-up)."""
     s = session(open(path, "rb").read(), threads)
     r = s.get_inputs()[0].shape[2]
     x = {"input": np.random.default_rng(1).standard_normal((1, 3, r, r)).astype(np.float32)}
-    for _ in range(5):
-        s.run(None, x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        s.run(None, x)
-        times.append(time.perf_counter() - start)
-    print(statistics.median(times))
+    print(median_run(s, x, runs, warmup=5))
 
 
 def measure(path: str, threads: int, runs: int) -> float:
@@ -103,13 +108,7 @@ def int8_gemm_rate(threads: int, reps: int = 20) -> float:
     s = session(model.SerializeToString(), threads)
     rng = np.random.default_rng(0)
     feed = {"a": rng.integers(0, 255, (m, k), dtype=np.uint8), "b": rng.integers(-128, 127, (k, n), dtype=np.int8)}
-    s.run(None, feed)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        s.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return m * k * n / statistics.median(times)
+    return m * k * n / median_run(s, feed, reps, warmup=1)
 
 
 def main() -> None:
