@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from typing import Any, Callable, Sequence
 
@@ -54,6 +55,66 @@ class Command(_OneLineErrors, click.Command):
 
 class Group(_OneLineErrors, click.Group):
     command_class = Command
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is finite and within [low, high] (or the open ends with ``*_open``).
+
+    click.FloatRange lets NaN through (every comparison with NaN is false), so the
+    boundary check is written once here and every numeric option uses it.
+    """
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float) and math.isfinite(value):
+            number = value
+        else:
+            try:
+                number = float(str(value).strip())
+            except (TypeError, ValueError, OverflowError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.low is not None and (number < self.low or (self.low_open and number == self.low)):
+            self.fail(f"{value} must be {'>' if self.low_open else '>='} {self.low:g}", param, ctx)
+        if self.high is not None and (number > self.high or (self.high_open and number == self.high)):
+            self.fail(f"{value} must be {'<' if self.high_open else '<='} {self.high:g}", param, ctx)
+        return number
+
+
+class BoundedInt(click.ParamType):
+    """An integer within [low, high]; both bounds are required, so no option takes a
+    value that later overflows a C integer or allocates without limit."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        if isinstance(value, int):
+            number = value
+        else:
+            text = str(value).strip()
+            if len(text) > 40:
+                self.fail("is not an integer in range", param, ctx)
+            try:
+                number = int(text)
+            except ValueError:
+                self.fail(f"{value!r} is not an integer", param, ctx)
+        if not self.low <= number <= self.high:
+            self.fail(f"{number} is not between {self.low} and {self.high}", param, ctx)
+        return number
+
+
+SEED = BoundedInt(0, 2**31 - 1)
 
 
 def comma_list(kind: Callable[[str], Any]) -> Callable[[click.Context | None, click.Parameter | None, str | None], tuple | None]:
