@@ -36,6 +36,10 @@ _UNIT_KIND = {"time": ("latency", "latency-p90"), "bytes": ("memory", "size"), "
 _TIME = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 _BYTES = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _COUNT = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+# Largest value a limit may take, per unit kind: far beyond any device (1e15 ms, 1 EiB,
+# 1e18 operations), small enough that every later sum or ratio stays finite.
+_MAX = {"time": 1e15, "bytes": float(2**60), "count": 1e18}
+_MAX_TEXT = 1000
 _NUMBER_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([A-Za-z]*)")
 
 
@@ -75,7 +79,13 @@ def parse_number(text: str, unit_kind: str) -> float:
     if scale is None:
         units = ", ".join(u for u in _scales(unit_kind) if u) or "none"
         raise RtfqError(f"malformed budget {text!r}: unit {unit or '(none)'!r} is not one of {units}")
-    return _finite(value * scale, text)
+    return _finite(value * scale, text, unit_kind)
+
+
+def parse_count(text: str) -> float:
+    """A MAC or BitOP count: '0.8G' -> 8e8 (suffixes K, M, G, T: powers of 1000), as
+    ``rtfq-export --budget`` takes it."""
+    return parse_number(text, "count")
 
 
 def parse_limit(text: str) -> Limit:
@@ -89,9 +99,9 @@ def parse_limit(text: str) -> Limit:
     value, unit = _split(text)
     unit = unit.lower()
     if unit in _TIME:
-        return Limit("latency", _finite(value * _TIME[unit], text))
+        return Limit("latency", _finite(value * _TIME[unit], text, "time"))
     if unit in _COUNT:
-        return Limit("macs", _finite(value * _COUNT[unit], text))
+        return Limit("macs", _finite(value * _COUNT[unit], text, "count"))
     if unit in _BYTES:
         raise RtfqError(f"budget {text!r} could be peak memory or file size: write memory={text} or size={text}")
     raise RtfqError(f"malformed budget {text!r}: unknown unit {unit!r}")
@@ -99,6 +109,8 @@ def parse_limit(text: str) -> Limit:
 
 def parse_budget(text: str) -> Budget:
     """``'latency=20ms,memory=64MB'`` -> a Budget whose limits must all hold."""
+    if len(text) > _MAX_TEXT:
+        raise RtfqError(f"malformed budget: {len(text)} characters is too long for a budget")
     parts = [p for p in text.split(",") if p.strip()]
     if not parts:
         raise RtfqError("empty budget: expected e.g. 20ms, memory=64MB or 0.8G")
@@ -162,6 +174,8 @@ def pareto_front(entries: Sequence[Mapping[str, Any]], cost_key: str) -> list[Ma
 
 
 def _split(text: str) -> tuple[float, str]:
+    if len(text) > _MAX_TEXT:
+        raise RtfqError(f"malformed budget: {len(text)} characters is too long for a budget")
     match = _NUMBER_RE.fullmatch(text.strip())
     if match is None:
         raise RtfqError(f"malformed budget {text!r}: expected a number and a unit, e.g. 20ms, 64MB or 0.8G")
@@ -171,9 +185,11 @@ def _split(text: str) -> tuple[float, str]:
     return value, match[3]
 
 
-def _finite(value: float, text: str) -> float:
-    if not math.isfinite(value) or value <= 0:
-        raise RtfqError(f"budget {text!r} is out of range")
+def _finite(value: float, text: str, unit_kind: str) -> float:
+    """Every limit is a positive number no larger than the kind's maximum."""
+    if not math.isfinite(value) or value <= 0 or value > _MAX[unit_kind]:
+        top = format_value(_UNIT_KIND[unit_kind][0], _MAX[unit_kind], digits=3)
+        raise RtfqError(f"budget {text!r} is out of range (positive, at most {top})")
     return value
 
 

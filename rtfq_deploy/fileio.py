@@ -5,10 +5,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
-import tempfile
+import secrets
+import stat
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
+
+log = logging.getLogger(__name__)
+
+# A temporary file whose writer is alive is never removed; one whose name carries no pid
+# (or a pid that is alive but has not touched it for this long) is taken as abandoned.
+STALE_TMP_AGE_S = 6 * 3600.0
 
 
 @contextlib.contextmanager
@@ -18,13 +28,19 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = False) -> Iterato
 
     ``overwrite=False`` raises FileExistsError if ``path`` exists (checked before writing
     and again, atomically, at the rename for the no-overwrite case).
+
+    The temporary file is ``.<name>.<pid>.<random>.tmp``; temporaries of the same
+    destination left by a killed writer (its pid is gone) are removed first, so a
+    ``kill -9`` costs disk space only until the next write of that file.
     """
     dest = Path(path)
     if not overwrite and dest.exists():
         raise FileExistsError(f"{dest} exists (use --force to overwrite)")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        remove_stale_temporaries(dest)
+        tmp = str(dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     except OSError as e:
         raise OSError(e.errno, f"cannot write {dest}: {e.strerror}") from None
     try:
@@ -42,6 +58,48 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = False) -> Iterato
             os.unlink(tmp)
         raise
     _fsync_dir(dest.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # another user's live process (or a pid no kill can name)
+    return True
+
+
+def remove_stale_temporaries(dest: str | os.PathLike, max_age_s: float = STALE_TMP_AGE_S) -> list[Path]:
+    """Remove ``.<name>.*.tmp`` files beside ``dest`` that no live writer owns.
+
+    A temporary is stale when the pid in its name is not running, or when it has not been
+    modified for ``max_age_s`` (a name without a pid, from an older version, or a reused
+    pid). Concurrent writers are safe: each only ever removes files whose writer is gone,
+    and removal races are ignored. Returns the removed paths.
+    """
+    dest = Path(dest)
+    prefix = f".{dest.name}."
+    removed = []
+    try:
+        candidates = [p for p in dest.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    now = time.time()
+    for tmp in candidates:
+        middle = tmp.name[len(prefix):-len(".tmp")]
+        pid_text = middle.split(".", 1)[0]
+        try:
+            old = now - tmp.lstat().st_mtime > max_age_s
+        except OSError:
+            continue
+        dead = pid_text.isdigit() and len(pid_text) <= 10 and "." in middle and not _pid_alive(int(pid_text))
+        if dead or old:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+                log.info("removed %s, left by a writer that is gone", tmp)
+    return removed
 
 
 def _mode_for(dest: Path) -> int:
@@ -97,15 +155,100 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """The JSON in ``path``; an unreadable or malformed file is one RtfqError naming ``what``."""
+# Caps of read_json: one default for every JSON file the toolkit reads, and a depth no
+# honest file reaches (accuracy tables, results, manifests and run.json nest at most 5).
+JSON_MAX_BYTES = 64 * 2**20
+JSON_MAX_DEPTH = 64
+_MAX_INT_DIGITS = 40
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _BadNumber(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadNumber(f"{text[:20]}{'...' if len(text) > 20 else ''}, not a finite number")
+    return value
+
+
+def _parse_constant(text: str) -> float:
+    raise _BadNumber(f"{text}, not a finite number")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, iteratively (no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def read_json(path: str | os.PathLike, what: str, *, max_bytes: int = JSON_MAX_BYTES, max_depth: int = JSON_MAX_DEPTH,
+              expect: type | tuple[type, ...] | None = None) -> Any:
+    """The JSON in ``path``, bounded so that a hostile file is one RtfqError naming ``what``.
+
+    Refused: files over ``max_bytes``, nesting deeper than ``max_depth``, non-UTF-8 text,
+    NaN/Infinity, numbers that overflow a float, integers of more than 40 digits, and (with
+    ``expect``) a top-level value of another type. Callers still check the fields they use.
+    """
     from rtfq_deploy.errors import RtfqError
 
     try:
-        return json.loads(Path(path).read_text())
+        # O_NONBLOCK: a FIFO or device given as a JSON file must not hang the open
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RtfqError(f"{path}: cannot read {what}: not a regular file")
+            raw = f.read(max_bytes + 1)
     except OSError as e:
-        raise RtfqError(f"{path}: cannot read {what}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        detail = f"{e.msg} (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-        raise RtfqError(f"{path}: not JSON: {detail}") from None
+        raise RtfqError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    return parse_json(raw, f"{path}", what, max_bytes=max_bytes, max_depth=max_depth, expect=expect)
 
+
+def parse_json(raw: bytes | str, where: str, what: str, *, max_bytes: int = JSON_MAX_BYTES,
+               max_depth: int = JSON_MAX_DEPTH, expect: type | tuple[type, ...] | None = None) -> Any:
+    """:func:`read_json` for bytes already in hand (a body, a file read elsewhere)."""
+    from rtfq_deploy.errors import RtfqError
+
+    if len(raw) > max_bytes:
+        raise RtfqError(f"{where}: the {what} is larger than {max_bytes / 2**20:g} MiB")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        raise RtfqError(f"{where}: not JSON: not UTF-8 text") from None
+    try:
+        data = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    except _BadNumber as e:
+        raise RtfqError(f"{where}: the {what} holds {e}") from None
+    except json.JSONDecodeError as e:
+        raise RtfqError(f"{where}: not JSON: {e.msg} (line {e.lineno})") from None
+    except RecursionError:
+        raise RtfqError(f"{where}: the {what} is nested deeper than {max_depth} levels") from None
+    if _depth(data, max_depth) > max_depth:
+        raise RtfqError(f"{where}: the {what} is nested deeper than {max_depth} levels")
+    if expect is not None and not isinstance(data, expect):
+        names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
+        kind = {"dict": "a JSON object", "list": "a JSON array"}
+        raise RtfqError(f"{where}: the {what} must be {kind.get(names, names)}, not {_json_type(data)}")
+    return data
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "true/false"), (dict, "an object"), (list, "an array"), (str, "a string"),
+                       (int, "a number"), (float, "a number")):
+        if isinstance(value, kind):
+            return name
+    return "null"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import time
@@ -74,15 +75,23 @@ class Entry:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], device: str) -> "Entry":
+        """An entry from parsed JSON, every field of the type the schema gives (a string
+        where a number belongs, NaN or a negative size is refused, not coerced)."""
+        where = f"manifest entry for device {device!r}"
+        if not isinstance(d, Mapping):
+            raise RtfqError(f"{where} is malformed: not an object")
         try:
-            entry = cls(subnet=str(d["subnet"]), path=str(d["path"]), sha256=str(d["sha256"]),
-                        size_bytes=int(d["size_bytes"]), latency_p50_ms=float(d["latency_p50_ms"]),
-                        latency_p90_ms=float(d["latency_p90_ms"]), peak_memory_bytes=int(d["peak_memory_bytes"]),
-                        macs=int(d["macs"]), bitops=int(d["bitops"]),
-                        accuracy=None if d.get("accuracy") is None else float(d["accuracy"]),
-                        budgets=tuple(str(b) for b in d.get("budgets", ())))
+            budgets = d.get("budgets", ())
+            if not isinstance(budgets, (list, tuple)) or not all(isinstance(b, str) for b in budgets):
+                raise ValueError("'budgets' must be a list of strings")
+            accuracy = d.get("accuracy")
+            entry = cls(subnet=_text(d, "subnet"), path=_text(d, "path"), sha256=_text(d, "sha256"),
+                        size_bytes=_count(d, "size_bytes"), latency_p50_ms=_real(d, "latency_p50_ms"),
+                        latency_p90_ms=_real(d, "latency_p90_ms"), peak_memory_bytes=_count(d, "peak_memory_bytes"),
+                        macs=_count(d, "macs"), bitops=_count(d, "bitops"),
+                        accuracy=None if accuracy is None else _real(d, "accuracy"), budgets=tuple(budgets))
         except (KeyError, TypeError, ValueError) as e:
-            raise RtfqError(f"manifest entry for device {device!r} is malformed: {e}") from None
+            raise RtfqError(f"{where} is malformed: {e}") from None
         device_dir, _, file_name = entry.path.partition("/")
         if device_dir != device or not file_name.endswith(".onnx"):
             raise RtfqError(f"manifest entry path {entry.path!r} is not {device}/<name>.onnx")
@@ -90,6 +99,29 @@ class Entry:
         if not _SHA_RE.fullmatch(entry.sha256):
             raise RtfqError(f"manifest entry {entry.path!r} has a malformed sha256")
         return entry
+
+
+def _text(d: Mapping[str, Any], key: str) -> str:
+    value = d[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{key!r} must be a string")
+    return value
+
+
+def _count(d: Mapping[str, Any], key: str) -> int:
+    value = d[key]
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise ValueError(f"{key!r} must be a non-negative integer")
+    return value
+
+
+def _real(d: Mapping[str, Any], key: str) -> float:
+    value = d[key]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key!r} must be a finite, non-negative number")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -125,7 +157,9 @@ def parse_manifest(data: Any, where: str = MANIFEST) -> Manifest:
         check_name(name)
         if not isinstance(d, dict) or not isinstance(d.get("files"), list):
             raise RtfqError(f"{where}: device {name!r} has no 'files' list")
-        out[name] = Device(fingerprint=dict(d.get("fingerprint") or {}), updated=str(d.get("updated", "")),
+        if not isinstance(d.get("fingerprint") or {}, dict) or not isinstance(d.get("updated", ""), str):
+            raise RtfqError(f"{where}: device {name!r} has a malformed 'fingerprint' or 'updated'")
+        out[name] = Device(fingerprint=dict(d.get("fingerprint") or {}), updated=d.get("updated", ""),
                            files=tuple(Entry.from_dict(e, name) for e in d["files"]))
     return Manifest(out)
 
@@ -135,7 +169,7 @@ def read_manifest(dist_dir: str | os.PathLike) -> Manifest:
     path = Path(dist_dir) / MANIFEST
     if not path.exists():
         return Manifest({})
-    return parse_manifest(read_json(path, "manifest"), str(path))
+    return parse_manifest(read_json(path, "manifest", expect=dict), str(path))
 
 
 def write_manifest(dist_dir: str | os.PathLike, manifest: Manifest) -> Path:

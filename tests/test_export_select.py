@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from rtfq_deploy.costs import Costs
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.export.select import bucket_budgets, choose, parse_budget, read_accuracy
+from rtfq_deploy.budget import parse_count as parse_budget
+from rtfq_deploy.export.select import bucket_budgets, choose, read_accuracy
 from rtfq_deploy.space import SubnetConfig
 
 
@@ -26,7 +27,8 @@ def test_parse_budget(text, value):
     assert parse_budget(text) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("text", ["", "G", "0.8X", "-1G", "0", "1..2G", "abc", "0.8GG"])
+@pytest.mark.parametrize("text", ["", "G", "0.8X", "-1G", "0", "1..2G", "abc", "0.8GG", "1e400G", "1e999999999",
+                                  "9" * 5000, "1e19", "nan", "inf", "0.8G,1G"])
 def test_malformed_budgets(text):
     with pytest.raises(RtfqError):
         parse_budget(text)

@@ -196,8 +196,8 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
     """A results file, checked enough that select can trust its shape."""
-    data = read_json(path, "results")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    data = read_json(path, "results", expect=dict)
+    if data.get("format") != FORMAT:
         raise RtfqError(f"{path}: not an rtfq-bench results file")
     if data.get("version") != VERSION:
         raise RtfqError(f"{path}: results version {data.get('version')!r} is not supported (this toolkit reads {VERSION})")
@@ -211,6 +211,9 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
             if bad or not isinstance(row.get("subnet"), str) or not _SHA_RE.fullmatch(str(row.get("sha256"))):
                 what = ", ".join(bad) or "subnet or sha256"
                 raise RtfqError(f"{path}: model row {i} ({row.get('subnet')}) has no valid {what}")
+            counts = [k for k in ("macs", "bitops") if row.get(k) is not None and not (_is_number(row[k]) and isinstance(row[k], int))]
+            if counts:
+                raise RtfqError(f"{path}: model row {i} ({row['subnet']}) has a malformed {', '.join(counts)}")
     return data
 
 

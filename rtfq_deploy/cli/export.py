@@ -70,9 +70,10 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
     from rtfq_deploy.costs import space_costs
     from rtfq_deploy.export.api import ExportOptions, VerificationFailed, export_subnet
     from rtfq_deploy.fileio import sha256_file
-    from rtfq_deploy.export.select import bucket_budgets, choose, parse_budget, read_accuracy
+    from rtfq_deploy.budget import parse_count
+    from rtfq_deploy.export.select import bucket_budgets, choose, read_accuracy
 
-    budget_value = parse_budget(budget) if budget else None  # bad input fails before the slow load
+    budget_value = parse_count(budget) if budget else None  # bad input fails before the slow load
     table = read_accuracy(accuracy) if accuracy else None
     ckpt = load_checkpoint(checkpoint)
     space = ckpt.model.config.space

@@ -1,8 +1,7 @@
-"""Choosing subnets for a budget: budget strings, accuracy tables and the choice rule."""
+"""Choosing subnets for a MAC or BitOP budget (parsed by :func:`rtfq_deploy.budget.parse_count`)."""
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 from rtfq_deploy.accuracy import read_accuracy  # noqa: F401  (torch-free home; re-exported here)
@@ -11,19 +10,6 @@ from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.space import SubnetConfig
 
 METRICS = ("macs", "bitops")
-_SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-_BUDGET_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([kKMGT]?)")
-
-
-def parse_budget(text: str) -> float:
-    """'0.8G' -> 8e8. Suffixes K, M, G, T (powers of 1000)."""
-    match = _BUDGET_RE.fullmatch(text.strip())
-    if match is None:
-        raise RtfqError(f"malformed budget {text!r}: expected a number with an optional K/M/G/T suffix, e.g. 0.8G")
-    value = float(match[1]) * 10 ** int(match[2] or 0) * _SUFFIX[match[3].upper()]
-    if value <= 0:
-        raise RtfqError(f"budget must be positive, got {text!r}")
-    return value
 
 
 def format_cost(value: float, metric: str) -> str:
