@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from rtfq_deploy.data.folders import check_same_classes, scan
 from rtfq_deploy.data.pipeline import Stream, augment, load_domain, step_indices
@@ -57,7 +57,46 @@ def test_synth_cli_and_errors(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "source 6 images" in result.stdout
     _one_line_error(_run("rtfq", "data", "synth", str(tmp_path / "s")), "not empty")
-    _one_line_error(_run("rtfq", "data", "synth", str(tmp_path / "t"), "--classes", "40"), "--classes must be between")
+    _one_line_error(_run("rtfq", "data", "synth", str(tmp_path / "t"), "--classes", "40"), "not between 2 and 16")
+    for bad in (["--seed", "-1"], ["--seed", "9" * 30], ["--size", "nan"], ["--shift", "huge"], ["--per-class", "0"]):
+        _one_line_error(_run("rtfq", "data", "synth", str(tmp_path / "u"), *bad), "Invalid value")
+    _one_line_error(_run("rtfq", "data", "synth", ""), "must name a folder")
+    assert not (tmp_path / "u").exists() and not (tmp_path / "t").exists()
+
+
+def test_strong_shift_keeps_the_source_and_changes_the_target(tmp_path):
+    """Deterministic; its source split is the mild shift's; its target is another distribution."""
+    import numpy as np
+
+    config = dict(classes=16, per_class=3, test_per_class=1, size=32, seed=4)
+    generate(tmp_path / "strong", SynthConfig(shift="strong", **config))
+    generate(tmp_path / "again", SynthConfig(shift="strong", **config))
+    generate(tmp_path / "mild", SynthConfig(shift="mild", **config))
+    assert _digest(tmp_path / "strong") == _digest(tmp_path / "again")
+    assert _digest(tmp_path / "strong" / "source") == _digest(tmp_path / "mild" / "source")
+    assert scan(tmp_path / "strong" / "target").classes == tuple(sorted(SHAPES))
+    pixels = {name: np.stack([np.asarray(Image.open(p), dtype=float) for p, _ in scan(tmp_path / name / "target").samples])
+              for name in ("strong", "mild")}
+    # Both polarities and a wide range of backgrounds: the per-image mean varies far more than the mild target's.
+    assert pixels["strong"].mean(axis=(1, 2, 3)).std() > 2 * pixels["mild"].mean(axis=(1, 2, 3)).std()
+    assert _digest(tmp_path / "strong" / "target") != _digest(tmp_path / "mild" / "target")
+
+
+def test_every_shape_has_its_own_silhouette():
+    """The strong target draws the 16 classes from polygons: no two silhouettes coincide."""
+    import numpy as np
+
+    from rtfq_deploy.data.synth import _polygon
+
+    masks = []
+    for shape in SHAPES:
+        img = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(img).polygon(_polygon("circle" if shape == "ring" else shape, 32, 32, 24, 0.0), fill=255)
+        masks.append(np.asarray(img) > 0)
+    masks[SHAPES.index("ring")] = masks[SHAPES.index("circle")] & ~(np.hypot(*np.mgrid[-32:32, -32:32]) < 13)
+    for i in range(len(SHAPES)):
+        for j in range(i):
+            assert (masks[i] ^ masks[j]).sum() > 40, (SHAPES[i], SHAPES[j])
 
 
 def _image(path: Path, colour=(10, 20, 30)) -> None:
