@@ -33,7 +33,7 @@ def rtfq_serve(*args: str) -> Iterator[tuple[str, subprocess.Popen]]:
     proc = subprocess.Popen([exe, *args, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        match = re.search(r" on (http://127\.0\.0\.1:\d+) ", line)
+        match = re.search(r" on (https?://127\.0\.0\.1:\d+) ", line)
         assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
         yield match[1], proc
     finally:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import anyio
@@ -220,3 +223,143 @@ def test_fetch_cli_one_line_errors(dist, tmp_path):
     _one_line_error(_run("rtfq", "fetch", "--server", "http://127.0.0.1:1", "--device", "pi", "--budget", "5xx",
                          "-o", str(out)), "unknown unit")
     _one_line_error(_run("rtfq", "fetch", "--device", "pi", "--budget", "5ms", "-o", str(out)), "--server")
+
+
+class LyingServer:
+    """A raw HTTP server on 127.0.0.1 that resolves to an entry of ``size`` bytes and then
+    sends more: with no length (until it is stopped), announcing a larger length, or
+    chunked. Bounded: it stops after ``limit`` bytes or when the client goes away."""
+
+    def __init__(self, size: int, mode: str, limit: int = 64 << 20, url: str | None = None) -> None:
+        self.size, self.mode, self.limit = size, mode, limit
+        self.data = random_bytes(size, 3)
+        self.sha = sha(self.data)
+        self.entry_url = url or f"/v1/files/{self.sha}"
+        self.sent = 0  # body bytes of file answers handed to the kernel
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.listener.close()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(10)
+                try:
+                    self._answer(conn)
+                except OSError:  # the client hung up: what a refusing client does
+                    pass
+
+    def _answer(self, conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        if b"/resolve?" in head.split(b"\r\n", 1)[0]:
+            body = json.dumps({"device": "pi", "budget": "latency=10ms", "reason": "the only one",
+                               "entry": {"subnet": "m", "sha256": self.sha, "size_bytes": self.size,
+                                         "url": self.entry_url}}).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            return
+        framing = {"no-length": b"", "long-length": b"Content-Length: %d\r\n" % self.limit,
+                   "chunked": b"Transfer-Encoding: chunked\r\n"}[self.mode]
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n" + framing + b"\r\n")
+        block = (self.data * (1 + (1 << 16) // self.size))[: 1 << 16]
+        stream = self.data + block * (self.limit // len(block))
+        for start in range(0, min(len(stream), self.limit), len(block)):
+            piece = stream[start:start + len(block)]
+            conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if self.mode == "chunked" else piece)
+            self.sent += len(piece)
+
+
+@pytest.mark.parametrize("mode", ["no-length", "long-length", "chunked"])
+def test_a_server_sending_more_than_the_entry_is_refused_and_nothing_is_kept(tmp_path, mode):
+    out = tmp_path / "m.onnx"
+    liar = LyingServer(100_000, mode)
+    with liar as url:
+        with pytest.raises(RtfqError, match="more than the 100000 bytes|announced 67108864 bytes where 100000"):
+            fetch(_config(url, out, retries=2))
+    assert not out.exists() and _parts(out) == []
+    assert liar.sent < 16 << 20, liar.sent  # the client stopped reading; it did not drain 64 MB
+
+
+def test_fetch_never_writes_past_the_entry_size(tmp_path):
+    """``rtfq fetch`` runs with RLIMIT_FSIZE at the entry's size: one byte written past it
+    would fail with EFBIG ("File too large"; Python ignores SIGXFSZ). It ends instead with
+    the refusal of the lying server, one line and exit 2."""
+    import resource
+
+    out = tmp_path / "m.onnx"
+    size = 100_000
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    with LyingServer(size, "no-length") as url:
+        exe = str(Path(sys.executable).parent / "rtfq")
+        done = subprocess.run([exe, "fetch", "--server", url, "--device", "pi", "--budget", "10ms", "-o", str(out)],
+                              capture_output=True, text=True, timeout=120, preexec_fn=limit,
+                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "more than the 100000 bytes" in lines[0], done.stderr
+    assert not out.exists() and _parts(out) == []
+
+
+@pytest.mark.parametrize("url", ["//127.0.0.2:1/v1/files/x", "http://127.0.0.2:1/v1/files/x", "https://x/y"])
+def test_a_download_url_on_another_server_is_refused(tmp_path, url):
+    with LyingServer(1000, "no-length", url=url) as base:
+        with pytest.raises(RtfqError, match="another server"):
+            fetch(_config(base, tmp_path / "m.onnx", token="tok-1234567890abcdef"))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--timeout", "nan"], "--timeout"), (["--timeout", "inf"], "--timeout"), (["--timeout", "-1"], "--timeout"),
+    (["--timeout", "1e999"], "--timeout"), (["--retries", "-1"], "--retries"), (["--retries", "9" * 60], "--retries"),
+    (["--server", "http://[::1"], "malformed"), (["--server", "http://"], "no host"),
+    (["--server", "http://127.0.0.1:99999"], "malformed"), (["--server", "http://127.0.0.1:x"], "malformed"),
+    (["--server", "http://u:p@127.0.0.1:1"], "credentials"), (["--server", "ftp://127.0.0.1"], "http:// or https://"),
+    (["--server", ""], "not a URL"), (["--server", "http://a b"], "not a URL"),
+    (["--server", "http://h/?q=1"], "query"), (["--server", "http://h:0"], "port 0"),
+    (["--server", "http://127.0.0.1:1", "--cafile", "ca.pem"], "https:// server only"),
+    (["--server", "https://127.0.0.1:1", "--cafile", "absent.pem"], "no such file"),
+    (["--server", "https://127.0.0.1:1", "--cafile", "garbage.pem"], "no usable PEM"),
+    (["--token-file", "absent.txt"], "cannot read token file"), (["--token-file", "empty.txt"], "no token"),
+    (["--token-file", "garbage.pem"], "is not a token"),
+    (["--env", "bad token"], "RTFQ_TOKEN environment variable is not a token"),
+])
+def test_fetch_options_are_checked_with_one_line(tmp_path, monkeypatch, args, needle):
+    from click.testing import CliRunner
+
+    from rtfq_deploy.cli.fetch import fetch as fetch_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    (tmp_path / "ca.pem").write_text("")
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    env = {"RTFQ_TOKEN": args[1]} if args[0] == "--env" else {}
+    args = [] if env else args
+    if "--server" not in args:
+        args = [*args, "--server", "http://127.0.0.1:1"]
+    result = CliRunner().invoke(fetch_command, [*args, "--device", "pi", "--budget", "5ms", "-o", "m.onnx"], env=env)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and result.stdout == "", (result.exit_code, result.output)
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], lines
+    assert "bad token" not in lines[0]  # a token is never echoed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.pem", "empty.txt", "garbage.pem"]

@@ -2,34 +2,61 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import Command
+from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat
+
+TOKEN_ENV = "RTFQ_TOKEN"
+
+
+def _server_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from rtfq_deploy.errors import RtfqError
+    from rtfq_deploy.fetch import check_server_url
+
+    try:
+        return check_server_url(value)
+    except RtfqError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @click.command(cls=Command, short_help="Download the model file a server chooses for this device and budget.")
-@click.option("--server", required=True, metavar="URL", help="Base URL of an rtfq-serve, e.g. http://10.0.0.2:8080.")
+@click.option("--server", required=True, metavar="URL", callback=_server_url,
+              help="Base URL of an rtfq-serve, e.g. http://10.0.0.2:8080 or https://models.lan:8443.")
 @click.option("--device", required=True, metavar="NAME", help="This device's name in the server's manifest.")
 @click.option("--budget", required=True, metavar="BUDGET",
               help="Limits that must all hold, as for rtfq-bench select: 20ms, latency=20ms,memory=64MB, size=8MB.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the model file.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it holds a different file.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=30.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=FiniteFloat(0.1, 3600), default=30.0, show_default=True,
               help="Seconds to wait on the network before a retry.")
-@click.option("--retries", type=click.IntRange(0, 100), default=3, show_default=True,
+@click.option("--retries", type=BoundedInt(0, 100), default=3, show_default=True,
               help="Resumptions after a dropped connection before giving up (a later run resumes too).")
-def fetch(server: str, device: str, budget: str, out: Path, force: bool, timeout_s: float, retries: int) -> None:
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"File whose first line is the bearer token for a server run with --token-file "
+                   f"(else the {TOKEN_ENV} environment variable, if set).")
+@click.option("--cafile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PEM certificate(s) of a private CA to trust for an https:// server.")
+def fetch(server: str, device: str, budget: str, out: Path, force: bool, timeout_s: float, retries: int,
+          token_file: Path | None, cafile: Path | None) -> None:
     """Resolve BUDGET on the server, download the chosen file (resuming a partial
     download), check its sha256 and move it into place atomically. Nothing is
     downloaded when OUTPUT already holds the chosen file."""
     from rtfq_deploy.fetch import FetchConfig
     from rtfq_deploy.fetch import fetch as run_fetch
+    from rtfq_deploy.tokens import check_token, read_token_file
 
+    if token_file is not None:
+        token: str | None = read_token_file(token_file)[0]
+    elif os.environ.get(TOKEN_ENV):
+        token = check_token(os.environ[TOKEN_ENV].strip(), f"the {TOKEN_ENV} environment variable")
+    else:
+        token = None
     result = run_fetch(FetchConfig(server=server, device=device, budget=budget, out=out, force=force,
-                                   timeout_s=timeout_s, retries=retries))
+                                   timeout_s=timeout_s, retries=retries, token=token, cafile=cafile))
     entry = result.entry
     what = f"{result.reason}; {entry['size_bytes']} bytes, sha256 {entry['sha256'][:16]}"
     if result.up_to_date:

@@ -7,24 +7,37 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import Command
+from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("dist_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+@click.option("--port", type=BoundedInt(0, 65535), default=8080, show_default=True,
               help="Port to listen on; 0 picks a free one (printed at start).")
-@click.option("--poll", "poll_s", type=click.FloatRange(0.05, 60), default=0.5, show_default=True,
+@click.option("--poll", "poll_s", type=FiniteFloat(0.05, 60), default=0.5, show_default=True,
               help="Seconds between checks for a republished manifest.json.")
-@click.option("--max-connections", type=click.IntRange(1), default=1024, show_default=True,
+@click.option("--max-connections", type=BoundedInt(1, 65535), default=1024, show_default=True,
               help="Concurrent connections; beyond it requests get 503.")
-@click.option("--max-header-bytes", type=click.IntRange(1024, 1 << 20), default=16 * 1024, show_default=True,
+@click.option("--max-client-connections", type=BoundedInt(1, 65535), default=64, show_default=True,
+              help="Open connections per client address; more are closed at once (raise it when many "
+                   "devices share one address, e.g. behind NAT).")
+@click.option("--header-timeout", "header_timeout_s", type=FiniteFloat(0.5, 300), default=10.0, show_default=True,
+              help="Seconds a connection has to send its complete request headers; then it is closed.")
+@click.option("--max-header-bytes", type=BoundedInt(1024, 1 << 20), default=16 * 1024, show_default=True,
               help="Most bytes of request headers; larger requests are refused (431, or 400 from h11).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Require 'Authorization: Bearer <token>' for /v1/devices and /v1/files; one token per line "
+                   "('#' comments), re-read when the file changes.")
+@click.option("--certfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TLS certificate chain (PEM): serve https. Needs --keyfile.")
+@click.option("--keyfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TLS private key (PEM) of --certfile.")
 @click.option("--access-log", is_flag=True, help="Log every request.")
 @click.option("-v", "--verbose", is_flag=True, help="Log manifest reloads and details.")
-def serve(dist_dir: Path, host: str, port: int, poll_s: float, max_connections: int, max_header_bytes: int,
-          access_log: bool, verbose: bool) -> None:
+def serve(dist_dir: Path, host: str, port: int, poll_s: float, max_connections: int, max_client_connections: int,
+          header_timeout_s: float, max_header_bytes: int, token_file: Path | None, certfile: Path | None,
+          keyfile: Path | None, access_log: bool, verbose: bool) -> None:
     """Serve DIST_DIR over HTTP: devices resolve a budget to a model file and download it
     by its sha256 (ETag, Range resume). A republished manifest.json is picked up without
     a restart; only manifest entries whose file matches its sha256 are served.
@@ -32,24 +45,33 @@ def serve(dist_dir: Path, host: str, port: int, poll_s: float, max_connections: 
     API: GET /v1/health, /v1/devices, /v1/devices/NAME, /v1/devices/NAME/resolve?budget=20ms,
     /v1/files/SHA256, /v1/openapi.json.
     """
+    if (certfile is None) != (keyfile is None):
+        raise click.UsageError("--certfile and --keyfile go together: give both for https, or neither")
+
     import uvicorn
 
     from rtfq_deploy.serve.app import ServeConfig, build_app
-    from rtfq_deploy.serve.runner import base_url, bind, uvicorn_config
+    from rtfq_deploy.serve.runner import base_url, bind, check_tls, uvicorn_config
     from rtfq_deploy.serve.store import Store
 
     logging.basicConfig(level=logging.INFO if (verbose or access_log) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServeConfig(dist_dir=dist_dir, host=host, port=port, poll_interval_s=poll_s,
-                         limit_concurrency=max_connections, max_header_bytes=max_header_bytes, access_log=access_log)
+                         limit_concurrency=max_connections, max_client_connections=max_client_connections,
+                         header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes,
+                         token_file=token_file, certfile=certfile, keyfile=keyfile, access_log=access_log)
     store = Store(dist_dir)  # a missing directory or malformed manifest stops here, with one line
+    app = build_app(config, store)  # so does an empty or unreadable token file
+    if certfile is not None and keyfile is not None:
+        check_tls(certfile, keyfile)
     snap = store.snapshot
     sock = bind(host, port)
-    click.echo(f"rtfq-serve: {store.root} on {base_url(sock)} ({len(snap.devices)} devices, {len(snap.files)} files, "
-               f"{len(snap.excluded)} entries excluded)", nl=True)
+    extras = ", bearer tokens required" if token_file is not None else ""
+    click.echo(f"rtfq-serve: {store.root} on {base_url(sock, config.tls)} ({len(snap.devices)} devices, "
+               f"{len(snap.files)} files, {len(snap.excluded)} entries excluded{extras})", nl=True)
     for ex in snap.excluded:
         click.echo(f"  not serving {ex.path} ({ex.device}): {ex.reason}", err=True)
-    server = uvicorn.Server(uvicorn_config(config, build_app(config, store)))
+    server = uvicorn.Server(uvicorn_config(config, app))
     try:
         server.run(sockets=[sock])
     finally:

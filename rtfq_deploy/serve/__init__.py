@@ -2,5 +2,6 @@
 
 ``store`` keeps the verified view of DIST_DIR and follows republished manifests,
 ``app`` answers the API from it, ``conditional`` implements ETag and Range rules,
-``openapi`` describes the API and ``runner`` puts it on uvicorn.
+``auth`` checks bearer tokens, ``openapi`` describes the API, ``protocol`` bounds slow
+and idle connections, and ``runner`` puts it on uvicorn (optionally with TLS).
 """

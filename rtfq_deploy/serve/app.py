@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from rtfq_deploy import budget as bg
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.manifest import Entry, check_name
 from rtfq_deploy.serve import conditional as cond
+from rtfq_deploy.serve.auth import BearerAuth, TokenFile
 from rtfq_deploy.serve.openapi import document
 from rtfq_deploy.serve.store import Snapshot, Store, open_verified
 
@@ -50,7 +52,31 @@ class ServeConfig:
     max_target_bytes: int = 2048  # request path + query string
     max_header_bytes: int = 16 * 1024  # request line + headers (h11's incomplete-event limit)
     limit_concurrency: int = 1024  # connections; beyond it uvicorn answers 503
+    header_timeout_s: float = 10.0  # a connection must complete its request headers within this
+    max_client_connections: int = 64  # open connections per client address; more are closed at once
+    token_file: Path | None = None  # bearer tokens, one per line (None: no access control)
+    certfile: Path | None = None  # TLS certificate chain (PEM); with keyfile, serve https
+    keyfile: Path | None = None
     access_log: bool = False
+
+    def __post_init__(self) -> None:
+        """The CLI validates its options; this catches a library caller's NaN or zero,
+        which would otherwise kill the reload task or disable a limit silently."""
+        for name in ("poll_interval_s", "header_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ServeConfig.{name} must be a finite number > 0, got {value!r}")
+        for name in ("chunk_bytes", "max_target_bytes", "max_header_bytes", "limit_concurrency",
+                     "max_client_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServeConfig.{name} must be an integer >= 1, got {value!r}")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("ServeConfig.certfile and keyfile go together")
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
 
 
 class ApiError(Exception):
@@ -62,7 +88,9 @@ class ApiError(Exception):
 
 
 def build_app(config: ServeConfig, store: Store) -> Starlette:
-    api = _Api(config, store)
+    """The app; reads ``config.token_file`` now (RtfqError if it is unusable)."""
+    tokens = TokenFile(config.token_file) if config.token_file is not None else None
+    api = _Api(config, store, tokens)
     routes = [
         Route(f"{API}/health", api.health, methods=["GET"]),
         Route(f"{API}/devices", api.devices, methods=["GET"]),
@@ -81,34 +109,52 @@ def build_app(config: ServeConfig, store: Store) -> Starlette:
 
     app = Starlette(routes=routes, lifespan=lifespan,
                     middleware=[Middleware(_Guard, max_target_bytes=config.max_target_bytes,
-                                           max_header_bytes=config.max_header_bytes)],
+                                           max_header_bytes=config.max_header_bytes),
+                                Middleware(BearerAuth, tokens=tokens)],
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.router.redirect_slashes = False  # a redirect would echo the Host header back
     return app
 
 
 async def _poll(store: Store, interval: float) -> None:
-    """Pick up a republished manifest (or a changed file) without a restart."""
+    """Pick up a republished manifest (or a changed file) without a restart.
+
+    ``Store.refresh`` records every failure to load in ``store.error`` (shown by
+    /v1/health) and logs each distinct one once; this guard only keeps the watcher alive
+    should the refresh itself fail (e.g. no worker thread), logging each distinct failure once.
+    """
+    last: str | None = None
     while True:
         await anyio.sleep(interval)
         try:
             await anyio.to_thread.run_sync(store.refresh)
-        except Exception:  # never let the watcher die; the old snapshot keeps serving
-            log.exception("manifest refresh failed")
+            last = None
+        except Exception as e:  # never let the watcher die; the old snapshot keeps serving
+            message = f"manifest refresh failed: {type(e).__name__}: {e}"
+            if message != last:
+                log.error("%s", message)
+            last = message
 
 
 class _Api:
-    def __init__(self, config: ServeConfig, store: Store) -> None:
-        self.config, self.store = config, store
+    def __init__(self, config: ServeConfig, store: Store, tokens: TokenFile | None = None) -> None:
+        self.config, self.store, self.tokens = config, store, tokens
 
     async def health(self, request: Request) -> Response:
         snap = self.store.snapshot
+        if self.tokens is not None:
+            self.tokens.tokens()  # notice a broken token file even when no request uses it
+        auth_error = None
+        if self.tokens is not None and self.tokens.error is not None:  # the file's path is not for everyone
+            auth_error = "the token file is unusable; every token is refused until it is fixed"
         return JSONResponse({
-            "status": "ok", "version": __version__, "generation": snap.generation,
+            "status": "ok" if self.store.error is None and auth_error is None else "degraded",
+            "version": __version__, "generation": snap.generation,
             "manifest_sha256": snap.manifest_sha256, "loaded_at": snap.loaded_at,
             "devices": len(snap.devices), "files": len(snap.files),
             "excluded": [{"device": e.device, "path": e.path, "reason": e.reason} for e in snap.excluded],
             "reload_error": self.store.error,
+            "auth_error": auth_error,
         })
 
     async def devices(self, request: Request) -> Response:

@@ -74,8 +74,9 @@ _SCHEMAS: dict[str, Any] = {
         "error": {"type": "string"}, "device": {"type": "string"}, "budget": {"type": "string"},
         "cheapest": _ref("Entry")}},
     "Health": {"type": "object", "required": ["status", "version", "generation", "manifest_sha256", "devices",
-                                              "files", "excluded", "reload_error"], "properties": {
-        "status": {"type": "string", "enum": ["ok"]},
+                                              "files", "excluded", "reload_error", "auth_error"], "properties": {
+        "status": {"type": "string", "enum": ["ok", "degraded"],
+                   "description": "degraded: reload_error or auth_error is set; the manifest in service still is."},
         "version": {"type": "string"},
         "generation": {"type": "integer", "description": "Increases each time a manifest is loaded."},
         "manifest_sha256": {"type": ["string", "null"], "description": "sha256 of the manifest.json in service."},
@@ -85,8 +86,31 @@ _SCHEMAS: dict[str, Any] = {
                      "items": {"type": "object", "properties": {
                          "device": {"type": "string"}, "path": {"type": "string"}, "reason": {"type": "string"}}}},
         "reload_error": {"type": ["string", "null"],
-                         "description": "Why the newest manifest.json was not loaded (the previous one is served)."}}},
+                         "description": "Why the newest manifest.json was not loaded (the previous one is served)."},
+        "auth_error": {"type": ["string", "null"],
+                       "description": "Set when the token file is unusable: every bearer token is refused."}}},
 }
+
+# With --token-file every operation but health and this document needs a bearer token;
+# without it, none does: hence "bearer, or nothing".
+_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {}]
+_SECURITY_SCHEMES = {"bearer": {
+    "type": "http", "scheme": "bearer",
+    "description": "Required when the server runs with `--token-file`: `Authorization: Bearer <token>` with one "
+                   "of the file's tokens. Without a valid token the answer is 401 with `WWW-Authenticate: Bearer`."}}
+
+
+def _protected(paths: dict[str, Any]) -> dict[str, Any]:
+    """Mark every operation outside /v1/health and /v1/openapi.json as bearer-protected (401)."""
+    unauthorized = _json("No or a wrong bearer token (the server runs with --token-file).", "Error",
+                         {"WWW-Authenticate": _header('Bearer realm="rtfq-serve"')})
+    for path, ops in paths.items():
+        if path in ("/v1/health", "/v1/openapi.json"):
+            continue
+        for op in ops.values():
+            op["security"] = [dict(s) for s in _SECURITY]
+            op["responses"]["401"] = unauthorized
+    return paths
 
 
 def document() -> dict[str, Any]:
@@ -97,7 +121,7 @@ def document() -> dict[str, Any]:
         "info": {"title": "rtfq-serve", "version": __version__,
                  "description": "Per-device model files of one DIST_DIR written by `rtfq-bench select`. "
                                 "Read-only: GET and HEAD only, no request bodies."},
-        "paths": {
+        "paths": _protected({
             "/v1/health": {"get": {"operationId": "health", "summary": "Liveness and the manifest in service.",
                                    "responses": {"200": _json("Serving.", "Health")}}},
             "/v1/devices": {"get": {"operationId": "listDevices", "summary": "Devices with at least one manifest entry.",
@@ -151,6 +175,6 @@ def document() -> dict[str, Any]:
             "/v1/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
                                          "responses": {"200": {"description": "OpenAPI 3.1 document.",
                                                                "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-        },
-        "components": {"schemas": _SCHEMAS},
+        }),
+        "components": {"schemas": _SCHEMAS, "securitySchemes": _SECURITY_SCHEMES},
     }

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import uvicorn
@@ -13,28 +15,49 @@ from starlette.types import ASGIApp
 
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.serve.app import ServeConfig
+from rtfq_deploy.serve.protocol import guarded_h11
 
 BACKLOG = 2048
 
 
 def uvicorn_config(config: ServeConfig, app: ASGIApp) -> uvicorn.Config:
-    """Pinned protocol choices (h11, asyncio) so limits behave the same on every install."""
+    """Pinned protocol choices (h11 with the header deadline and per-client cap of
+    :mod:`~rtfq_deploy.serve.protocol`, asyncio) so limits behave the same on every install."""
+    tls = {"ssl_certfile": str(config.certfile), "ssl_keyfile": str(config.keyfile)} if config.tls else {}
     return uvicorn.Config(
-        app, http="h11", loop="asyncio", ws="none", lifespan="on", interface="asgi3",
-        log_config=None, access_log=config.access_log, server_header=False,
+        app, http=guarded_h11(config.header_timeout_s, config.max_client_connections), loop="asyncio", ws="none",
+        lifespan="on", interface="asgi3", log_config=None, access_log=config.access_log, server_header=False,
         limit_concurrency=config.limit_concurrency, backlog=BACKLOG,
         h11_max_incomplete_event_size=config.max_header_bytes,
-        timeout_keep_alive=5, timeout_graceful_shutdown=5,
+        timeout_keep_alive=5, timeout_graceful_shutdown=5, **tls,
     )
+
+
+def check_tls(certfile: Path, keyfile: Path) -> None:
+    """Load the certificate and key once before binding, so a wrong path, a bad PEM or a
+    key that does not match is one RtfqError line rather than a traceback from uvicorn."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as e:
+        raise RtfqError(f"cannot read {e.filename or certfile}: no such file") from None
+    except ssl.SSLError as e:
+        raise RtfqError(f"cannot use --certfile {certfile} with --keyfile {keyfile}: {e.reason or e}") from None
+    except OSError as e:
+        raise RtfqError(f"cannot read {e.filename or certfile}: {e.strerror or e}") from None
 
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket (port 0: any free port), bound before the server starts so the
     caller can announce the real address."""
+    if not host or len(host) > 253:
+        raise RtfqError(f"--host {host!r} is not a host name or address")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise RtfqError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    except (UnicodeError, ValueError, OverflowError):  # a NUL, a label over 63 characters, a bad port
+        raise RtfqError(f"--host {host!r} is not a host name or address") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -47,9 +70,10 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def base_url(sock: socket.socket) -> str:
+def base_url(sock: socket.socket, tls: bool = False) -> str:
+    scheme = "https" if tls else "http"
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 @contextlib.contextmanager
@@ -65,7 +89,7 @@ def running_in_thread(config: ServeConfig, app: ASGIApp, timeout_s: float = 30.0
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("server thread did not start")
             time.sleep(0.01)
-        yield base_url(sock)
+        yield base_url(sock, config.tls)
     finally:
         server.should_exit = True
         thread.join(timeout_s)

@@ -80,7 +80,7 @@ class Store:
         self._paths: tuple[str, ...] = ()
         self.snapshot = Snapshot()
         self.error: str | None = None  # why the last reload failed (the previous snapshot stays)
-        self._load()  # a malformed manifest at start is the caller's error, raised
+        self._load_or_raise()  # a malformed manifest at start is the caller's error, raised
 
     def refresh(self) -> bool:
         """Rebuild the snapshot if the manifest or a listed file changed; True if it did.
@@ -91,13 +91,28 @@ class Store:
         if self._world_stamp() == self._world:
             return False
         try:
-            self._load()
-        except (RtfqError, OSError) as e:
-            if str(e) != self.error:
+            self._load_or_raise()
+        except RtfqError as e:
+            if str(e) != self.error:  # once per distinct failure, not once per poll
                 log.error("keeping the previous manifest: %s", e)
             self.error = str(e)
             return False
         return True
+
+    def _load_or_raise(self) -> None:
+        """:meth:`_load`, with every failure one RtfqError: a manifest that breaks the
+        parser in a way nobody foresaw (a wrong type deep inside, a huge number) must be
+        reported like any other bad manifest, not kill the watcher or pass as "ok"."""
+        try:
+            self._load()
+        except RtfqError:
+            raise
+        except OSError as e:
+            raise RtfqError(f"{self.root / mf.MANIFEST}: {e.strerror or e}") from None
+        except RecursionError:
+            raise RtfqError(f"{self.root / mf.MANIFEST}: nested too deeply") from None
+        except Exception as e:
+            raise RtfqError(f"{self.root / mf.MANIFEST}: cannot load: {type(e).__name__}: {_one_line(e)}") from None
 
     def _world_stamp(self) -> tuple:
         """What decides whether a rebuild is needed: the manifest's and every listed file's stat."""
@@ -208,6 +223,11 @@ def _stat_identity(path: Path) -> Identity | None:
         return identity(os.stat(path))
     except OSError:
         return None
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _json(text: str) -> object:
