@@ -20,6 +20,11 @@ DEFAULT_RESOLUTIONS = (224, 192, 160, 128)
 DEFAULT_WIDTHS = (1.00, 0.86, 0.73, 0.60)
 DEFAULT_BITS = (8, 6, 4)
 DEFAULT_CHANNEL_DIVISOR = 8
+# Bounds of any space: a 1024 x 1024 input is 21x the paper's largest activations, so a
+# typo like 100000 (a 120 GB cost walk) fails here, in `rtfq init` and in a checkpoint.
+MAX_RESOLUTION = 1024
+MAX_VALUES = 16  # resolutions, widths or bit-widths per space (at most 16**3 subnets)
+MAX_CHANNEL_DIVISOR = 256
 
 _CONFIG_RE = re.compile(r"r(\d+)-w(\d+(?:\.\d+)?)-q(\d+)")
 
@@ -58,8 +63,8 @@ class SubnetConfig:
     bits: int
 
     def __post_init__(self) -> None:
-        if self.resolution <= 0:
-            raise SpaceError(f"resolution must be positive, got {self.resolution}")
+        if not 0 < self.resolution <= MAX_RESOLUTION:
+            raise SpaceError(f"resolution must be between 1 and {MAX_RESOLUTION}, got {self.resolution}")
         if not 0.0 < self.width <= 1.0:
             raise SpaceError(f"width must be in (0, 1], got {self.width}")
         if not 2 <= self.bits <= 8:
@@ -98,11 +103,14 @@ class SearchSpace:
         object.__setattr__(self, "bits", tuple(sorted({int(b) for b in self.bits}, reverse=True)))
         if not (self.resolutions and self.widths and self.bits):
             raise SpaceError("a search space needs at least one resolution, width and bit-width")
-        if self.channel_divisor < 1:
-            raise SpaceError(f"channel divisor must be >= 1, got {self.channel_divisor}")
-        for r, w, b in ((self.resolutions[-1], self.widths[-1], self.bits[-1]),
-                        (self.resolutions[0], self.widths[0], self.bits[0])):
-            SubnetConfig(r, w, b)  # range checks
+        if not 1 <= self.channel_divisor <= MAX_CHANNEL_DIVISOR:
+            raise SpaceError(f"channel divisor must be between 1 and {MAX_CHANNEL_DIVISOR}, got {self.channel_divisor}")
+        too_many = [n for n in ("resolutions", "widths", "bits") if len(getattr(self, n)) > MAX_VALUES]
+        if too_many:
+            raise SpaceError(f"a search space has at most {MAX_VALUES} {too_many[0]}")
+        for i in range(max(len(self.resolutions), len(self.widths), len(self.bits))):  # range checks of every value
+            SubnetConfig(self.resolutions[min(i, len(self.resolutions) - 1)], self.widths[min(i, len(self.widths) - 1)],
+                         self.bits[min(i, len(self.bits) - 1)])
 
     def __iter__(self) -> Iterator[SubnetConfig]:
         for r in self.resolutions:

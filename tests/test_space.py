@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtfq_deploy.space import SearchSpace, SpaceError, SubnetConfig, format_width, slim_channels
+from rtfq_deploy.space import MAX_RESOLUTION, SearchSpace, SpaceError, SubnetConfig, format_width, slim_channels
 
 
 def test_default_space_is_the_papers_48_subnets():
@@ -25,7 +25,7 @@ def test_canonical_string():
 
 
 @given(
-    st.integers(min_value=1, max_value=4096),
+    st.integers(min_value=1, max_value=MAX_RESOLUTION),
     st.floats(min_value=1e-6, max_value=1.0, allow_nan=False, exclude_min=True),
     st.integers(min_value=2, max_value=8),
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import Group, emit_table
+from rtfq_deploy.cli.common import SEED, BoundedInt, FiniteFloat, Group, emit_table
 
 _SETTINGS = {"help_option_names": ["-h", "--help"]}
 
@@ -39,26 +39,26 @@ def bench() -> None:
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Results file (JSON), rewritten after each model.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=BoundedInt(1, 1024), default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--provider", default="cpu", show_default=True,
               help="Execution provider, e.g. cpu, cuda, CoreMLExecutionProvider (any that onnxruntime offers here).")
 @click.option("--graph-optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="onnxruntime graph optimisation level.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--batch-size", type=BoundedInt(1, 4096), default=1, show_default=True,
               help="Images per run (latency is per run).")
-@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
-@click.option("--min-runs", type=click.IntRange(min=1), default=30, show_default=True,
+@click.option("--warmup", type=BoundedInt(0, 10**6), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--min-runs", type=BoundedInt(1, 10**7), default=30, show_default=True,
               help="Timed runs before the stability test may stop.")
-@click.option("--max-runs", type=click.IntRange(min=1), default=2000, show_default=True, help="At most this many timed runs.")
-@click.option("--min-time", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--max-runs", type=BoundedInt(1, 10**7), default=2000, show_default=True, help="At most this many timed runs.")
+@click.option("--min-time", type=FiniteFloat(0.0, 86400.0), default=2.0, show_default=True,
               help="Seconds of timed runs before the stability test may stop.")
-@click.option("--max-time", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+@click.option("--max-time", type=FiniteFloat(0.0, 86400.0, low_open=True), default=10.0, show_default=True,
               help="At most this many seconds of timed runs per model.")
-@click.option("--cv", "cv_target", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+@click.option("--cv", "cv_target", type=FiniteFloat(0.0, 10.0, low_open=True), default=0.01, show_default=True,
               help="Stop when the p50's coefficient of variation (batch medians) is at most this.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+@click.option("--timeout", type=FiniteFloat(1.0, 7 * 86400.0), default=300.0, show_default=True,
               help="Seconds before a model's measuring process is killed and the model reported as failed.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--force", is_flag=True, help="Overwrite an existing results file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the model rows as JSON instead of a table.")
 def run(models: tuple[Path, ...], output: Path, threads: int, provider: str, graph_optimization: str, batch_size: int,

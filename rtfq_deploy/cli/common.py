@@ -56,6 +56,18 @@ class Command(_OneLineErrors, click.Command):
 class Group(_OneLineErrors, click.Group):
     command_class = Command
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Each subcommand's whole first sentence (click cuts it at the terminal width
+        less the name, which left summaries ending in '...'); long ones wrap instead."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
 
 class FiniteFloat(click.ParamType):
     """A float that is finite and within [low, high] (or the open ends with ``*_open``).
@@ -115,6 +127,26 @@ class BoundedInt(click.ParamType):
 
 
 SEED = BoundedInt(0, 2**31 - 1)
+
+
+def bounded_list(item: click.ParamType, max_items: int = 16) -> Callable[[click.Context | None, click.Parameter | None, str | None], tuple | None]:
+    """Click callback parsing '224,192,160' with ``item`` (a bounded type) per value, at
+    most ``max_items`` of them: every element passes the same check as a single option."""
+
+    def parse(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> tuple | None:
+        if value is None:
+            return None
+        parts = [v.strip() for v in value.split(",") if v.strip()]
+        if not parts:
+            raise click.BadParameter("expected at least one value", ctx, param)
+        if len(parts) > max_items:
+            raise click.BadParameter(f"at most {max_items} values, got {len(parts)}", ctx, param)
+        try:
+            return tuple(item.convert(v, param, ctx) for v in parts)
+        except click.BadParameter as e:
+            raise click.BadParameter(f"{e.message} (expected a comma-separated list)", ctx, param) from None
+
+    return parse
 
 
 def comma_list(kind: Callable[[str], Any]) -> Callable[[click.Context | None, click.Parameter | None, str | None], tuple | None]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import Command, emit_table
+from rtfq_deploy.cli.common import BoundedInt, Command, emit_table
 
 COLUMNS = [
     ("subnet", "subnet", str),
@@ -26,7 +26,8 @@ COLUMNS = [
 @click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
               help="Unlabeled target images to calibrate BatchNorm of subnets the checkpoint has no statistics for "
                    "(default: the --data images themselves).")
-@click.option("--calib-images", type=int, default=512, show_default=True)
+@click.option("--calib-images", type=BoundedInt(1, 10**6), default=512, show_default=True,
+              help="Images to calibrate each missing subnet's BatchNorm on.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as JSON (acc.json).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
@@ -57,6 +58,8 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str, calib: Path | None, ca
     if len(folder.classes) != model.config.num_classes:
         raise RtfqError(f"{data} has {len(folder.classes)} classes, the supernet {model.config.num_classes}")
     normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     model.to(dev)
     stats = dict(ckpt.bn_stats)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import Command
+from rtfq_deploy.cli.common import BoundedInt, Command
 
 
 def _describe(result) -> str:
@@ -31,24 +31,24 @@ def _describe(result) -> str:
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Supernet checkpoint.")
 @click.option("--subnet", help="The subnet to export, e.g. r160-w0.73-q4.")
 @click.option("--budget", help="Export the best subnet within this cost, e.g. 0.8G (suffixes K/M/G/T).")
-@click.option("--bits", type=int, help="With --budget/--buckets: only subnets of this bit-width.")
+@click.option("--bits", type=BoundedInt(2, 8), help="With --budget/--buckets: only subnets of this bit-width.")
 @click.option("--metric", type=click.Choice(["macs", "bitops"]), default="macs", show_default=True,
               help="What --budget and --buckets measure.")
 @click.option("--accuracy", type=click.Path(dir_okay=False, path_type=Path),
               help="Accuracy table (rtfq eval): choose the most accurate subnet within the budget.")
 @click.option("--all", "export_all", is_flag=True, help="Export every subnet into the output directory.")
-@click.option("--buckets", type=click.IntRange(min=1), help="Export the best subnet of each of N equal budget intervals.")
+@click.option("--buckets", type=BoundedInt(1, 4096), help="Export the best subnet of each of N equal budget intervals.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Output file (a directory with --all or --buckets).")
 @click.option("--pack", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
               help="int4 stores <=4-bit weights as ONNX INT4 (half the size); expand with rtfq_deploy.int4 before running.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare onnxruntime and the ONNX reference evaluator with the PyTorch subnet before writing.")
-@click.option("--verify-samples", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--verify-samples", type=BoundedInt(1, 100_000), default=16, show_default=True,
               help="Inputs to verify on (the first N images with --verify-images).")
 @click.option("--verify-images", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Held-out target-domain images (a folder tree) to verify on instead of random inputs.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime threads for verification.")
+@click.option("--threads", type=BoundedInt(1, 1024), default=1, show_default=True, help="onnxruntime threads for verification.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int | None, metric: str,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from rtfq_deploy.cli.common import Command, setup_logging
+from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat, setup_logging
+from rtfq_deploy.train.limits import LOSSES, SETTINGS, Range
 
 # option name -> TrainConfig field (loss weights live under "losses")
 _OVERRIDES = {
@@ -21,19 +21,21 @@ _OVERRIDES = {
 _LOSS_OVERRIDES = {"w_ce": "ce", "w_distill": "distill", "w_pseudo": "pseudo", "w_im": "im", "threshold": "threshold"}
 
 
+def _bounded(limit: Range) -> click.ParamType:
+    """The click type of a setting: the same range TrainConfig checks, caught at parse time."""
+    if limit.integer:
+        return BoundedInt(int(limit.low), int(limit.high))
+    return FiniteFloat(limit.low, limit.high, low_open=limit.low_open, high_open=limit.high_open)
+
+
 def _read_recipe(path: Path) -> dict[str, Any]:
     """A recipe file, or the name of a built-in one (synth_cpu, office31, officehome, domainnet)."""
     builtin = Path(__file__).resolve().parents[1] / "train" / "recipes" / f"{path}.json"
     if not path.exists() and path.parent == Path(".") and builtin.exists():
         path = builtin
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise click.UsageError(f"cannot read recipe {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise click.UsageError(f"recipe {path} is not JSON: {e.msg} (line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise click.UsageError(f"recipe {path} must be a JSON object of training settings")
+    from rtfq_deploy.fileio import read_json
+
+    data = read_json(path, "recipe", max_bytes=1 << 20, expect=dict)
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
@@ -45,32 +47,32 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON file of training settings, or a built-in recipe: synth_cpu, office31, officehome, domainnet.")
-@click.option("--steps", type=int, help="Optimizer steps.  [default: 5000]")
-@click.option("--batch-size", type=int, help="Images per step, half source and half target.  [default: 64]")
-@click.option("--lr", type=float, help="Peak learning rate (cosine annealed).  [default: 2e-4]")
+@click.option("--steps", type=_bounded(SETTINGS["steps"]), help="Optimizer steps.  [default: 5000]")
+@click.option("--batch-size", type=_bounded(SETTINGS["batch_size"]), help="Images per step, half source and half target (at least 2 each: BatchNorm needs them).  [default: 64]")
+@click.option("--lr", type=_bounded(SETTINGS["lr"]), help="Peak learning rate (cosine annealed).  [default: 2e-4]")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="[default: adam]")
-@click.option("--step-lr-scale", type=float,
+@click.option("--step-lr-scale", type=_bounded(SETTINGS["step_lr_scale"]),
               help="lr of the quantizer step sizes relative to --lr.  [default: 0.05 with adam, 1 with sgd]")
-@click.option("--weight-decay", type=float, help="Weight decay of the weights (not the step sizes).  [default: 0]")
-@click.option("--warmup-steps", type=int, help="Linear warm-up steps.  [default: 0]")
-@click.option("--target-start", type=int, help="Source-only steps before the target terms start.  [default: 0]")
-@click.option("--rampup-steps", type=int, help="Ramp the target terms' weights up over N steps.  [default: 0]")
-@click.option("--ema", type=float, help="Teacher EMA momentum.  [default: 0.999]")
+@click.option("--weight-decay", type=_bounded(SETTINGS["weight_decay"]), help="Weight decay of the weights (not the step sizes).  [default: 0]")
+@click.option("--warmup-steps", type=_bounded(SETTINGS["warmup_steps"]), help="Linear warm-up steps.  [default: 0]")
+@click.option("--target-start", type=_bounded(SETTINGS["target_start"]), help="Source-only steps before the target terms start.  [default: 0]")
+@click.option("--rampup-steps", type=_bounded(SETTINGS["rampup_steps"]), help="Ramp the target terms' weights up over N steps.  [default: 0]")
+@click.option("--ema", type=_bounded(SETTINGS["ema"]), help="Teacher EMA momentum.  [default: 0.999]")
 @click.option("--rule", type=click.Choice(["sandwichq", "sandwich", "max6min", "single"]),
               help="Subnet sampling: SandwichQ (paper), standard Sandwich per bit-width, max+6 random+min, or one bit-width.  [default: sandwichq]")
-@click.option("--n-random", type=int, help="Random subnets per step.  [default: 2]")
-@click.option("--single-bits", type=int, help="The bit-width trained by --rule single.")
-@click.option("--w-ce", type=float, help="Weight of the source cross-entropy.  [default: 1]")
-@click.option("--w-distill", type=float, help="Weight of distillation from the EMA teacher.  [default: 1]")
-@click.option("--w-pseudo", type=float, help="Weight of the target pseudo-label loss.  [default: 0.3]")
-@click.option("--w-im", type=float, help="Weight of information maximisation on target.  [default: 1]")
-@click.option("--threshold", type=float, help="Pseudo-label confidence threshold.  [default: 0.9]")
+@click.option("--n-random", type=_bounded(SETTINGS["n_random"]), help="Random subnets per step.  [default: 2]")
+@click.option("--single-bits", type=_bounded(SETTINGS["single_bits"]), help="The bit-width trained by --rule single.")
+@click.option("--w-ce", type=_bounded(LOSSES["ce"]), help="Weight of the source cross-entropy.  [default: 1]")
+@click.option("--w-distill", type=_bounded(LOSSES["distill"]), help="Weight of distillation from the EMA teacher.  [default: 1]")
+@click.option("--w-pseudo", type=_bounded(LOSSES["pseudo"]), help="Weight of the target pseudo-label loss.  [default: 0.3]")
+@click.option("--w-im", type=_bounded(LOSSES["im"]), help="Weight of information maximisation on target.  [default: 1]")
+@click.option("--threshold", type=_bounded(LOSSES["threshold"]), help="Pseudo-label confidence threshold.  [default: 0.9]")
 @click.option("--source-only", is_flag=True, help="Baseline: source cross-entropy only (no teacher, no target losses).")
-@click.option("--seed", type=int, help="Seed of every random choice (batches, crops, subnets).  [default: 0]")
-@click.option("--checkpoint-every", type=int, help="Save the resumable state every N steps.  [default: 500]")
-@click.option("--log-every", type=int, help="Log a metrics line every N steps.  [default: 50]")
-@click.option("--calib-images", type=int, help="Target images for each subnet's BatchNorm statistics.  [default: 512]")
-@click.option("--workers", type=int, help="Image decoding workers.  [default: 2]")
+@click.option("--seed", type=_bounded(SETTINGS["seed"]), help="Seed of every random choice (batches, crops, subnets).  [default: 0]")
+@click.option("--checkpoint-every", type=_bounded(SETTINGS["checkpoint_every"]), help="Save the resumable state every N steps.  [default: 500]")
+@click.option("--log-every", type=_bounded(SETTINGS["log_every"]), help="Log a metrics line every N steps.  [default: 50]")
+@click.option("--calib-images", type=_bounded(SETTINGS["calib_images"]), help="Target images for each subnet's BatchNorm statistics.  [default: 512]")
+@click.option("--workers", type=_bounded(SETTINGS["workers"]), help="Image decoding workers.  [default: 2]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
 @click.option("-v", "--verbose", is_flag=True, help="Log details to stderr.")
 @click.pass_context
@@ -83,6 +85,7 @@ def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, targ
     trains its share of each batch (data parallel, gloo on CPU, NCCL on GPUs).
     """
     setup_logging(verbose)
+    from rtfq_deploy.errors import RtfqError
     from rtfq_deploy.train.config import TrainConfig
     from rtfq_deploy.train.loop import Run, distributed_from_env
 
@@ -101,7 +104,10 @@ def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, targ
         if missing:
             raise click.UsageError(f"missing {', '.join(missing)} (or --resume RUN_DIR)")
         settings = _read_recipe(recipe) if recipe else {}
-        losses = dict(settings.pop("losses", {}))
+        losses = settings.pop("losses", {})
+        if not isinstance(losses, dict):
+            raise click.UsageError(f"recipe {recipe}: 'losses' must be an object of loss weights")
+        losses = dict(losses)
         for k in given:
             if k in _OVERRIDES:
                 settings[_OVERRIDES[k]] = options[k]
@@ -110,7 +116,10 @@ def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, targ
         if source_only:
             losses.update(distill=0.0, pseudo=0.0, im=0.0)
         settings["losses"] = losses
-        cfg = TrainConfig.from_dict(settings)
+        try:
+            cfg = TrainConfig.from_dict(settings)
+        except RtfqError as e:
+            raise RtfqError(f"recipe {recipe}: {e}" if recipe and not given else str(e)) from None
         dist = distributed_from_env()
         run = Run.create(out, cfg, checkpoint, source, target, dist)
     total, batch = run.cfg.steps, run.cfg.batch_size

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.train.limits import SETTINGS, check
 from rtfq_deploy.train.losses import LossWeights
 from rtfq_deploy.train.sampler import RULES
 
@@ -53,16 +54,20 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise RtfqError("--steps must be at least 1")
-        if self.batch_size < 2 or self.batch_size % 2:
+        # Every number in range and finite, whether it came from an option, a recipe or run.json.
+        for name, limit in SETTINGS.items():
+            value = getattr(self, name)
+            if value is not None or name not in ("step_lr_scale", "single_bits"):
+                object.__setattr__(self, name, check(name, value, limit))
+        if not isinstance(self.losses, LossWeights):
+            raise RtfqError("'losses' must be an object of loss weights")
+        if self.batch_size % 2:
             raise RtfqError(f"--batch-size must be even (half source, half target), got {self.batch_size}")
-        if self.lr <= 0:
-            raise RtfqError("--lr must be positive")
         if self.step_lr_scale is None:
             object.__setattr__(self, "step_lr_scale", ADAM_STEP_LR_SCALE if self.optimizer == "adam" else 1.0)
-        if self.step_lr_scale < 0:
-            raise RtfqError("--step-lr-scale must be >= 0")
+        for name in ("optimizer", "rule", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise RtfqError(f"--{name} must be a name, got {getattr(self, name)!r}"[:300])
         if self.optimizer not in ("adam", "sgd"):
             raise RtfqError(f"unknown optimizer {self.optimizer!r} (adam or sgd)")
         if not 0.0 <= self.ema < 1.0:
@@ -71,10 +76,6 @@ class TrainConfig:
             raise RtfqError(f"unknown sampling rule {self.rule!r} (known: {', '.join(RULES)})")
         if self.rule == "single" and self.single_bits is None:
             raise RtfqError("--rule single needs --single-bits")
-        if self.rampup_steps < 0 or self.target_start < 0:
-            raise RtfqError("--rampup-steps and --target-start must be >= 0")
-        if self.n_random < 0 or self.checkpoint_every < 1 or self.log_every < 1 or self.calib_images < 1:
-            raise RtfqError("--n-random, --checkpoint-every, --log-every and --calib-images must be positive")
         if self.device not in ("auto", "cpu", "cuda"):
             raise RtfqError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -90,10 +91,14 @@ class TrainConfig:
             raise RtfqError(f"unknown training settings: {', '.join(sorted(unknown))}")
         try:
             if "losses" in data:
+                if not isinstance(data["losses"], Mapping):
+                    raise RtfqError("'losses' must be an object of loss weights")
                 data["losses"] = LossWeights(**data["losses"])
             return cls(**data)
+        except RtfqError:
+            raise
         except (TypeError, ValueError) as e:
-            raise RtfqError(f"bad training settings: {e}") from None
+            raise RtfqError(f"bad training settings: {e}"[:300]) from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -176,6 +176,14 @@ class Run:
                  dist: Distributed) -> None:
         self.run_dir, self.cfg, self.checkpoint_path = run_dir, cfg, checkpoint
         self.source_dir, self.target_dir, self.dist = source, target, dist
+        self._record: dict[str, Any] | None = None  # run.json, written once setup has succeeded
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
+        per_process = cfg.batch_size // 2 // dist.world
+        if per_process < 2 or (cfg.batch_size // 2) % dist.world:
+            raise RtfqError(f"--batch-size {cfg.batch_size} gives {cfg.batch_size / 2 / dist.world:g} images per domain "
+                            f"to each of {dist.world} process(es); BatchNorm needs at least 2 and an even split: use "
+                            f"a multiple of {2 * dist.world} of at least {4 * dist.world}")
         self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                                    else "cpu")
         if self.device.type == "cuda" and dist.world > 1:
@@ -191,25 +199,36 @@ class Run:
         if run_dir.exists() and not run_dir.is_dir():
             raise RtfqError(f"{run_dir} exists and is not a directory")
         run = cls(run_dir, cfg, checkpoint, source, target, dist)
-        dist.barrier()  # every rank has checked run_dir before rank 0 writes run.json into it
-        if dist.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            record = {"checkpoint": str(checkpoint.resolve()), "source": str(source.resolve()),
-                      "target": str(target.resolve()), "config": cfg.to_dict()}
-            with atomic_write(run_dir / "run.json", overwrite=True) as f:
-                f.write(json.dumps(record, indent=2).encode())
+        # run.json is written by train() once the checkpoint and both data folders have
+        # loaded: a start that fails on its inputs leaves nothing that blocks the next try.
+        run._record = {"checkpoint": str(checkpoint.resolve()), "source": str(source.resolve()),
+                       "target": str(target.resolve()), "config": cfg.to_dict()}
         return run
+
+    def _write_record(self) -> None:
+        self.dist.barrier()  # every rank has loaded its inputs before rank 0 writes run.json
+        if self.dist.main and self._record is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.run_dir / "run.json", overwrite=False) as f:
+                f.write(json.dumps(self._record, indent=2).encode())
+        self._record = None
 
     @classmethod
     def resume(cls, run_dir: Path, dist: Distributed) -> "Run":
+        from rtfq_deploy.fileio import read_json
+
+        path = run_dir / "run.json"
+        if not path.exists():
+            raise RtfqError(f"{run_dir} holds no run to resume (no run.json)")
+        record = read_json(path, "run record", max_bytes=1 << 20, expect=dict)
+        paths = [record.get(k) for k in ("checkpoint", "source", "target")]
+        if not all(isinstance(p, str) and p and "\0" not in p for p in paths) or not isinstance(record.get("config"), dict):
+            raise RtfqError(f"{path}: damaged run record (needs 'checkpoint', 'source', 'target' and 'config')")
         try:
-            record = json.loads((run_dir / "run.json").read_text())
-        except FileNotFoundError:
-            raise RtfqError(f"{run_dir} holds no run to resume (no run.json)") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise RtfqError(f"{run_dir}/run.json is unreadable: {e}") from None
-        return cls(run_dir, TrainConfig.from_dict(record["config"]), Path(record["checkpoint"]),
-                   Path(record["source"]), Path(record["target"]), dist)
+            cfg = TrainConfig.from_dict(record["config"])
+        except RtfqError as e:
+            raise RtfqError(f"{path}: {e}") from None
+        return cls(run_dir, cfg, *(Path(p) for p in paths), dist)
 
     def _data(self, model: Supernet) -> tuple[ImageFolder, ImageFolder, Stream, Stream]:
         source, target = scan(self.source_dir, "source"), scan(self.target_dir, "target")
@@ -228,6 +247,11 @@ class Run:
 
     # -- state -----------------------------------------------------------------
     def _save_state(self, step: int, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer) -> None:
+        """Save, unless a weight went non-finite: a NaN state would poison every resume."""
+        bad = _first_non_finite(student) or _first_non_finite(teacher)
+        if bad is not None:
+            raise Diverged(f"training diverged by step {step}: {bad} is not finite; nothing past the last saved state "
+                           f"was kept (lower --lr or the loss weights)")
         if not self.dist.main:
             return
         state = {"format": STATE_FORMAT, "version": 1, "step": step,
@@ -244,17 +268,41 @@ class Run:
         state = safe_torch_load(path)
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise RtfqError(f"{path}: not an rtfq training state")
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        opt.load_state_dict(state["optimizer"])
-        return int(state["step"])
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.cfg.steps:
+            raise RtfqError(f"{path}: damaged training state (step {step!r} is not in 0..{self.cfg.steps})")
+        try:
+            student.load_state_dict(state["student"])
+            teacher.load_state_dict(state["teacher"])
+            opt.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise RtfqError(f"{path}: damaged training state ({first}); remove it to restart from step 0") from None
+        bad = _first_non_finite(student)
+        if bad is not None:
+            raise RtfqError(f"{path}: damaged training state ({bad} is not finite); remove it to restart from step 0")
+        return step
 
     def _trim_metrics(self, start: int) -> None:
         """Drop lines a killed run logged after its last saved state (they will be redone)."""
         path = self.run_dir / "metrics.jsonl"
         if not self.dist.main or not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start]
+        lines = [line for line in path.read_bytes().decode("utf-8", "replace").splitlines() if line.strip()]
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+                step = row["step"]
+                if isinstance(step, bool) or not isinstance(step, int):
+                    raise TypeError("step is not an integer")
+            except (ValueError, KeyError, TypeError) as e:
+                if i == len(lines) - 1:  # cut by a kill mid-write: the step is redone anyway
+                    log.warning("%s: dropped a cut last line", path)
+                    break
+                raise RtfqError(f"{path}: line {i + 1} is damaged ({e.__class__.__name__}); fix or remove it") from None
+            if step < start:
+                keep.append(line)
         with atomic_write(path, overwrite=True) as f:
             f.write("".join(line + "\n" for line in keep).encode())
 
@@ -269,6 +317,7 @@ class Run:
         teacher = copy.deepcopy(student).requires_grad_(False)
         opt = make_optimizer(student, cfg)
         start = self._load_state(student, teacher, opt)
+        self._write_record()
         if start == 0:
             self._init_steps(student, src_stream, tgt_stream, normalization)
             teacher.load_state_dict(student.state_dict())
@@ -303,6 +352,9 @@ class Run:
                 opt.zero_grad(set_to_none=True)
                 totals = step_losses(forward_model, student, rule(cfg.seed, step), xs, ys, xt, teacher_logits, cfg,
                                      self._backward(forward_model), rampup(cfg, step))
+                if not math.isfinite(totals["loss"]):
+                    raise Diverged(f"training diverged at step {step + 1}: the loss is {totals['loss']}; nothing past "
+                                   f"the last saved state was kept (lower --lr or the loss weights)")
                 opt.step()
                 ema_update(teacher, student, cfg.ema)
                 images += (xs.shape[0] + xt.shape[0]) * dist.world
@@ -360,6 +412,19 @@ class Run:
                 "calibration": {"images": len(paths), "domain": "target"}}
         save_checkpoint(out, student, bn_stats=stats, meta=meta, overwrite=True)
         return out
+
+
+class Diverged(RtfqError):
+    """The loss or a weight became NaN or infinite: training stops before saving it."""
+
+
+def _first_non_finite(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN or an infinity, else None."""
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return name
+    return None
 
 
 def _check_ranks_agree(model: nn.Module) -> None:

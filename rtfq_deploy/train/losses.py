@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rtfq_deploy.train.limits import LOSSES, check
+
+
+_OPTIONS = {"ce": "--w-ce", "distill": "--w-distill", "pseudo": "--w-pseudo", "im": "--w-im", "threshold": "--threshold"}
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -26,13 +31,10 @@ class LossWeights:
     temperature: float = 1.0  # of the distillation softmax
 
     def __post_init__(self) -> None:
-        for name in ("ce", "distill", "pseudo", "im"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"loss weight {name} must be >= 0")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError("the pseudo-label threshold must be in [0, 1]")
-        if self.temperature <= 0:
-            raise ValueError("the distillation temperature must be > 0")
+        # finite and in range (limits.LOSSES); a SettingError is a ValueError too
+        for name, limit in LOSSES.items():
+            option = _OPTIONS.get(name, f"losses.{name}")
+            object.__setattr__(self, name, check(name, getattr(self, name), limit, option))
 
     @property
     def uses_target(self) -> bool:
