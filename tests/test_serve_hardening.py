@@ -132,6 +132,48 @@ def test_idle_and_trickling_connections_cannot_lock_out_real_requests(tmp_path, 
     assert max(under_attack) < 3.0
 
 
+def _is_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_idle_connections_from_many_addresses_make_room_for_real_requests(tmp_path, second_loopback_address):
+    """150 idle connections from 10 addresses (15 each, under the per-client cap) against
+    a server that answers 503 from 100 connections on, with a header deadline too far
+    away to help: the oldest idle connections are closed to make room, so real requests
+    get 200 at once and the server never holds 100."""
+    entry = entry_for(tmp_path, "pi", "m", random_bytes(50_000, 8), 5.0)
+    publish(tmp_path, "pi", [entry])
+    limit, per_source, sources = 100, 15, [f"127.0.0.{10 + i}" for i in range(10)]
+    socks: list[socket.socket] = []
+    with serving(tmp_path, header_timeout_s=60.0, limit_concurrency=limit) as url:
+        address = (urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port)
+        try:
+            for _ in range(per_source):
+                for source in sources:
+                    socks.append(_connect_from(source, address))
+            latencies = []
+            for _ in range(10):
+                start = time.monotonic()
+                reply = request(url, f"/v1/files/{entry.sha256}")
+                latencies.append(time.monotonic() - start)
+                assert reply.status == 200 and sha(reply.body) == entry.sha256, reply.status
+            wait_for(lambda: sum(map(_is_closed, socks)) >= len(socks) - (limit - 1), timeout_s=10)
+            closed = [i for i, sock in enumerate(socks) if _is_closed(sock)]
+        finally:
+            for sock in socks:
+                sock.close()
+    print(f"\nmany-address figures: {len(socks)} idle connections from {len(sources)} addresses, limit {limit}: "
+          f"{len(closed)} oldest closed to make room; real 50 KB downloads: max {max(latencies) * 1000:.1f} ms")
+    assert len(socks) - len(closed) <= limit - 1
+    assert closed == list(range(len(closed)))  # the oldest ones, in order
+    assert max(latencies) < 3.0
+
+
 def test_the_header_deadline_also_covers_the_next_request_on_a_kept_alive_connection(tmp_path):
     publish(tmp_path, "pi", [entry_for(tmp_path, "pi", "m", b"bytes", 1.0)])
     with serving(tmp_path, header_timeout_s=1.0) as url:

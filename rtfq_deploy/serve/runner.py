@@ -21,12 +21,13 @@ BACKLOG = 2048
 
 
 def uvicorn_config(config: ServeConfig, app: ASGIApp) -> uvicorn.Config:
-    """Pinned protocol choices (h11 with the header deadline and per-client cap of
+    """Pinned protocol choices (h11 with the connection limits of
     :mod:`~rtfq_deploy.serve.protocol`, asyncio) so limits behave the same on every install."""
     tls = {"ssl_certfile": str(config.certfile), "ssl_keyfile": str(config.keyfile)} if config.tls else {}
+    protocol = guarded_h11(config.header_timeout_s, config.max_client_connections, config.limit_concurrency)
     return uvicorn.Config(
-        app, http=guarded_h11(config.header_timeout_s, config.max_client_connections), loop="asyncio", ws="none",
-        lifespan="on", interface="asgi3", log_config=None, access_log=config.access_log, server_header=False,
+        app, http=protocol, loop="asyncio", ws="none", lifespan="on", interface="asgi3",
+        log_config=None, access_log=config.access_log, server_header=False,
         limit_concurrency=config.limit_concurrency, backlog=BACKLOG,
         h11_max_incomplete_event_size=config.max_header_bytes,
         timeout_keep_alive=5, timeout_graceful_shutdown=5, **tls,
