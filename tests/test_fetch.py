@@ -230,8 +230,9 @@ class LyingServer:
     sends more: with no length (until it is stopped), announcing a larger length, or
     chunked. Bounded: it stops after ``limit`` bytes or when the client goes away."""
 
-    def __init__(self, size: int, mode: str, limit: int = 64 << 20, url: str | None = None) -> None:
-        self.size, self.mode, self.limit = size, mode, limit
+    def __init__(self, size: int, mode: str, limit: int = 64 << 20, url: str | None = None,
+                 resolution: tuple[int, bytes] | None = None) -> None:
+        self.size, self.mode, self.limit, self.resolution = size, mode, limit, resolution
         self.data = random_bytes(size, 3)
         self.sha = sha(self.data)
         self.entry_url = url or f"/v1/files/{self.sha}"
@@ -270,6 +271,11 @@ class LyingServer:
             if not chunk:
                 return
             head += chunk
+        if b"/resolve?" in head.split(b"\r\n", 1)[0] and self.resolution is not None:
+            status, body = self.resolution
+            conn.sendall(b"HTTP/1.1 %d X\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                         % (status, len(body), body))
+            return
         if b"/resolve?" in head.split(b"\r\n", 1)[0]:
             body = json.dumps({"device": "pi", "budget": "latency=10ms", "reason": "the only one",
                                "entry": {"subnet": "m", "sha256": self.sha, "size_bytes": self.size,
@@ -363,3 +369,20 @@ def test_fetch_options_are_checked_with_one_line(tmp_path, monkeypatch, args, ne
     assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], lines
     assert "bad token" not in lines[0]  # a token is never echoed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.pem", "empty.txt", "garbage.pem"]
+
+
+@pytest.mark.parametrize("status,body,needle", [
+    (200, b"[" * 100_000, "other than JSON"), (200, b"\xff\xfe", "other than JSON"),
+    (200, b'{"entry": {"sha256": "00", "size_bytes": 1}}', "malformed entry"),
+    (200, json.dumps({"entry": {"sha256": "0" * 64, "size_bytes": True}}).encode(), "malformed entry"),
+    (200, json.dumps({"entry": {"sha256": "0" * 64, "size_bytes": 10**30}}).encode(), "malformed entry"),
+    (404, json.dumps({"error": "two\nlines " + "x" * 5000}).encode(), "server: two lines xxx"),
+    (418, b"[" * 100_000, "HTTP 418"),
+])
+def test_hostile_resolutions_are_one_line_errors(tmp_path, status, body, needle):
+    with LyingServer(1000, "no-length", resolution=(status, body)) as url:
+        with pytest.raises(RtfqError, match=needle) as caught:
+            fetch(_config(url, tmp_path / "m.onnx"))
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 600
+    assert not list(tmp_path.iterdir())

@@ -275,3 +275,17 @@ def test_library_config_refuses_nan_too(tmp_path):
                 {"max_client_connections": 0}, {"limit_concurrency": True}, {"certfile": tmp_path}):
         with pytest.raises(ValueError):
             ServeConfig(dist_dir=tmp_path, **bad)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"[" * 100_000 + b"]" * 100_000, "manifest"), (b"\xff\xfe{}", "manifest"), (b"{", "not JSON"),
+    (json.dumps({"format": "rtfq-manifest", "version": 1, "devices": {"pi": {"fingerprint": [1], "files": [
+        {"subnet": "m", "path": "pi/m.onnx", "sha256": "0" * 64, "size_bytes": 1e400, "latency_p50_ms": 1,
+         "latency_p90_ms": 1, "peak_memory_bytes": 1, "macs": 1, "bitops": 1}]}}}).encode(), "manifest"),
+])
+def test_a_hostile_manifest_at_start_is_one_line(tmp_path, content, needle):
+    (tmp_path / mf.MANIFEST).write_bytes(content)
+    result = CliRunner().invoke(serve, [str(tmp_path), "--port", "0"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and result.stdout == "", (result.exit_code, result.output[-500:])
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], lines

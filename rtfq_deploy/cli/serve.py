@@ -56,6 +56,7 @@ def serve(dist_dir: Path, host: str, port: int, poll_s: float, max_connections: 
 
     logging.basicConfig(level=logging.INFO if (verbose or access_log) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    max_connections = _fit_open_file_limit(max_connections)
     config = ServeConfig(dist_dir=dist_dir, host=host, port=port, poll_interval_s=poll_s,
                          limit_concurrency=max_connections, max_client_connections=max_client_connections,
                          header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes,
@@ -76,3 +77,29 @@ def serve(dist_dir: Path, host: str, port: int, poll_s: float, max_connections: 
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _fit_open_file_limit(max_connections: int) -> int:
+    """Each connection holds a socket and, while downloading, a file: if the process may
+    not open that many, accept() fails before any limit of ours applies and nobody gets
+    in. Raise the soft limit as far as the hard one allows, else lower the connection
+    limit (with a warning) so that it, not the open-file limit, is what a flood meets."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return max_connections
+    need = 2 * max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fitted = max(1, (soft - 64) // 2)
+        click.echo(f"rtfq-serve: --max-connections lowered from {max_connections} to {fitted} to fit the "
+                   f"open-file limit ({soft}; raise it with ulimit -n)", err=True)
+        return fitted
+    return max_connections
