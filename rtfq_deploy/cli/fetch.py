@@ -36,8 +36,8 @@ def _server_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--retries", type=BoundedInt(0, 100), default=3, show_default=True,
               help="Resumptions after a dropped connection before giving up (a later run resumes too).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help=f"File whose first line is the bearer token for a server run with --token-file "
-                   f"(else the {TOKEN_ENV} environment variable, if set).")
+              help=f"File holding the bearer token (its first token line) for a server run with --token-file; "
+                   f"without it, the {TOKEN_ENV} environment variable is used if set.")
 @click.option("--cafile", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PEM certificate(s) of a private CA to trust for an https:// server.")
 def fetch(server: str, device: str, budget: str, out: Path, force: bool, timeout_s: float, retries: int,

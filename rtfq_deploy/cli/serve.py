@@ -18,7 +18,8 @@ from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat
 @click.option("--poll", "poll_s", type=FiniteFloat(0.05, 60), default=0.5, show_default=True,
               help="Seconds between checks for a republished manifest.json.")
 @click.option("--max-connections", type=BoundedInt(1, 65535), default=1024, show_default=True,
-              help="Concurrent connections; beyond it requests get 503.")
+              help="Open connections; at the limit a new one closes the oldest idle one, and requests "
+                   "beyond it that all wait for answers get 503.")
 @click.option("--max-client-connections", type=BoundedInt(1, 65535), default=64, show_default=True,
               help="Open connections per client address; more are closed at once (raise it when many "
                    "devices share one address, e.g. behind NAT).")
@@ -27,8 +28,8 @@ from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat
 @click.option("--max-header-bytes", type=BoundedInt(1024, 1 << 20), default=16 * 1024, show_default=True,
               help="Most bytes of request headers; larger requests are refused (431, or 400 from h11).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Require 'Authorization: Bearer <token>' for /v1/devices and /v1/files; one token per line "
-                   "('#' comments), re-read when the file changes.")
+              help="Require 'Authorization: Bearer <token>' for everything but /v1/health and /v1/openapi.json; "
+                   "one token per line ('#' comments), re-read when the file changes.")
 @click.option("--certfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TLS certificate chain (PEM): serve https. Needs --keyfile.")
 @click.option("--keyfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
