@@ -12,7 +12,6 @@ import io
 from typing import Any, Mapping, Sequence
 
 from rtfq_deploy.bench.select import FRONT_KEYS, Selection
-from rtfq_deploy.budget import format_value
 
 _SCALE = {"latency_p50_ms": (1.0, "latency p50 (ms)"), "peak_memory_bytes": (1e6, "peak memory (MB)"),
           "size_bytes": (1e6, "file size (MB)")}
@@ -70,24 +69,32 @@ def choice_rows(selection: Selection) -> list[dict[str, Any]]:
     return rows
 
 
+# Column headings carry the unit; the cells are plain numbers in it (MB = 10**6 bytes).
+HEADINGS = {"accuracy": "top-1", "latency_p50_ms": "latency p50 (ms)", "latency_p90_ms": "latency p90 (ms)",
+            "peak_memory_bytes": "peak memory (MB)", "size_bytes": "file size (MB)", "macs": "GMACs",
+            "bitops": "GBitOPs"}
+
+
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
+    if key == "met":
+        return "yes" if value else "NO"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
     if key == "accuracy":
         return f"{value:.4f}"
     if key.startswith("latency"):
         return f"{value:.3f}"
     if key.endswith("bytes"):
-        return f"{value / 1e6:.2f} MB"
+        return f"{value / 1e6:.2f}"
     if key in ("macs", "bitops"):
-        return format_value("macs", value)
-    if key == "met":
-        return "yes" if value else "NO"
+        return f"{value / 1e9:.3f}"
     return str(value)
 
 
 def html_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    head = "".join(f"<th>{html.escape(HEADINGS.get(k, k))}</th>" for k in keys)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(k, r.get(k)))}</td>" for k in keys) + "</tr>"
                    for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -28,8 +28,8 @@ from rtfq_deploy.fileio import atomic_write
 log = logging.getLogger(__name__)
 
 # Costs the Pareto fronts are drawn against (accuracy is the other axis).
-FRONT_KEYS = {"latency_p50_ms": "latency p50 (ms)", "peak_memory_bytes": "peak memory (bytes)",
-              "size_bytes": "file size (bytes)"}
+FRONT_KEYS = {"latency_p50_ms": "latency p50 (ms)", "peak_memory_bytes": "peak memory (MB)",
+              "size_bytes": "file size (MB)"}
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ def publish(selection: Selection, results: Mapping[str, Any], dist_dir: Path,
             by_subnet[name] = c.entry
     if not served:
         return selection
+    mf.read_manifest(dist_dir)  # a damaged manifest fails here, before any model file is copied
     device_dir = dist_dir / device
     to_copy = []
     for name, entry in by_subnet.items():

@@ -194,7 +194,7 @@ def select(results: Path, accuracy: Path, budgets: tuple[str, ...], dist_dir: Pa
         for key, label in FRONT_KEYS.items():
             fmt = _ms if key.startswith("latency") else _mb
             front = ", ".join(f"{e['subnet']} ({_acc(e['accuracy'])} @ {fmt(e[key])})" for e in selection.fronts[key])
-            click.echo(f"Pareto front, accuracy vs {label.replace('(bytes)', '(MB)')}: {front or '-'}")
+            click.echo(f"Pareto front, accuracy vs {label}: {front or '-'}")
         for line in selection.skipped:
             click.echo(f"left out: {line}")
     for choice in selection.unmet:

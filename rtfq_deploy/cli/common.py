@@ -21,6 +21,15 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("rtfq_deploy").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def _one_line(message: str) -> str:
+    """A message that names user text (a path, a value) stays one line whatever that text
+    holds: every character str.splitlines() breaks at is written as its escape."""
+    return message.strip().translate(_LINE_BREAKS)
+
+
 class _OneLineErrors:
     """Run click in non-standalone mode and turn every user error into one line on
     stderr and exit code 2 (no usage dump, no traceback)."""
@@ -37,14 +46,14 @@ class _OneLineErrors:
             click.echo(e.ctx.get_help())
             sys.exit(0)
         except click.ClickException as e:
-            click.echo(f"Error: {e.format_message()}", err=True)
+            click.echo(f"Error: {_one_line(e.format_message())}", err=True)
             sys.exit(USAGE_EXIT if isinstance(e, click.UsageError) else e.exit_code)
         except (RtfqError, FileExistsError) as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {_one_line(str(e))}", err=True)
             sys.exit(USAGE_EXIT)
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
-            click.echo(f"Error: {e.strerror or e}{where}", err=True)
+            click.echo(f"Error: {_one_line(f'{e.strerror or e}{where}')}", err=True)
             sys.exit(USAGE_EXIT)
         sys.exit(rv if isinstance(rv, int) else 0)
 

@@ -47,6 +47,8 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str, calib: Path | None, ca
     from rtfq_deploy.fileio import sha256_file
     from rtfq_deploy.fileio import atomic_write
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
     ckpt = load_checkpoint(checkpoint)
     model, space = ckpt.model, ckpt.model.config.space
     subnets = list(space) if subnet_list == "all" else [space.parse(s.strip()) for s in subnet_list.split(",") if s.strip()]
@@ -58,8 +60,6 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str, calib: Path | None, ca
     if len(folder.classes) != model.config.num_classes:
         raise RtfqError(f"{data} has {len(folder.classes)} classes, the supernet {model.config.num_classes}")
     normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     model.to(dev)
     stats = dict(ckpt.bn_stats)

@@ -1,0 +1,409 @@
+"""Every command under hostile input: NaN, infinities, huge, negative, empty and non-numeric
+option values, non-UTF-8 and garbage files, deep, huge-numbered or wrongly typed JSON.
+
+The property, for every case: exit code 2, exactly one stderr line starting with
+``Error:``, no traceback, nothing on stdout and nothing written (the example's folder is
+byte-for-byte what it was). Numeric options are found on the commands themselves, so an
+option added later is driven too. Cases tried and failed per command are printed at the
+end (``pytest -s``) and written to $RTFQ_HOSTILE_COUNTS when set.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from rtfq_deploy import manifest as mf
+from rtfq_deploy.accuracy import read_accuracy
+from rtfq_deploy.bench.run import read_results
+from rtfq_deploy.budget import parse_budget, parse_count
+from rtfq_deploy.checkpoint import save_checkpoint
+from rtfq_deploy.cli.bench import bench
+from rtfq_deploy.cli.common import BoundedInt, FiniteFloat
+from rtfq_deploy.cli.export import export
+from rtfq_deploy.cli.main import rtfq
+from rtfq_deploy.cli.serve import serve
+from rtfq_deploy.cli.train import train
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.models import SupernetConfig, build_supernet
+from rtfq_deploy.space import SearchSpace
+from rtfq_deploy.train.config import TrainConfig
+from tests.test_bench_select import make_results
+
+SPACE = SearchSpace(resolutions=(32, 24), widths=(1.0, 0.5), bits=(8, 4))
+FAST = settings(max_examples=100, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                       HealthCheck.function_scoped_fixture])
+TRIED: Counter = Counter()
+FAILED: Counter = Counter()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    """A tiny checkpoint, an empty data folder and valid select inputs, made once."""
+    root = tmp_path_factory.mktemp("hostile")
+    torch.manual_seed(0)
+    save_checkpoint(root / "tiny.pt", build_supernet(SupernetConfig("tiny_resnet", num_classes=3, space=SPACE)))
+    (root / "empty").mkdir()
+    (root / "sel").mkdir()
+    results = make_results(root / "sel")
+    yield {"root": root, "ckpt": root / "tiny.pt", "empty": root / "empty", "results": results,
+           "acc": results.parent / "acc.json"}
+    lines = [f"{name}: {TRIED[name]} hostile cases, {FAILED[name]} failed" for name in sorted(TRIED)]
+    lines.append(f"total: {sum(TRIED.values())} hostile cases, {sum(FAILED.values())} failed")
+    print("\n" + "\n".join(lines))
+    if os.environ.get("RTFQ_HOSTILE_COUNTS"):
+        Path(os.environ["RTFQ_HOSTILE_COUNTS"]).write_text(json.dumps(
+            {name: {"tried": TRIED[name], "failed": FAILED[name]} for name in sorted(TRIED)}, indent=2) + "\n")
+
+
+_example = itertools.count()
+
+
+def _workdir(env: dict[str, Path]) -> Path:
+    work = env["root"] / f"case{next(_example)}"
+    work.mkdir()
+    return work
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (-1, 0)
+            for p in folder.rglob("*")}
+
+
+def _expect_one_line_error(name: str, command: click.Command, args: list[str], work: Path) -> None:
+    """Run ``command`` in-process and assert the hostile-input property; count the case."""
+    before = _snapshot(work)
+    root_handlers = logging.getLogger().handlers[:]
+    try:
+        result = CliRunner().invoke(command, [str(a) for a in args])
+    finally:
+        logging.getLogger().handlers[:] = root_handlers  # basicConfig must not keep a closed runner stream
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    ok = (result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: ")
+          and "Traceback" not in result.stderr and result.stdout == ""
+          and (result.exception is None or isinstance(result.exception, SystemExit)) and _snapshot(work) == before)
+    TRIED[name] += 1
+    FAILED[name] += not ok
+    shutil.rmtree(work, ignore_errors=True)
+    assert ok, (args, result.exit_code, result.stdout[-500:], result.stderr[-2000:], repr(result.exception))
+
+
+# -- hostile option values -----------------------------------------------------------------
+
+_SPECIAL = ["nan", "NaN", "-nan", "inf", "-inf", "+inf", "Infinity", "1e999", "-1e999", "1e309", "", " ", "0x10",
+            "1_0", "\u0661", "\u00bd", "--1", "1e", "e5", "9" * 50, "-" + "9" * 50, "9" * 5000, "1" + "0" * 400,
+            "\x00", "1\n2", "true", "1,2", "[1]", "2.5e-400", "-0.0", "\ud800"]
+
+
+def _rejects(kind: click.ParamType, text: str) -> bool:
+    try:
+        kind.convert(text, None, None)
+    except click.BadParameter:
+        return True
+    return False
+
+
+def hostile_numbers(kind: click.ParamType) -> st.SearchStrategy[str]:
+    """Text that ``kind`` (a BoundedInt or FiniteFloat) must refuse: special values, values
+    just and far beyond either bound, fractions for integers, arbitrary text."""
+    if isinstance(kind, BoundedInt):
+        low, high = kind.low, kind.high
+        beyond = st.one_of(st.integers(high + 1, high + 10**30), st.integers(low - 10**30, low - 1),
+                           st.sampled_from([high + 1, low - 1])).map(str)
+        fractions = st.floats(low, high, allow_nan=False).map(lambda v: f"{v}").filter(lambda t: "." in t or "e" in t)
+    else:
+        low = -1e308 if kind.low is None else kind.low
+        high = 1e308 if kind.high is None else kind.high
+        beyond = st.one_of(st.floats(min_value=high, exclude_min=not kind.high_open, allow_infinity=False),
+                           st.floats(max_value=low, exclude_max=not kind.low_open, allow_infinity=False),
+                           st.sampled_from([f"{high!r}0", f"-{abs(low)!r}1"])).map(str)
+        fractions = st.nothing()
+    return st.one_of(st.sampled_from(_SPECIAL), beyond, fractions, st.text(max_size=8)).filter(
+        lambda t: _rejects(kind, t))
+
+
+def numeric_options(command: click.Command) -> list[tuple[str, click.ParamType]]:
+    """Every option of ``command`` whose type is one of the bounded numeric types."""
+    return [(p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0], p.type) for p in command.params
+            if isinstance(p, click.Option) and isinstance(p.type, (BoundedInt, FiniteFloat))]
+
+
+def _subcommand(group: click.Group, *path: str) -> click.Command:
+    cmd: click.Command = group
+    for name in path:
+        cmd = cmd.commands[name]  # type: ignore[attr-defined]
+    return cmd
+
+
+# (name, entry point, leading args, sub-command path, the rest of a valid command line)
+COMMANDS: list[tuple[str, click.Command, tuple[str, ...], Callable[[dict, Path], list]]] = [
+    ("rtfq init", rtfq, ("init",), lambda e, w: ["--arch", "tiny_resnet", "--num-classes", "3", "-o", w / "o.pt"]),
+    ("rtfq eval", rtfq, ("eval",), lambda e, w: ["--checkpoint", e["ckpt"], "--data", e["empty"], "-o", w / "a.json"]),
+    ("rtfq data synth", rtfq, ("data", "synth"), lambda e, w: [w / "synth"]),
+    ("rtfq fetch", rtfq, ("fetch",), lambda e, w: ["--server", "http://127.0.0.1:9", "--device", "d", "--budget", "1G",
+                                                   "-o", w / "m.onnx"]),
+    ("rtfq-train", train, (), lambda e, w: ["--checkpoint", e["ckpt"], "--source", e["empty"], "--target", e["empty"],
+                                            "--out", w / "run"]),
+    ("rtfq-export", export, (), lambda e, w: ["--checkpoint", e["ckpt"], "--budget", "1G", "-o", w / "m.onnx"]),
+    ("rtfq-bench run", bench, ("run",), lambda e, w: [w / "m.onnx", "-o", w / "r.json"]),
+    ("rtfq-serve", serve, (), lambda e, w: [w / "dist"]),
+]
+
+
+def test_every_numeric_option_is_bounded():
+    """No command keeps a plain int/float option (click's FloatRange lets NaN through)."""
+    for name, command, path, _ in COMMANDS:
+        cmd = _subcommand(command, *path) if path else command
+        loose = [p.name for p in cmd.params if isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))]
+        assert not loose, f"{name}: unbounded numeric options {loose}"
+        assert numeric_options(cmd), name
+
+
+@pytest.mark.parametrize("name,command,path,base", COMMANDS, ids=[c[0] for c in COMMANDS])
+@FAST
+@given(data=st.data())
+def test_hostile_numeric_options(env, name, command, path, base, data):
+    cmd = _subcommand(command, *path) if path else command
+    option, kind = data.draw(st.sampled_from(numeric_options(cmd)), label="option")
+    value = data.draw(hostile_numbers(kind), label="value")
+    work = _workdir(env)
+    _expect_one_line_error(name, command, [*path, *base(env, work), option, value], work)
+
+
+INIT_LISTS = {"--resolutions": BoundedInt(1, 1024), "--widths": FiniteFloat(0.0, 1.0, low_open=True),
+              "--bits": BoundedInt(2, 8)}
+
+
+@FAST
+@given(option=st.sampled_from(sorted(INIT_LISTS)), data=st.data())
+def test_init_hostile_lists(env, option, data):
+    bad = data.draw(hostile_numbers(INIT_LISTS[option]).filter(lambda t: "," not in t and t.strip()))
+    good = {"--resolutions": "32", "--widths": "1.0", "--bits": "8"}[option]
+    value = data.draw(st.sampled_from([f"{good},{bad}", f"{bad}", ",".join([good] * 17), ",,", f"{good},{bad},{good}"]))
+    work = _workdir(env)
+    _expect_one_line_error("rtfq init", rtfq, ["init", "--arch", "tiny_resnet", "-o", work / "o.pt", option, value], work)
+
+
+def _refused_by(parse: Callable[[str], Any]) -> Callable[[str], bool]:
+    def refused(text: str) -> bool:
+        try:
+            parse(text)
+        except RtfqError:
+            return True
+        return False
+    return refused
+
+
+HOSTILE_BUDGETS = ["1e400G", "1e999999999", "-1G", "0", "nan", "inf", "1e19", "9" * 5000, "1e" + "9" * 100, "0.8X",
+                   "", ",", "1e-999G", "1e400ms", "latency=1e400ms", "memory=64MB,memory=1GB", "64MB", "x" * 2000]
+
+
+@FAST
+@given(value=st.one_of(st.sampled_from(HOSTILE_BUDGETS), st.text(max_size=12)).filter(_refused_by(parse_count)))
+def test_export_hostile_budget(env, value):
+    work = _workdir(env)
+    _expect_one_line_error("rtfq-export", export, ["--checkpoint", env["ckpt"], "--budget", value, "-o", work / "m.onnx"],
+                           work)
+
+
+@FAST
+@given(value=st.one_of(st.sampled_from(["r32-w1.00-q9", "r99999999999999999999-w1.00-q8", "r32-w0.30-q8", "",
+                                        "r32-w1.00-q8\n", "r0-w1-q8", "r32-wnan-q8"]),
+                       st.text(max_size=16)).filter(lambda t: t.strip() not in {str(c) for c in SPACE}))
+def test_export_hostile_subnet(env, value):
+    work = _workdir(env)
+    _expect_one_line_error("rtfq-export", export, ["--checkpoint", env["ckpt"], "--subnet", value, "-o", work / "m.onnx"],
+                           work)
+
+
+@FAST
+@given(value=st.one_of(st.sampled_from(HOSTILE_BUDGETS), st.text(max_size=16)).filter(_refused_by(parse_budget)))
+def test_bench_select_hostile_budget(env, value):
+    work = _workdir(env)
+    _expect_one_line_error("rtfq-bench select", bench, ["select", "--results", env["results"], "--accuracy", env["acc"],
+                                                        "--budget", value, "-o", work / "dist", "--no-report"], work)
+
+
+# -- hostile files -----------------------------------------------------------------------------
+
+FIXED_FILES = [
+    b"", b"\x00" * 64, b"\xff\xfe\x00{", "{\"a\": 1}".encode("utf-16"), b"\xef\xbb\xbf{}", b"[" * 100_000 + b"]" * 100_000,
+    b'{"a":' * 3000 + b"1" + b"}" * 3000, b"[" * 65 + b"]" * 65, b'{"subnets": 1e999999}', b"[" + b"1" * 100_000 + b"]",
+    b"NaN", b"[Infinity]", b'{"subnets": [{"subnet": "r32-w1.00-q8", "top1": -Infinity}]}', b'{"x": 1',
+    b"\x80abc", b"PK\x03\x04" + bytes(range(256)), b"null", b"true", b"12", b'"text"', b"[]", b"{}",
+]
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6))
+json_values = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c,
+                                                                                             max_size=3), max_leaves=8)
+hostile_leaf = st.one_of(st.sampled_from([None, True, False, "", "x" * 300, "1e999", -1, -1e308, 1e308, 2**63, 10**39,
+                                          [], {}, [1, 2], {"a": None}, 0.5, "../../etc/passwd", "a/b"]), json_leaf)
+
+
+def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path to a value inside ``doc``."""
+    out = [prefix] if prefix else []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+def _mutated(doc: Any, path: tuple, value: Any) -> Any:
+    doc = copy.deepcopy(doc)
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return doc
+
+
+def hostile_documents(valid: Any) -> st.SearchStrategy[bytes]:
+    """Bytes of a hostile JSON file: fixed nasties, random JSON, or ``valid`` with one value
+    (anywhere in it) replaced by a wrong type or an out-of-range number."""
+    paths = _paths(valid)
+    mutated = st.builds(lambda p, v: json.dumps(_mutated(valid, p, v)).encode(), st.sampled_from(paths), hostile_leaf)
+    dropped = st.sampled_from(paths).map(lambda p: json.dumps(_without(valid, p)).encode())
+    return st.one_of(st.sampled_from(FIXED_FILES), json_values.map(lambda v: json.dumps(v).encode()), mutated, dropped)
+
+
+def _without(doc: Any, path: tuple) -> Any:
+    doc = copy.deepcopy(doc)
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return doc
+
+
+def _refuses_file(read: Callable[[Path], Any], content: bytes, work: Path, name: str) -> bool:
+    probe = work.parent / f"probe-{name}"
+    probe.write_bytes(content)
+    try:
+        read(probe)
+    except RtfqError:
+        return True
+    finally:
+        probe.unlink()
+    return False
+
+
+# Subnets of another space: a mutation that leaves the table valid still ends in "no subnet
+# of the table within the budget", so every case must be refused.
+VALID_ACCURACY = {"format": "rtfq-accuracy", "version": 1, "subnets": [
+    {"subnet": s, "top1": 0.5, "macs": 10, "bn": "checkpoint"} for s in ("r96-w1.00-q8", "r96-w0.60-q4")]}
+
+
+@FAST
+@given(content=hostile_documents(VALID_ACCURACY))
+def test_export_hostile_accuracy_file(env, content):
+    work = _workdir(env)
+    (work / "acc.json").write_bytes(content)
+    _expect_one_line_error("rtfq-export", export, ["--checkpoint", env["ckpt"], "--budget", "1G", "--accuracy",
+                                                   work / "acc.json", "-o", work / "m.onnx"], work)
+
+
+@FAST
+@given(which=st.sampled_from(["results", "accuracy", "manifest"]), data=st.data())
+def test_bench_select_hostile_files(env, which, data):
+    valid = {"results": json.loads(env["results"].read_text()), "accuracy": json.loads(env["acc"].read_text()),
+             "manifest": {"format": "rtfq-manifest", "version": 1, "devices": {"other": {
+                 "fingerprint": {"cpu_model": "x"}, "updated": "2026-01-01T00:00:00Z",
+                 "files": [{"subnet": "r32-w1.00-q8", "path": "other/r32-w1.00-q8.onnx", "sha256": "0" * 64,
+                            "size_bytes": 1, "latency_p50_ms": 1.0, "latency_p90_ms": 1.0, "peak_memory_bytes": 1,
+                            "macs": 1, "bitops": 1, "accuracy": 0.5, "budgets": ["1ms"]}]}}}}[which]
+    content = data.draw(hostile_documents(valid))
+    work = _workdir(env)
+    reader = {"results": read_results, "accuracy": read_accuracy, "manifest": lambda p: mf.parse_manifest(
+        mf.read_json(p, "manifest", expect=dict), str(p))}[which]
+    assume(_refuses_file(reader, content, work, which))  # a harmless change (e.g. to a note) is a valid file
+    results, acc = env["results"], env["acc"]
+    if which == "results":
+        results = work / "results.json"
+        results.write_bytes(content)
+    elif which == "accuracy":
+        acc = work / "acc.json"
+        acc.write_bytes(content)
+    else:
+        (work / "dist").mkdir()
+        (work / "dist" / "manifest.json").write_bytes(content)
+    _expect_one_line_error("rtfq-bench select", bench, ["select", "--results", results, "--accuracy", acc, "--budget",
+                                                        "10ms", "-o", work / "dist", "--no-report"], work)
+
+
+@FAST
+@given(data=st.data())
+def test_train_hostile_recipe(env, data):
+    """A recipe that passes is stopped by the empty data folder; either way one line and no run directory."""
+    content = data.draw(hostile_documents({**TrainConfig(steps=1).to_dict(), "_note": "x"}))
+    work = _workdir(env)
+    (work / "r.json").write_bytes(content)
+    _expect_one_line_error("rtfq-train", train, ["--checkpoint", env["ckpt"], "--source", env["empty"], "--target",
+                                                 env["empty"], "--out", work / "run", "--recipe", work / "r.json"], work)
+
+
+@FAST
+@given(data=st.data())
+def test_train_resume_hostile_run_json(env, data):
+    record = {"checkpoint": str(env["ckpt"]), "source": str(env["empty"]), "target": str(env["empty"]),
+              "config": TrainConfig(steps=1).to_dict()}
+    content = data.draw(hostile_documents(record))
+    work = _workdir(env)
+    (work / "run").mkdir()
+    (work / "run" / "run.json").write_bytes(content)
+    _expect_one_line_error("rtfq-train", train, ["--resume", work / "run"], work)
+
+
+@FAST
+@given(content=st.one_of(st.sampled_from(FIXED_FILES), st.binary(max_size=256)),
+       command=st.sampled_from(["subnets", "eval", "export", "init --pretrained"]))
+def test_hostile_checkpoint_files(env, content, command):
+    work = _workdir(env)
+    (work / "c.pt").write_bytes(content)
+    if command == "subnets":
+        _expect_one_line_error("rtfq subnets", rtfq, ["subnets", "--checkpoint", work / "c.pt"], work)
+    elif command == "eval":
+        _expect_one_line_error("rtfq eval", rtfq, ["eval", "--checkpoint", work / "c.pt", "--data", env["empty"], "-o",
+                                                   work / "a.json"], work)
+    elif command == "export":
+        _expect_one_line_error("rtfq-export", export, ["--checkpoint", work / "c.pt", "--all", "-o", work / "out"], work)
+    else:
+        _expect_one_line_error("rtfq init", rtfq, ["init", "--arch", "tiny_resnet", "--pretrained", work / "c.pt", "-o",
+                                                   work / "o.pt"], work)
+
+
+@FAST
+@given(value=st.text(max_size=12).filter(lambda t: t not in ("macs", "bitops", "params", "weight_bytes", "subnet")))
+def test_subnets_hostile_sort(env, value):
+    work = _workdir(env)
+    _expect_one_line_error("rtfq subnets", rtfq, ["subnets", "--checkpoint", env["ckpt"], "--sort", value], work)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this build has CUDA")
+def test_device_cuda_on_a_cpu_build_is_one_line(env):
+    for name, command, args in [
+        ("rtfq eval", rtfq, ["eval", "--checkpoint", env["ckpt"], "--data", env["empty"], "--device", "cuda"]),
+        ("rtfq-train", train, ["--checkpoint", env["ckpt"], "--source", env["empty"], "--target", env["empty"],
+                               "--device", "cuda"]),
+    ]:
+        work = _workdir(env)
+        out = ["-o", work / "a.json"] if name == "rtfq eval" else ["--out", work / "run"]
+        _expect_one_line_error(name, command, [*args, *out], work)
