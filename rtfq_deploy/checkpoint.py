@@ -98,6 +98,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if problems:
         raise CheckpointError(f"{path}: weights do not match architecture {config.arch!r}: {problems}")
     model.load_state_dict(state_dict)
+    bad = next((k for k, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:  # eval and export must never consume what a diverged run left
+        raise CheckpointError(f"{path}: weight {bad} holds NaN or infinity (a diverged training run?)")
     problem = bn_stats_mismatch(model, bn_stats)
     if problem:
         raise CheckpointError(f"{path}: calibrated BatchNorm statistics do not fit: {problem}")

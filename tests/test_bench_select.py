@@ -113,6 +113,9 @@ def test_publish_writes_files_and_a_valid_manifest(tmp_path):
     assert not (dist / "phone" / "r64-w1.00-q4.onnx").exists()
     report = (dist / "phone" / "report.html").read_text()
     assert "data:image/png;base64," in report and "r96-w1.00-q8" in report and "<table>" in report
+    assert "<th>peak memory (MB)</th>" in report and "<th>file size (MB)</th>" in report and "<th>GMACs</th>" in report
+    assert "_bytes</th>" not in report and "<td>60.00</td>" in report  # 60e6 bytes of memory, shown in MB
+    assert "<td>0.060</td>" in report and "0.06G" not in report  # 60e6 MACs: rounded GMACs
     assert (dist / "phone" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

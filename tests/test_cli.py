@@ -53,6 +53,13 @@ def test_console_scripts_are_installed(script):
     assert result.returncode == 0 and "Usage:" in result.stdout
 
 
+def test_group_help_shows_whole_command_summaries():
+    result = CliRunner().invoke(rtfq, ["--help"], terminal_width=80)
+    assert result.exit_code == 0
+    assert "..." not in result.output.split("Commands:")[1]
+    assert "torchvision ImageNet" in result.output and "weights)." in result.output and "budget." in result.output
+
+
 def test_bare_group_prints_its_help():
     result = _run("rtfq")
     assert result.returncode == 0 and result.stdout.startswith("Usage: rtfq") and result.stderr == ""
