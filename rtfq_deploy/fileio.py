@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import stat
 import time
@@ -79,27 +80,42 @@ def remove_stale_temporaries(dest: str | os.PathLike, max_age_s: float = STALE_T
     and removal races are ignored. Returns the removed paths.
     """
     dest = Path(dest)
-    prefix = f".{dest.name}."
-    removed = []
+    return _sweep(dest.parent, f".{dest.name}.", max_age_s)
+
+
+def sweep_temporaries(directory: str | os.PathLike, max_age_s: float = STALE_TMP_AGE_S) -> list[Path]:
+    """:func:`remove_stale_temporaries` for every destination in ``directory``: a killed
+    export or select of a file that is never written again leaves nothing for ever."""
+    return _sweep(Path(directory), ".", max_age_s)
+
+
+def _sweep(directory: Path, prefix: str, max_age_s: float) -> list[Path]:
+    removed: list[Path] = []
     try:
-        candidates = [p for p in dest.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+        candidates = [p for p in directory.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
     except OSError:
         return removed
     now = time.time()
     for tmp in candidates:
-        middle = tmp.name[len(prefix):-len(".tmp")]
-        pid_text = middle.split(".", 1)[0]
+        owner = _TMP_RE.fullmatch(tmp.name)
         try:
-            old = now - tmp.lstat().st_mtime > max_age_s
+            info = tmp.lstat()
         except OSError:
             continue
-        dead = pid_text.isdigit() and len(pid_text) <= 10 and "." in middle and not _pid_alive(int(pid_text))
-        if dead or old:
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        dead = owner is not None and not _pid_alive(int(owner[1]))
+        if prefix == "." and owner is None:
+            continue  # a hidden .tmp file this module did not name: not ours to judge
+        if dead or now - info.st_mtime > max_age_s:
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 removed.append(tmp)
                 log.info("removed %s, left by a writer that is gone", tmp)
     return removed
+
+
+_TMP_RE = re.compile(r"\..+\.(\d{1,10})\.[0-9a-f]{8}\.tmp")
 
 
 def _mode_for(dest: Path) -> int:

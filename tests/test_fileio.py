@@ -111,3 +111,17 @@ def test_old_temporaries_without_a_pid_are_removed_and_others_left(tmp_path):
     os.utime(legacy, (old, old))
     assert remove_stale_temporaries(dest) == [legacy]
     assert fresh_legacy.exists() and other.exists()
+
+
+def test_select_sweeps_what_a_killed_select_left(tmp_path):
+    """A killed copy of a subnet the next run does not choose is still removed."""
+    from tests.test_bench_select import _select, make_results
+
+    results = make_results(tmp_path)
+    dest = tmp_path / "dist" / "dev" / "r96-w1.00-q8.onnx"
+    proc = _start_writer(dest, 60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_temporaries(dest)) == 1
+    assert _select(results, tmp_path / "dist", "3ms", extra=["--device", "dev", "--no-report"]).returncode == 0
+    assert not dest.exists() and _temporaries(dest) == []  # 3ms chose r64-w0.50-q4, and the leftover is gone

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 from rtfq_deploy import manifest as mf
 from rtfq_deploy.budget import Budget, Choice, choose, pareto_front
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.fileio import atomic_write, sweep_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ def publish(selection: Selection, results: Mapping[str, Any], dist_dir: Path,
         return selection
     mf.read_manifest(dist_dir)  # a damaged manifest fails here, before any model file is copied
     device_dir = dist_dir / device
+    for folder in (dist_dir, device_dir):  # what a killed select left, whichever files it was writing
+        sweep_temporaries(folder)
     to_copy = []
     for name, entry in by_subnet.items():
         src = Path(entry["path"])
