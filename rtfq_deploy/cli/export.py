@@ -69,7 +69,7 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
     from rtfq_deploy.checkpoint import load_checkpoint
     from rtfq_deploy.costs import space_costs
     from rtfq_deploy.export.api import ExportOptions, VerificationFailed, export_subnet
-    from rtfq_deploy.fileio import sha256_file
+    from rtfq_deploy.fileio import sha256_file, sweep_temporaries
     from rtfq_deploy.budget import parse_count
     from rtfq_deploy.export.select import bucket_budgets, choose, read_accuracy
 
@@ -104,6 +104,7 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
     if single and output.is_dir():
         raise click.UsageError(f"{output} is a directory; give a file name")
 
+    sweep_temporaries(output.parent if single else output)  # what a killed export left there
     sha = sha256_file(checkpoint)
     options = ExportOptions(pack_int4=pack == "int4", verify=verify, verify_samples=verify_samples,
                             threads=threads, overwrite=force, verify_images=verify_images)
