@@ -12,9 +12,10 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     out = tmp_path / "demo"
     first = _run("rtfq", "demo", "--quick", "--out", str(out))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    for stage in range(1, 8):
-        assert f"[{stage}/7]" in first.stdout
+    for stage in range(1, 10):
+        assert f"[{stage}/9]" in first.stdout
     assert "reused" not in first.stdout
+    assert "source-only" in first.stdout and "RTF-Q" in first.stdout and "gain" in first.stdout
     acc = json.loads((out / "acc.json").read_text())
     assert len(acc["subnets"]) == 8
     assert len(list((out / "models").glob("*.onnx"))) == 8
@@ -25,4 +26,4 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert (out / "dist" / device / "report.html").exists()
     second = _run("rtfq", "demo", "--quick", "--out", str(out))
     assert second.returncode == 0, second.stderr
-    assert second.stdout.count("reused") == 7
+    assert second.stdout.count("reused") == 9

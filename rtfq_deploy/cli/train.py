@@ -29,7 +29,7 @@ def _bounded(limit: Range) -> click.ParamType:
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:
-    """A recipe file, or the name of a built-in one (synth_cpu, office31, officehome, domainnet)."""
+    """A recipe file, or the name of a built-in one (synth_cpu, synth_strong_cpu, office31, officehome, domainnet)."""
     builtin = Path(__file__).resolve().parents[1] / "train" / "recipes" / f"{path}.json"
     if not path.exists() and path.parent == Path(".") and builtin.exists():
         path = builtin
@@ -46,7 +46,7 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory to create.")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON file of training settings, or a built-in recipe: synth_cpu, office31, officehome, domainnet.")
+              help="JSON file of training settings, or a built-in recipe: synth_cpu, synth_strong_cpu, office31, officehome, domainnet.")
 @click.option("--steps", type=_bounded(SETTINGS["steps"]), help="Optimizer steps.  [default: 5000]")
 @click.option("--batch-size", type=_bounded(SETTINGS["batch_size"]), help="Images per step, half source and half target (at least 2 each: BatchNorm needs them).  [default: 64]")
 @click.option("--lr", type=_bounded(SETTINGS["lr"]), help="Peak learning rate (cosine annealed).  [default: 2e-4]")

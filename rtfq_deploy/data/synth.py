@@ -161,14 +161,35 @@ def _stretched(points: list[tuple[float, float]], cx: float, cy: float, sx: floa
     return [(cx + (x - cx) * sx, cy + (y - cy) * sy) for x, y in points]
 
 
-def _shape_mask(shape: str, rng: np.random.Generator, big: int) -> Image.Image:
+@dataclass(frozen=True)
+class StrongStyle:
+    """The strong target's factors of variation. Every image draws all its random numbers
+    whatever these are, so changing one factor leaves the others' draws as they were
+    (which lets a factor's share of the gap be measured alone)."""
+
+    outline: float = 0.15  # share of images drawn as an outline only
+    hatch: float = 0.15  # share of images with a hatched fill
+    flip: float = 0.1  # share of images whose shape is lighter than the background
+    darkest: float = 120.0  # background luminance is drawn from [darkest, 215]
+    occlude: float = 0.1  # share of images with a band of background across the shape
+    clutter: int = 2  # at most this many clutter strokes and blobs
+    texture: float = 0.4  # scale of the background's lighting gradient and texture
+    noise: float = 6.0  # largest noise standard deviation, grey levels
+    blur: float = 0.8  # largest blur radius at 64 px
+    rotation: float = 0.4  # largest rotation, radians
+    stretch: float = 0.1  # largest log stretch of each axis
+
+STRONG = StrongStyle()
+
+
+def _shape_mask(shape: str, rng: np.random.Generator, big: int, style: StrongStyle) -> Image.Image:
     """The shape's silhouette (L mode, 255 inside) at a random place, size, rotation and
     stretch, or its outline alone with a stroke of random width."""
     r = big * rng.uniform(0.2, 0.36)
     cx, cy = (big / 2 + rng.uniform(-0.15, 0.15) * big for _ in range(2))
-    angle = rng.uniform(-0.6, 0.6)
-    sx, sy = np.exp(rng.uniform(-0.18, 0.18, size=2))
-    outline = rng.random() < 0.35
+    angle = rng.uniform(-1, 1) * style.rotation
+    sx, sy = np.exp(rng.uniform(-1, 1, size=2) * style.stretch)
+    outline = rng.random() < style.outline
     stroke = max(2, int(r * rng.uniform(0.12, 0.22)))
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
@@ -186,60 +207,66 @@ def _shape_mask(shape: str, rng: np.random.Generator, big: int) -> Image.Image:
     return mask
 
 
-def _strong_background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, float]:
+def _strong_background(rng: np.random.Generator, size: int, style: StrongStyle) -> tuple[np.ndarray, float]:
     """Float HxWx3 background (lighting gradient, two-scale texture, clutter strokes) and its mean luminance."""
     yy, xx = np.mgrid[0:size, 0:size] / size
-    base = rng.uniform(40, 215) + rng.normal(0, 25, size=3)
+    base = style.darkest + rng.uniform(0, 1) * (215 - style.darkest) + rng.normal(0, 25, size=3)
     theta = rng.uniform(0, 2 * math.pi)
     light = rng.uniform(0, 60) * ((xx - 0.5) * math.cos(theta) + (yy - 0.5) * math.sin(theta))
     texture = np.zeros((size, size))
     for cell, amp in ((size // 4, rng.uniform(4, 16)), (max(1, size // 16), rng.uniform(3, 12))):
         noise = rng.normal(0, 1, size=(size // cell + 1, size // cell + 1))
         texture += amp * np.kron(noise, np.ones((cell, cell)))[:size, :size]
-    img = base + (light + texture)[..., None] * rng.uniform(0.6, 1.0, size=3)
+    img = base + style.texture * (light + texture)[..., None] * rng.uniform(0.6, 1.0, size=3)
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
-    for _ in range(rng.integers(2, 6)):  # clutter: short strokes and small blobs of any colour
+    count = int(rng.integers(0, 6))
+    for i in range(5):  # clutter: short strokes and small blobs of any colour
         colour = tuple(int(v) for v in rng.uniform(0, 255, size=3))
-        x0, y0 = rng.uniform(0, size, size=2)
-        if rng.random() < 0.6:
-            length, phi = rng.uniform(0.15, 0.4) * size, rng.uniform(0, 2 * math.pi)
-            draw.line([(x0, y0), (x0 + length * math.cos(phi), y0 + length * math.sin(phi))], fill=colour,
-                      width=int(rng.integers(1, max(2, size // 24))))
+        x0, y0, length, phi, rad = *rng.uniform(0, size, size=2), *rng.uniform(0, 1, size=3)
+        line, width = rng.random() < 0.6, int(rng.integers(1, max(2, size // 24)))
+        if i >= min(count, style.clutter):
+            continue
+        if line:
+            length, phi = (0.15 + 0.25 * length) * size, 2 * math.pi * phi
+            draw.line([(x0, y0), (x0 + length * math.cos(phi), y0 + length * math.sin(phi))], fill=colour, width=width)
         else:
-            rad = rng.uniform(0.03, 0.07) * size
+            rad = (0.03 + 0.04 * rad) * size
             draw.ellipse([x0 - rad, y0 - rad, x0 + rad, y0 + rad], fill=colour)
     return np.asarray(pil, dtype=np.float64), float(np.mean(img))
 
 
-def render_strong(shape: str, rng: np.random.Generator, size: int) -> Image.Image:
+def render_strong(shape: str, rng: np.random.Generator, size: int, style: StrongStyle = STRONG) -> Image.Image:
     """One target image of the strong shift (see the module docstring)."""
     big = size * 4
-    background, luminance = _strong_background(rng, size)
-    mask = np.asarray(_shape_mask(shape, rng, big).resize((size, size), Image.LANCZOS), dtype=np.float64)[..., None] / 255
-    # Paint: a contrast of 45-110 grey levels against the background, either polarity.
-    sign = 1.0 if luminance < 90 else -1.0 if luminance > 165 else rng.choice([-1.0, 1.0])
+    background, luminance = _strong_background(rng, size, style)
+    mask = _shape_mask(shape, rng, big, style).resize((size, size), Image.LANCZOS)
+    mask = np.asarray(mask, dtype=np.float64)[..., None] / 255
+    # Paint: a contrast of 45-110 grey levels against the background, in either polarity
+    # on mid-grey backgrounds (always the visible one on dark or light ones).
+    lighter = rng.random() < style.flip
+    sign = 1.0 if luminance < 90 else -1.0 if luminance > 165 else (1.0 if lighter else -1.0)
     colour = np.clip(luminance + sign * rng.uniform(45, 110) + rng.normal(0, 30, size=3), 0, 255)
     paint = np.broadcast_to(colour, (size, size, 3)).copy()
-    if rng.random() < 0.3:  # hatched fill
+    hatch, phi, period = rng.random() < style.hatch, rng.uniform(0, math.pi), rng.uniform(3, 6) * size / 64
+    if hatch:
         yy, xx = np.mgrid[0:size, 0:size]
-        phi, period = rng.uniform(0, math.pi), rng.uniform(3, 6) * size / 64
         stripes = np.sin(2 * math.pi * (xx * math.cos(phi) + yy * math.sin(phi)) / period) > 0
         paint[stripes] = background[stripes] * 0.5 + paint[stripes] * 0.5
     img = background * (1 - mask) + paint * mask
-    if rng.random() < 0.25:  # occlusion: a band of background colour across the shape
+    occlude, c, phi, half = rng.random() < style.occlude, rng.uniform(0.35, 0.65, size=2) * size, \
+        rng.uniform(0, math.pi), rng.uniform(0.035, 0.07) * size
+    if occlude:  # a band of the background's mean colour across the shape
         pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-        c, phi = rng.uniform(0.35, 0.65, size=2) * size, rng.uniform(0, math.pi)
-        half = rng.uniform(0.035, 0.07) * size
         dx, dy = math.cos(phi) * size, math.sin(phi) * size
         nx, ny = -math.sin(phi) * half, math.cos(phi) * half
         band = [(c[0] - dx + nx, c[1] - dy + ny), (c[0] + dx + nx, c[1] + dy + ny), (c[0] + dx - nx, c[1] + dy - ny),
                 (c[0] - dx - nx, c[1] - dy - ny)]
         ImageDraw.Draw(pil).polygon(band, fill=tuple(int(v) for v in np.clip(background.mean(axis=(0, 1)), 0, 255)))
         img = np.asarray(pil, dtype=np.float64)
-    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(
-        ImageFilter.GaussianBlur(radius=rng.uniform(0, 1.2) * size / 64))
-    noisy = np.asarray(pil, dtype=np.float64) + rng.normal(0, rng.uniform(3, 14), size=(size, size, 3))
+    radius, sigma = rng.uniform(0, 1) * style.blur * size / 64, rng.uniform(0.2, 1) * style.noise
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius=radius))
+    noisy = np.asarray(pil, dtype=np.float64) + rng.normal(0, 1, size=(size, size, 3)) * sigma
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
