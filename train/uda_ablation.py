@@ -61,8 +61,13 @@ def tool(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def sh(*args: str, env: dict | None = None) -> None:
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, env=env)
+def sh(*args: str, env: dict | None = None, log: Path | None = None) -> None:
+    """Run a command; its progress (stderr) goes to ``log`` when given."""
+    if log is None:
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, env=env)
+        return
+    with open(log, "a") as f:
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=f, env=env)
 
 
 def recipe_steps(recipe: str) -> dict[str, int]:
@@ -105,7 +110,7 @@ def one(out: Path, seed: int, name: str, recipe: str, steps: dict[str, int], ove
             "--checkpoint", str(out / "init.pt"), "--source", str(out / "data/source"),
             "--target", str(out / "data/target"), "--out", str(run), "--recipe", recipe, "--seed", str(seed),
             *options, *scaled(steps, share, override)]
-        sh(tool("rtfq-train"), *train, env=env)
+        sh(tool("rtfq-train"), *train, env=env, log=out / f"{name}.log")
         train_s = time.monotonic() - started
         sh(tool("rtfq"), "eval", "--checkpoint", str(run / "supernet.pt"), "--data", str(out / "data/target_test"),
            "-o", str(acc), env=env)
