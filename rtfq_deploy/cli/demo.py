@@ -116,10 +116,11 @@ def _adaptation(source_only: Path, adapted: Path) -> str:
 @click.option("--quick", is_flag=True, help="Tiny settings (3 classes, 8 subnets, 4 steps): a smoke test of every stage.")
 @click.option("--fresh", is_flag=True, help="Delete OUT first and redo every stage.")
 def demo(out: Path, quick: bool, fresh: bool) -> None:
-    """Run the whole pipeline on synthetic domain-shift data: synth (strong shift), init,
-    train (RTF-Q and a source-only baseline), eval, export every subnet, bench on this
-    machine, select per budget, and write a DIST_DIR with manifest.json and report.html
-    (serve it with `rtfq-serve OUT/dist`)."""
+    """Run the whole pipeline on built-in synthetic data, from data to a served DIST_DIR.
+
+    Stages: synth (the strong shift), init, train (RTF-Q and a source-only baseline),
+    eval both, export every subnet, bench on this machine, select per budget, and write a
+    DIST_DIR with manifest.json and report.html (serve it with `rtfq-serve OUT/dist`)."""
     settings = QUICK if quick else FULL
     if fresh and out.exists():
         shutil.rmtree(out)
