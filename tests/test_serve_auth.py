@@ -143,3 +143,12 @@ def test_tls_start_errors_are_one_line_and_health_is_https(tmp_path):
         context = ssl.create_default_context(cafile=str(tls.ca))
         with urllib.request.urlopen(f"{url}/v1/health", context=context, timeout=30) as reply:
             assert json.loads(reply.read())["status"] == "ok"
+
+
+def test_fetch_warns_before_a_token_crosses_plain_http_to_another_host():
+    """Only the decision is tested (no traffic leaves loopback): https and this machine are fine."""
+    from rtfq_deploy.cli.fetch import _plain_http_off_host
+
+    assert _plain_http_off_host("http://models.example:8080") and _plain_http_off_host("http://192.0.2.7")
+    for quiet in ("https://models.example", "http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:80"):
+        assert not _plain_http_off_host(quiet), quiet

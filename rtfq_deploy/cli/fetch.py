@@ -55,6 +55,9 @@ def fetch(server: str, device: str, budget: str, out: Path, force: bool, timeout
         token = check_token(os.environ[TOKEN_ENV].strip(), f"the {TOKEN_ENV} environment variable")
     else:
         token = None
+    if token is not None and _plain_http_off_host(server):
+        click.echo("Warning: sending the bearer token over plain http to another host; anyone on the path can "
+                   "read it (serve with --certfile/--keyfile and fetch from https://)", err=True)
     result = run_fetch(FetchConfig(server=server, device=device, budget=budget, out=out, force=force,
                                    timeout_s=timeout_s, retries=retries, token=token, cafile=cafile))
     entry = result.entry
@@ -64,3 +67,20 @@ def fetch(server: str, device: str, budget: str, out: Path, force: bool, timeout
     else:
         resumed = f", resumed after {result.resumed_from} bytes" if result.resumed_from else ""
         click.echo(f"{out}: {what}{resumed}")
+
+
+def _plain_http_off_host(server: str) -> bool:
+    """An http:// server that is not this machine: a token sent there travels in clear text."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(server)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
