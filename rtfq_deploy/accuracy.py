@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import read_json
+from rtfq_deploy.fileio import is_number, read_json
 
 MAX_BYTES = 16 * 2**20  # an honest table is a few kB per hundred subnets
 MAX_ROWS = 100_000
@@ -40,7 +40,7 @@ def read_accuracy(path: str | Path) -> dict[str, float]:
         raise RtfqError(f"{path}: the accuracy table has more than {MAX_ROWS} rows")
     table: dict[str, float] = {}
     for name, value in pairs:
-        if not isinstance(name, str) or not name or not _is_number(value):
+        if not isinstance(name, str) or not name or not is_number(value):
             raise RtfqError(shape)
         if not math.isfinite(value):
             raise RtfqError(f"{path}: the accuracy of {name} is not a finite number")
@@ -49,6 +49,3 @@ def read_accuracy(path: str | Path) -> dict[str, float]:
         raise RtfqError(f"{path}: the accuracy table is empty")
     return table
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

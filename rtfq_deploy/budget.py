@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.fileio import is_number
 
 # kind -> the manifest/results key it limits; entries carry these keys.
 METRIC_KEYS = {
@@ -203,9 +204,9 @@ def _scales(unit_kind: str) -> Mapping[str, float]:
 
 def _number(value: Any) -> float:
     """A missing or non-numeric metric never meets a limit."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.inf
+    return float(value) if is_number(value) else math.inf
 
 
 def _accuracy(entry: Mapping[str, Any]) -> float:
     value = entry.get("accuracy")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else -math.inf
+    return float(value) if is_number(value) else -math.inf

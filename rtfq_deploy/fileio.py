@@ -163,6 +163,12 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike, *, overwrite: bool 
     _fsync_dir(dest.parent)
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number as json.loads gives it: an int or a float, never a bool (which
+    Python counts as an int, so true would pass an isinstance check as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write, read_json, sha256_file  # noqa: F401  (sha256_file: part of this API)
+from rtfq_deploy.fileio import atomic_write, is_number, read_json, sha256_file  # noqa: F401  (sha256_file: part of this API)
 
 FORMAT = "rtfq-manifest"
 VERSION = 1
@@ -112,14 +112,14 @@ def _count(d: Mapping[str, Any], key: str) -> int:
     value = d[key]
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+    if not is_number(value) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise ValueError(f"{key!r} must be a non-negative integer")
     return value
 
 
 def _real(d: Mapping[str, Any], key: str) -> float:
     value = d[key]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+    if not is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{key!r} must be a finite, non-negative number")
     return float(value)
 

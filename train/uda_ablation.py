@@ -198,21 +198,42 @@ def plot(summary: dict[str, dict[int, dict]], seeds: list[int], path: Path) -> N
     plt.close(fig)
 
 
+def _positive(text: str) -> int:
+    """argparse type: a whole number from 1 to 10^6 (a bad one is argparse's one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 10**6:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1000000, got {value}")
+    return value
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}") from None
+    if not seeds or not all(0 <= s < 2**31 for s in seeds) or len(seeds) > 100:
+        raise argparse.ArgumentTypeError(f"expected 1 to 100 seeds in 0..2^31-1, got {text!r}")
+    return seeds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
-    ap.add_argument("--seeds", default="1,2,3", help="data, initial weights and training seeds")
+    ap.add_argument("--seeds", type=_seeds, default="1,2,3", help="data, initial weights and training seeds")
     ap.add_argument("--shift", choices=sorted(RECIPES), default="strong")
     ap.add_argument("--recipe", help="override the shift's recipe (a name or a JSON file)")
-    ap.add_argument("--steps", type=int, help="override the recipe's steps (every phase scaled alike)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each with 2 // jobs threads)")
+    ap.add_argument("--steps", type=_positive, help="override the recipe's steps (every phase scaled alike)")
+    ap.add_argument("--jobs", type=_positive, default=2, help="runs at a time (each with 2 // jobs threads)")
     args = ap.parse_args()
     names = [n for n in args.runs.split(",") if n]
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         ap.error(f"unknown runs: {', '.join(unknown)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    seeds = args.seeds
     recipe = args.recipe or RECIPES[args.shift]
     steps = recipe_steps(recipe)
     for seed in seeds:  # data and initial weights only where a run is still to train

@@ -12,6 +12,7 @@ import io
 from typing import Any, Mapping, Sequence
 
 from rtfq_deploy.bench.select import FRONT_KEYS, Selection
+from rtfq_deploy.fileio import is_number
 
 _SCALE = {"latency_p50_ms": (1.0, "latency p50 (ms)"), "peak_memory_bytes": (1e6, "peak memory (MB)"),
           "size_bytes": (1e6, "file size (MB)")}
@@ -80,7 +81,7 @@ def _cell(key: str, value: Any) -> str:
         return "-"
     if key == "met":
         return "yes" if value else "NO"
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not is_number(value):
         return str(value)
     if key == "accuracy":
         return f"{value:.4f}"

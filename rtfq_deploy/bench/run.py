@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 from rtfq_deploy.bench.fingerprint import fingerprint
 from rtfq_deploy.bench.measure import MeasureConfig
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write, read_json, sha256_file
+from rtfq_deploy.fileio import atomic_write, is_number, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -222,4 +222,4 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return is_number(value) and math.isfinite(value) and value >= 0

@@ -158,23 +158,6 @@ def bounded_list(item: click.ParamType, max_items: int = 16) -> Callable[[click.
     return parse
 
 
-def comma_list(kind: Callable[[str], Any]) -> Callable[[click.Context | None, click.Parameter | None, str | None], tuple | None]:
-    """Click callback parsing '224,192,160' into a tuple of ``kind``."""
-
-    def parse(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> tuple | None:
-        if value is None:
-            return None
-        try:
-            items = tuple(kind(v.strip()) for v in value.split(",") if v.strip())
-        except ValueError:
-            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
-        if not items:
-            raise click.BadParameter("expected at least one value")
-        return items
-
-    return parse
-
-
 def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Callable[[Any], Any]]], as_json: bool) -> None:
     """Print ``rows`` as a tabulate table, or as JSON (raw values) with ``--json``.
 
