@@ -44,7 +44,7 @@ def test_run_measures_models_and_reports_a_broken_one_as_a_failed_row(models, tm
     chosen = [models / "r64-w1.00-q8.onnx", broken, models / "r32-w0.50-q4.onnx"]
     result = _run("rtfq-bench", "run", *map(str, chosen), "-o", str(out), *QUICK)
     assert result.returncode == 1, result.stderr  # one model failed; the others still ran
-    assert "1 of 3 models failed" in result.stderr
+    assert "1 of 3 rows failed" in result.stderr
     assert "FAILED" in result.stdout and "Protobuf parsing failed" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     data = read_results(out)
@@ -60,7 +60,8 @@ def test_run_measures_models_and_reports_a_broken_one_as_a_failed_row(models, tm
         assert row["sha256"] == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
         assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"] <= row["latency_p99_ms"]
         assert row["latency_std_ms"] >= 0 and row["latency_mean_ms"] > 0
-        assert 20 <= row["runs"] <= 200 and row["session_create_s"] > 0
+        assert 20 <= row["samples"] <= 200 and row["runs"] == row["samples"] * row["runs_per_sample"]
+        assert row["session_create_s"] > 0 and row["runtime"] == "onnxruntime"
         assert isinstance(row["stable"], bool)
         # CPU time per wall time cannot exceed the cores (onnxruntime's own helper threads
         # can take it above 1 even at one intra-op thread on sub-millisecond models)
@@ -76,6 +77,8 @@ def test_run_measures_models_and_reports_a_broken_one_as_a_failed_row(models, tm
     fp = data["fingerprint"]
     assert fp["provider"] == "CPUExecutionProvider" and fp["threads"] == 1 and fp["batch_size"] == 1
     assert fp["cpu_model"] and fp["logical_cores"] >= 1 and fp["onnxruntime"] and fp["os"]
+    assert fp["runtimes"] == {"onnxruntime": {"version": fp["onnxruntime"], "provider": "CPUExecutionProvider",
+                                              "graph_optimization": "all"}}
     assert data["settings"]["min_runs"] == 20 and data["settings"]["max_time_s"] == 0.3
 
 
@@ -102,7 +105,8 @@ def test_a_directory_stands_for_its_models_and_the_stopping_caps_hold(models, tm
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [r["subnet"] for r in rows] == ["r32-w1.00-q8", "r64-w0.50-q4"]  # sorted, .onnx only
-    assert all(r["runs"] == 7 and r["stable"] is False and r["p50_cv"] is None for r in rows)  # too few runs to judge
+    assert all(r["samples"] == 7 and r["stable"] is False and r["p50_cv"] is None for r in rows)  # too few to judge
+    assert all(r["runs"] == 7 * r["runs_per_sample"] and r["runtime"] == "onnxruntime" for r in rows)
 
 
 def test_run_errors_are_one_line(models, tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import re
-from typing import Any
+from typing import Any, Sequence
 
 # CPU features that decide which integer kernels onnxruntime can use.
 _FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_tile", "asimd", "asimddp",
@@ -58,21 +58,32 @@ def memory_total_bytes() -> int | None:
     return None
 
 
-def fingerprint(provider: str, threads: int, batch_size: int, graph_optimization: str) -> dict[str, Any]:
-    """The device and the settings a results file was measured with."""
-    import onnxruntime as ort
+def fingerprint(provider: str, threads: int, batch_size: int, graph_optimization: str,
+                runtimes: Sequence[str] = ("onnxruntime",), openvino_device: str = "CPU") -> dict[str, Any]:
+    """The device and the settings a results file was measured with: per runtime its
+    version and where it ran (onnxruntime's execution provider, OpenVINO's plugin). The
+    top-level ``onnxruntime``/``provider`` keys are those of version 1 files."""
+    from rtfq_deploy.bench.runtimes import version
 
+    described: dict[str, dict[str, Any]] = {}
+    for runtime in runtimes:
+        if runtime == "onnxruntime":
+            described[runtime] = {"version": version(runtime), "provider": provider,
+                                  "graph_optimization": graph_optimization}
+        else:
+            described[runtime] = {"version": version(runtime), "device": openvino_device}
     return {
         **cpu_info(),
         "memory_bytes": memory_total_bytes(),
         "machine": platform.machine(),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
+        "onnxruntime": version("onnxruntime"),
         "provider": provider,
         "threads": threads,
         "batch_size": batch_size,
         "graph_optimization": graph_optimization,
+        "runtimes": described,
     }
 
 

@@ -1,24 +1,42 @@
-"""Benchmark model files one by one, each in fresh child processes, into a results file.
+"""Benchmark model files on one or more runtimes, each in fresh child processes, into a results file.
 
-Per model, two children run ``python -m rtfq_deploy.bench.measure``: the first with
-onnxruntime's default memory arena measures session creation, latency and peak memory;
-the second, without the arena, measures peak memory only (a process's peak never goes
-down, so each figure needs its own process). A child that fails, prints garbage, crashes
-or runs past its timeout makes a failed row with the reason; the other models still run.
+Per model and runtime (the runtimes interleaved model by model, so a machine that slows
+down touches both alike), children run ``python -m rtfq_deploy.bench.measure``. On
+onnxruntime the first, with its default memory arena, measures session creation, latency
+and peak memory; the second, without the arena, measures peak memory only (a process's
+peak never goes down, so each figure needs its own process). OpenVINO has no such switch:
+one child measures compile time, latency and peak memory. A child that fails, prints
+garbage, crashes or runs past its timeout makes a failed row with the reason; the other
+rows still run.
 
-Results file (``format: rtfq-bench-results``, version 1)::
+With labeled images (:class:`rtfq_deploy.bench.images.ImageSet`) a third child per row
+runs them: top-1 on that runtime, and the agreement with the exact integer semantics,
+which onnxruntime computes (its top-1 equals PyTorch's evaluation of the same integer
+network, image for image): the share of images whose top-1 class equals onnxruntime's,
+and the largest logit difference. onnxruntime is run for that reference whenever it is
+installed, even when only OpenVINO is benchmarked.
 
-    {"format": "rtfq-bench-results", "version": 1, "created": "...Z",
-     "fingerprint": {...},                     # rtfq_deploy.bench.fingerprint
+Results file (``format: rtfq-bench-results``, version 2; version 1, before runtimes,
+still reads: its rows are onnxruntime's)::
+
+    {"format": "rtfq-bench-results", "version": 2, "created": "...Z",
+     "fingerprint": {...,                     # rtfq_deploy.bench.fingerprint
+                     "runtimes": {"onnxruntime": {"version": "1.32.0", "provider": "CPUExecutionProvider",
+                                                  "graph_optimization": "all"},
+                                  "openvino": {"version": "2026.4.0", "device": "CPU"}}},
      "settings": {...},                        # the stopping rule and timeouts
-     "models": [{"path": "/abs/model.onnx", "ok": true, "error": null,
+     "models": [{"path": "/abs/model.onnx", "runtime": "onnxruntime", "ok": true, "error": null,
                  "subnet": "r160-w0.73-q4", "macs": 123, "bitops": 456,
                  "size_bytes": 1234, "sha256": "...",
                  "session_create_s": 0.1, "latency_p50_ms": 3.1, "latency_p90_ms": 3.3,
                  "latency_p99_ms": 3.9, "latency_mean_ms": 3.2, "latency_std_ms": 0.2,
-                 "runs": 300, "measure_time_s": 1.0, "p50_cv": 0.004, "p50_drift": 0.002,
+                 "runs": 3000, "samples": 300, "runs_per_sample": 10,
+                 "measure_time_s": 1.0, "p50_cv": 0.004, "p50_drift": 0.002,
                  "stable": true, "cpu_per_wall": 0.99, "load_average": 1.1,
-                 "peak_memory_bytes": 25000000, "peak_memory_no_arena_bytes": 21000000,
+                 "peak_memory_bytes": 25000000,
+                 "peak_memory_no_arena_bytes": 21000000,   # null on runtimes without an arena switch
+                 "top1": 0.81, "images": 1797,             # with --images
+                 "agreement": 0.95, "max_logit_diff": 0.4, "agreement_reference": "onnxruntime",
                  "metadata": {...}}]}   # every rtfq.* metadata entry of the file
 
 The metric keys are the manifest's (:mod:`rtfq_deploy.manifest`), so a row can be
@@ -35,20 +53,23 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rtfq_deploy.bench.fingerprint import fingerprint
 from rtfq_deploy.bench.measure import MeasureConfig
+from rtfq_deploy.bench.runtimes import DEFAULT_RUNTIME, RUNTIMES, version
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import atomic_write, is_number, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
 FORMAT = "rtfq-bench-results"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -58,12 +79,16 @@ class BenchSettings:
     measure: MeasureConfig
     timeout_s: float = 300.0
     python: str = sys.executable
+    runtimes: tuple[str, ...] = (DEFAULT_RUNTIME,)
+    images: Any = None  # an rtfq_deploy.bench.images.ImageSet: measure top-1 and agreement too
+    workdir: Path | None = field(default=None)  # where preprocessed images and logits go (a temporary folder)
 
 
 def resolve_provider(name: str) -> str:
     """'cpu' or 'CPUExecutionProvider' -> the provider onnxruntime offers on this device."""
-    import onnxruntime as ort
+    from rtfq_deploy.bench.runtimes import require
 
+    ort = require("onnxruntime")
     available = ort.get_available_providers()
     wanted = name.lower().removesuffix("executionprovider")
     for provider in available:
@@ -108,22 +133,28 @@ def _int_or_none(text: Any) -> int | None:
         return None
 
 
-def bench_model(path: Path, settings: BenchSettings) -> dict[str, Any]:
-    """Measure one model file; never raises for a bad model (the row says what failed)."""
-    row: dict[str, Any] = {"path": str(path.resolve()), "ok": False, "error": None, "subnet": path.stem}
+def bench_model(path: Path, settings: BenchSettings, runtime: str = DEFAULT_RUNTIME,
+                reference: Path | None = None) -> dict[str, Any]:
+    """Measure one model file on one runtime; never raises for a bad model (the row says
+    what failed). ``reference``: onnxruntime's logits on the images, for the agreement."""
+    row: dict[str, Any] = {"path": str(path.resolve()), "runtime": runtime, "ok": False, "error": None,
+                           "subnet": path.stem}
     try:
         row["sha256"], row["size_bytes"] = sha256_file(path), path.stat().st_size
     except OSError as e:
         row["error"] = f"cannot read: {e.strerror}"
         return row
-    first = run_child(replace(settings.measure, model=row["path"], arena=True, latency=True), settings)
+    template = replace(settings.measure, model=row["path"], runtime=runtime)
+    first = run_child(replace(template, arena=True, latency=True), settings)
     if not first.get("ok"):
         row["error"] = str(first.get("error"))
         return row
-    second = run_child(replace(settings.measure, model=row["path"], arena=False, latency=False), settings)
-    if not second.get("ok"):
-        row["error"] = f"without the memory arena: {second.get('error')}"
-        return row
+    second: dict[str, Any] = {"peak_memory_bytes": None}
+    if runtime == "onnxruntime":
+        second = run_child(replace(template, arena=False, latency=False), settings)
+        if not second.get("ok"):
+            row["error"] = f"without the memory arena: {second.get('error')}"
+            return row
     meta = {k: str(v) for k, v in (first.get("metadata") or {}).items() if k.startswith("rtfq.")}
     lat = first["latency"]
     row.update({
@@ -134,16 +165,73 @@ def bench_model(path: Path, settings: BenchSettings) -> dict[str, Any]:
         "session_create_s": first["session_create_s"],
         "latency_p50_ms": lat["p50_ms"], "latency_p90_ms": lat["p90_ms"], "latency_p99_ms": lat["p99_ms"],
         "latency_mean_ms": lat["mean_ms"], "latency_std_ms": lat["std_ms"],
-        "runs": lat["runs"], "measure_time_s": lat["time_s"], "p50_cv": lat["p50_cv"],
+        "runs": lat["runs"], "samples": lat["samples"], "runs_per_sample": lat["runs_per_sample"],
+        "measure_time_s": lat["time_s"], "p50_cv": lat["p50_cv"],
         "p50_drift": lat["p50_drift"], "stable": lat["stable"],
         "cpu_per_wall": first.get("cpu_per_wall"), "load_average": first.get("load_average"),
         "peak_memory_bytes": first["peak_memory_bytes"],
         "peak_memory_no_arena_bytes": second["peak_memory_bytes"],
         "memory_method": first.get("memory_method"),
-        "providers": first.get("providers"),
         "metadata": meta,
     })
+    for key in ("providers", "openvino_device", "inference_threads"):
+        if key in first:
+            row[key] = first[key]
+    if settings.images is not None:
+        row.update(_accuracy(path, runtime, settings, reference))
     return row
+
+
+def _accuracy(path: Path, runtime: str, settings: BenchSettings, reference: Path | None) -> dict[str, Any]:
+    """Top-1 and agreement fields for a row; ``accuracy_error`` when the images could not be run."""
+    try:
+        images, labels = settings.images.arrays_for(path, settings.workdir)
+    except RtfqError as e:
+        return {"accuracy_error": str(e)}
+    is_reference = runtime == "onnxruntime"
+    config = replace(settings.measure, model=str(path.resolve()), runtime=runtime, accuracy_images=str(images),
+                     accuracy_labels=str(labels), reference_logits=None if is_reference or reference is None
+                     else str(reference), logits_out=str(_logits_path(path, runtime, settings.workdir)))
+    result = run_child(config, settings)
+    if not result.get("ok"):
+        return {"accuracy_error": str(result.get("error"))}
+    out = {"top1": result.get("top1"), "images": result.get("images")}
+    if is_reference:
+        out |= {"agreement": 1.0, "max_logit_diff": 0.0, "agreement_reference": "onnxruntime"}
+    elif "agreement" in result:
+        out |= {"agreement": result["agreement"], "max_logit_diff": result["max_logit_diff"],
+                "agreement_reference": "onnxruntime"}
+    return out
+
+
+def _logits_path(path: Path, runtime: str, workdir: Path | None) -> Path:
+    import hashlib
+
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return Path(workdir or tempfile.gettempdir()) / f"logits-{key}-{runtime}.npy"
+
+
+def _reference(path: Path, settings: BenchSettings) -> Path | None:
+    """onnxruntime's logits on the images (run now unless its row already made them)."""
+    if settings.images is None or version("onnxruntime") is None:
+        return None
+    out = _logits_path(path, "onnxruntime", settings.workdir)
+    if out.exists():
+        return out
+    try:
+        images, labels = settings.images.arrays_for(path, settings.workdir)
+    except RtfqError:
+        return None
+    config = replace(settings.measure, model=str(path.resolve()), runtime="onnxruntime",
+                     accuracy_images=str(images), accuracy_labels=str(labels), logits_out=str(out))
+    return out if run_child(config, settings).get("ok") and out.exists() else None
+
+
+def _int_or_none(text: Any) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def collect_models(paths: Sequence[Path]) -> list[Path]:
@@ -164,28 +252,37 @@ def collect_models(paths: Sequence[Path]) -> list[Path]:
 
 def bench_models(paths: Sequence[Path], settings: BenchSettings, output: Path | None = None,
                  progress: Callable[[Path, dict[str, Any] | None], None] | None = None) -> dict[str, Any]:
-    """Benchmark every model; the results file (if given) is rewritten atomically after
-    each model, so an interrupted run keeps what it measured. ``progress`` is called with
-    None as a model starts and with its row when it is done."""
+    """Benchmark every model on every runtime of ``settings``; the results file (if given)
+    is rewritten atomically after each row, so an interrupted run keeps what it measured.
+    ``progress`` is called with None as a row starts and with the row when it is done."""
     m = settings.measure
     results: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "fingerprint": fingerprint(m.provider, m.threads, m.batch_size, m.graph_optimization),
-        "settings": {k: v for k, v in asdict(m).items() if k not in ("model", "arena", "latency")}
-        | {"timeout_s": settings.timeout_s},
+        "fingerprint": fingerprint(m.provider, m.threads, m.batch_size, m.graph_optimization,
+                                   runtimes=settings.runtimes, openvino_device=m.openvino_device),
+        "settings": {k: v for k, v in asdict(m).items()
+                     if k not in ("model", "arena", "latency", "runtime") and not k.startswith(("accuracy_", "reference_",
+                                                                                               "logits_"))}
+        | {"timeout_s": settings.timeout_s, "runtimes": list(settings.runtimes)}
+        | ({"images": settings.images.describe()} if settings.images is not None else {}),
         "models": [],
     }
-    for path in paths:
-        if progress is not None:
-            progress(path, None)
-        row = bench_model(path, settings)
-        if not row["ok"]:
-            log.info("%s failed: %s", path, row["error"])
-        results["models"].append(row)
-        if output is not None:
-            write_results(output, results)
-        if progress is not None:
-            progress(path, row)
+    with tempfile.TemporaryDirectory(prefix="rtfq-bench-") as tmp:
+        if settings.images is not None and settings.workdir is None:
+            settings = replace(settings, workdir=Path(tmp))
+        for path in paths:
+            for runtime in settings.runtimes:
+                if progress is not None:
+                    progress(path, None)
+                reference = _reference(path, settings) if runtime != "onnxruntime" else None
+                row = bench_model(path, settings, runtime, reference)
+                if not row["ok"]:
+                    log.info("%s on %s failed: %s", path, runtime, row["error"])
+                results["models"].append(row)
+                if output is not None:
+                    write_results(output, results)
+                if progress is not None:
+                    progress(path, row)
     return results
 
 
@@ -194,30 +291,59 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
         f.write((json.dumps(results, indent=2) + "\n").encode())
 
 
+def row_runtime(row: dict[str, Any]) -> str:
+    """A row's runtime; rows written before runtimes existed are onnxruntime's."""
+    return str(row.get("runtime") or DEFAULT_RUNTIME)
+
+
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
-    """A results file, checked enough that select can trust its shape."""
+    """A results file, checked enough that select can trust its shape: every row's runtime
+    is known and one the fingerprint describes, and no model is measured twice on one
+    runtime."""
     data = read_json(path, "results", expect=dict)
     if data.get("format") != FORMAT:
         raise RtfqError(f"{path}: not an rtfq-bench results file")
-    if data.get("version") != VERSION:
-        raise RtfqError(f"{path}: results version {data.get('version')!r} is not supported (this toolkit reads {VERSION})")
+    if data.get("version") not in READABLE_VERSIONS:
+        raise RtfqError(f"{path}: results version {data.get('version')!r} is not supported "
+                        f"(this toolkit reads {', '.join(map(str, READABLE_VERSIONS))})")
     if not isinstance(data.get("models"), list) or not isinstance(data.get("fingerprint"), dict):
         raise RtfqError(f"{path}: results without 'models' or 'fingerprint'")
+    described = data["fingerprint"].get("runtimes", {DEFAULT_RUNTIME: {}} if data["version"] == 1 else None)
+    if not isinstance(described, dict) or not described or any(r not in RUNTIMES for r in described):
+        raise RtfqError(f"{path}: the fingerprint's 'runtimes' is missing or names an unknown runtime")
+    seen: dict[tuple[str, str], int] = {}
     for i, row in enumerate(data["models"]):
         if not isinstance(row, dict) or not isinstance(row.get("ok"), bool) or not isinstance(row.get("path"), str):
             raise RtfqError(f"{path}: model row {i} is malformed")
+        runtime = row.get("runtime", DEFAULT_RUNTIME)
+        if data["version"] == 1 and "runtime" in row:
+            raise RtfqError(f"{path}: model row {i} names a runtime in a version 1 results file")
+        if not isinstance(runtime, str) or runtime not in described:
+            raise RtfqError(f"{path}: model row {i} was measured on runtime {str(runtime)[:40]!r}, which the "
+                            f"fingerprint does not describe (it has {', '.join(sorted(described))})")
         if row["ok"]:
-            bad = [k for k in _NUMBERS if not _is_number(row.get(k))]
+            needed = _NUMBERS + (("peak_memory_no_arena_bytes",) if runtime == "onnxruntime" else ())
+            bad = [k for k in needed if not _is_number(row.get(k))]
             if bad or not isinstance(row.get("subnet"), str) or not _SHA_RE.fullmatch(str(row.get("sha256"))):
                 what = ", ".join(bad) or "subnet or sha256"
                 raise RtfqError(f"{path}: model row {i} ({row.get('subnet')}) has no valid {what}")
             counts = [k for k in ("macs", "bitops") if row.get(k) is not None and not (_is_number(row[k]) and isinstance(row[k], int))]
             if counts:
                 raise RtfqError(f"{path}: model row {i} ({row['subnet']}) has a malformed {', '.join(counts)}")
+            ranged = [k for k in ("top1", "agreement") if row.get(k) is not None
+                      and not (_is_number(row[k]) and row[k] <= 1)]
+            if ranged or (row.get("max_logit_diff") is not None and not _is_number(row["max_logit_diff"])):
+                raise RtfqError(f"{path}: model row {i} ({row['subnet']}) has a malformed "
+                                f"{', '.join(ranged) or 'max_logit_diff'}")
+            key = (row["subnet"], runtime)
+            if key in seen:
+                raise RtfqError(f"{path}: {row['subnet']} was measured twice on {runtime} (rows {seen[key]} and {i}); "
+                                "keep one in the results")
+            seen[key] = i
     return data
 
 
-_NUMBERS = ("size_bytes", "latency_p50_ms", "latency_p90_ms", "peak_memory_bytes", "peak_memory_no_arena_bytes")
+_NUMBERS = ("size_bytes", "latency_p50_ms", "latency_p90_ms", "peak_memory_bytes")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 

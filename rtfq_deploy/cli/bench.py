@@ -8,6 +8,7 @@ for its report.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -38,88 +39,130 @@ def bench() -> None:
 @bench.command(context_settings=_SETTINGS)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Results file (JSON), rewritten after each model.")
-@click.option("--threads", type=BoundedInt(1, 1024), default=1, show_default=True, help="onnxruntime intra-op threads.")
+              help="Results file (JSON), rewritten after each row.")
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["onnxruntime", "openvino"]),
+              help="Runtime to measure on, repeatable (default onnxruntime): each model x runtime is a row, "
+                   "the runtimes alternated model by model. OpenVINO needs pip install 'rtfq_deploy[openvino]'.")
+@click.option("--threads", type=BoundedInt(1, 1024), default=1, show_default=True,
+              help="Inference threads (onnxruntime intra-op threads, OpenVINO INFERENCE_NUM_THREADS).")
 @click.option("--provider", default="cpu", show_default=True,
-              help="Execution provider, e.g. cpu, cuda, CoreMLExecutionProvider (any that onnxruntime offers here).")
+              help="onnxruntime execution provider, e.g. cpu, cuda, CoreMLExecutionProvider (any it offers here).")
+@click.option("--openvino-device", default="CPU", show_default=True, metavar="PLUGIN",
+              help="OpenVINO plugin to compile for (CPU, GPU, NPU: any that OpenVINO offers here).")
 @click.option("--graph-optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="onnxruntime graph optimisation level.")
 @click.option("--batch-size", type=BoundedInt(1, 4096), default=1, show_default=True,
               help="Images per run (latency is per run).")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Labeled held-out images (one sub-folder per class, as for rtfq eval): measure top-1 on each "
+                   "runtime and its agreement with onnxruntime's exact integer results (needs Pillow).")
 @click.option("--warmup", type=BoundedInt(0, 10**6), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--sample-time", type=FiniteFloat(0.0, 10.0), default=0.002, show_default=True,
+              help="Seconds one timed sample lasts at least: a model faster than this is timed in batches of runs "
+                   "(per-run mean of each batch), so small models get stable figures; 0 times every run alone.")
 @click.option("--min-runs", type=BoundedInt(1, 10**7), default=30, show_default=True,
-              help="Timed runs before the stability test may stop.")
-@click.option("--max-runs", type=BoundedInt(1, 10**7), default=2000, show_default=True, help="At most this many timed runs.")
+              help="Timed samples before the stability test may stop.")
+@click.option("--max-runs", type=BoundedInt(1, 10**7), default=2000, show_default=True,
+              help="At most this many timed samples.")
 @click.option("--min-time", type=FiniteFloat(0.0, 86400.0), default=2.0, show_default=True,
               help="Seconds of timed runs before the stability test may stop.")
 @click.option("--max-time", type=FiniteFloat(0.0, 86400.0, low_open=True), default=10.0, show_default=True,
-              help="At most this many seconds of timed runs per model.")
+              help="At most this many seconds of timed runs per row.")
 @click.option("--cv", "cv_target", type=FiniteFloat(0.0, 10.0, low_open=True), default=0.01, show_default=True,
               help="Stop when the p50's coefficient of variation (batch medians) is at most this.")
 @click.option("--timeout", type=FiniteFloat(1.0, 7 * 86400.0), default=300.0, show_default=True,
-              help="Seconds before a model's measuring process is killed and the model reported as failed.")
+              help="Seconds before a measuring process is killed and the row reported as failed.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--force", is_flag=True, help="Overwrite an existing results file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the model rows as JSON instead of a table.")
-def run(models: tuple[Path, ...], output: Path, threads: int, provider: str, graph_optimization: str, batch_size: int,
-        warmup: int, min_runs: int, max_runs: int, min_time: float, max_time: float, cv_target: float, timeout: float,
-        seed: int, force: bool, as_json: bool) -> None:
-    """Measure MODELS (.onnx files or directories of them), each in fresh processes:
-    session creation time, latency after warm-up (p50/p90/p99, mean, std) until the p50
-    is stable, peak resident memory above an onnxruntime-loaded baseline with and
-    without the memory arena, and file size. A model that fails is a failed row; the
-    others still run. Exits with status 1 if any model failed."""
+def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threads: int, provider: str,
+        openvino_device: str, graph_optimization: str, batch_size: int, images: Path | None, warmup: int,
+        sample_time: float, min_runs: int, max_runs: int, min_time: float, max_time: float, cv_target: float,
+        timeout: float, seed: int, force: bool, as_json: bool) -> None:
+    """Measure MODELS (.onnx files or directories of them) on each --runtime, each in
+    fresh processes: session creation (compile) time, latency after warm-up
+    (p50/p90/p99, mean, std) until the p50 is stable, peak resident memory above a
+    runtime-loaded baseline (on onnxruntime with and without its memory arena), file
+    size, and with --images top-1 and agreement with onnxruntime. A row that fails is a
+    failed row; the others still run. Exits with status 1 if any row failed."""
     from rtfq_deploy.bench.measure import MeasureConfig
     from rtfq_deploy.bench.run import BenchSettings, bench_models, collect_models, resolve_provider
+    from rtfq_deploy.bench.runtimes import require
 
+    runtimes = tuple(dict.fromkeys(runtimes or ("onnxruntime",)))
     if min_runs > max_runs:
         raise click.UsageError(f"--min-runs {min_runs} is above --max-runs {max_runs}")
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists (use --force to overwrite)")
+    if not re.fullmatch(r"[A-Za-z0-9_.:()-]{1,64}", openvino_device):
+        raise click.BadParameter(f"{openvino_device[:64]!r} is not an OpenVINO device name", param_hint="--openvino-device")
+    for runtime in runtimes:
+        require(runtime)  # one line naming the missing package, before anything is measured
     paths = collect_models(models)
-    measure = MeasureConfig(model="", threads=threads, provider=resolve_provider(provider),
-                            graph_optimization=graph_optimization, batch_size=batch_size, warmup=warmup,
-                            min_runs=min_runs, max_runs=max_runs, min_time_s=min_time, max_time_s=max_time,
+    image_set = None
+    if images is not None:
+        from rtfq_deploy.bench.images import check_models, scan
+
+        image_set = scan(images)
+        check_models(image_set, paths)
+    measure = MeasureConfig(model="", threads=threads,
+                            provider=resolve_provider(provider) if "onnxruntime" in runtimes else provider,
+                            openvino_device=openvino_device, graph_optimization=graph_optimization,
+                            batch_size=batch_size, warmup=warmup, min_runs=min_runs, max_runs=max_runs,
+                            min_time_s=min_time, max_time_s=max_time, sample_time_s=sample_time,
                             cv_target=cv_target, seed=seed)
-    settings = BenchSettings(measure=measure, timeout_s=timeout)
-    with click.progressbar(length=len(paths), label="benchmarking", file=sys.stderr,
+    settings = BenchSettings(measure=measure, timeout_s=timeout, runtimes=runtimes, images=image_set)
+    with click.progressbar(length=len(paths) * len(runtimes), label="benchmarking", file=sys.stderr,
                            item_show_func=lambda p: p, show_pos=True) as bar:
         def advance(path: Path, row: dict | None) -> None:
             if row is None:
                 bar.update(0, path.name)  # show the model being measured
             elif not row["ok"]:
-                bar.update(1, f"{path.name}: FAILED")
+                bar.update(1, f"{path.name} ({row['runtime']}): FAILED")
             else:
-                bar.update(1, path.name)
+                bar.update(1, f"{path.name} ({row['runtime']})")
 
         results = bench_models(paths, settings, output=output, progress=advance)
     rows = results["models"]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        emit_table([_with_defaults(r) for r in rows], _RUN_COLUMNS, as_json=False)
+        columns = _RUN_COLUMNS + (_ACCURACY_COLUMNS if image_set is not None else [])
+        emit_table([_with_defaults(r, columns) for r in rows], columns, as_json=False)
         for row in rows:
             if not row["ok"]:
-                click.echo(f"FAILED {row['path']}: {row['error']}")
+                click.echo(f"FAILED {row['path']} on {row['runtime']}: {row['error']}")
             elif not row.get("stable"):
-                click.echo(f"note: {row['subnet']}: p50 not stable to --cv {cv_target:g} within the run/time caps "
-                           f"(cv {'n/a' if row['p50_cv'] is None else format(row['p50_cv'], '.3f')}, "
-                           f"drift {'n/a' if row['p50_drift'] is None else format(row['p50_drift'], '.3f')})")
+                click.echo(f"note: {unstable_line(row)}")
+            if row["ok"] and row.get("accuracy_error"):
+                click.echo(f"note: {row['subnet']} on {row['runtime']}: no accuracy: {row['accuracy_error']}")
     fp = results["fingerprint"]
     busy = [r for r in rows if r["ok"] and (r.get("cpu_per_wall") or threads) < 0.8 * min(threads, fp["usable_cores"])]
     if busy and not as_json:
-        click.echo(f"note: {len(busy)} model(s) got less than 80% of {threads} core(s) while timed (other work on this "
+        click.echo(f"note: {len(busy)} row(s) got less than 80% of {threads} core(s) while timed (other work on this "
                    "machine); their latency is not this device's own")
-    click.echo(f"wrote {output}: {len(rows)} models on {fp['cpu_model']}, {fp['provider']}, {fp['threads']} thread(s)",
-               err=as_json)
+    unstable = sum(1 for r in rows if r["ok"] and not r.get("stable"))
+    if unstable and as_json:
+        click.echo(f"note: {unstable} row(s) have an unstable p50 (\"stable\": false)", err=True)
+    versions = ", ".join(f"{name} {info.get('version')}" for name, info in fp["runtimes"].items())
+    click.echo(f"wrote {output}: {len(paths)} models x {len(runtimes)} runtime(s) ({versions}) on {fp['cpu_model']}, "
+               f"{fp['threads']} thread(s)", err=as_json)
     failed = sum(not r["ok"] for r in rows)
     if failed:
-        click.echo(f"{failed} of {len(rows)} models failed", err=True)
+        click.echo(f"{failed} of {len(rows)} rows failed", err=True)
         sys.exit(1)
 
 
+def unstable_line(row: dict) -> str:
+    """What an unstable row's figures rest on, in one line."""
+    cv, drift = row.get("p50_cv"), row.get("p50_drift")
+    return (f"{row['subnet']} on {row.get('runtime') or 'onnxruntime'}: p50 not stable within the run/time caps "
+            f"(cv {'n/a' if cv is None else format(cv, '.3f')}, drift {'n/a' if drift is None else format(drift, '.3f')}"
+            f", {row.get('samples', row.get('runs'))} samples); its latency is a rough figure")
+
+
 _RUN_COLUMNS = [
-    ("subnet", "model", str), ("status", "status", str),
+    ("subnet", "model", str), ("runtime", "runtime", str), ("status", "status", str),
     ("latency_p50_ms", "p50 ms", _ms), ("latency_p90_ms", "p90 ms", _ms), ("latency_p99_ms", "p99 ms", _ms),
     ("latency_std_ms", "std ms", _ms), ("runs", "runs", lambda v: "-" if v is None else str(v)),
     ("session_create_s", "create s", lambda v: "-" if v is None else f"{v:.2f}"),
@@ -128,8 +171,16 @@ _RUN_COLUMNS = [
 ]
 
 
-def _with_defaults(row: dict) -> dict:
-    return {key: row.get(key) for key, _, _ in _RUN_COLUMNS} | {"status": "ok" if row["ok"] else "FAILED"}
+_ACCURACY_COLUMNS = [
+    ("top1", "top-1", lambda v: "-" if v is None else f"{v:.4f}"),
+    ("agreement", "agrees", lambda v: "-" if v is None else f"{v:.4f}"),
+    ("max_logit_diff", "max logit diff", lambda v: "-" if v is None else f"{v:.3g}"),
+]
+
+
+def _with_defaults(row: dict, columns: list = _RUN_COLUMNS) -> dict:
+    status = "FAILED" if not row["ok"] else ("ok" if row.get("stable", True) else "unstable")
+    return {key: row.get(key) for key, _, _ in columns} | {"status": status, "runtime": row.get("runtime") or "onnxruntime"}
 
 
 @bench.command(context_settings=_SETTINGS)

@@ -1,0 +1,154 @@
+"""Labeled held-out images for accuracy on the device, prepared as each exported file asks.
+
+The device has no torch, so this repeats the toolkit's one evaluation rule with numpy and
+Pillow only (``rtfq_deploy.images.load_image``, which ``rtfq eval`` uses: the short side
+resized bilinearly to round(R / 0.875), the centre R x R, RGB in [0, 1], then
+``(x - mean) / std`` per channel); a test holds the two equal bit for bit. The folder is
+read as ``rtfq eval`` reads it: one sub-folder per class, classes in sorted order, the
+files of each class sorted. R, mean and std come from the file's ``rtfq.input``
+metadata, and its ``rtfq.class_names`` must be the folder's classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from rtfq_deploy.errors import RtfqError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}  # rtfq_deploy.images.IMAGE_SUFFIXES
+CROP_FRACTION = 0.875
+MAX_IMAGES = 200_000
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    root: Path
+    classes: tuple[str, ...]
+    paths: tuple[Path, ...]
+    labels: tuple[int, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"folder": str(self.root.resolve()), "images": len(self.paths), "classes": len(self.classes)}
+
+    def check_model(self, metadata: Mapping[str, str], name: str) -> None:
+        """The model's class list must be the folder's (labels are indices in that order)."""
+        text = metadata.get("rtfq.class_names")
+        if text is None:
+            return
+        try:
+            names = json.loads(text)
+        except ValueError:
+            raise RtfqError(f"{name}: malformed rtfq.class_names metadata") from None
+        if list(names) != list(self.classes):
+            only_model = sorted(set(map(str, names)) - set(self.classes))[:3]
+            only_folder = sorted(set(self.classes) - set(map(str, names)))[:3]
+            raise RtfqError(f"{name}: its classes differ from the image folder's {self.root} "
+                            f"({len(names)} against {len(self.classes)}; only in the model: {only_model or '-'}, "
+                            f"only in the folder: {only_folder or '-'})")
+
+    def arrays_for(self, model: Path, workdir: Path | None) -> tuple[Path, Path]:
+        """``.npy`` files of the images as ``model`` takes them and of the labels (cached
+        in ``workdir`` per resolution and normalisation)."""
+        from rtfq_deploy.bench.onnxmeta import MetadataError, read_metadata
+
+        try:
+            metadata = read_metadata(model)
+        except (OSError, MetadataError) as e:
+            raise RtfqError(f"{model}: cannot read its metadata: {e}") from None
+        resolution, mean, std = input_spec(metadata, model.name)
+        self.check_model(metadata, model.name)
+        if workdir is None:
+            raise RtfqError("no working folder for the preprocessed images")
+        key = hashlib.sha256(json.dumps([str(self.root), resolution, mean, std]).encode()).hexdigest()[:16]
+        images, labels = workdir / f"images-{key}.npy", workdir / f"labels-{key}.npy"
+        if not images.exists():
+            import numpy as np
+
+            arrays, kept = [], []
+            for path, label in zip(self.paths, self.labels):
+                try:
+                    arrays.append(load_image(path, resolution))
+                    kept.append(label)
+                except (OSError, ValueError) as e:  # Pillow's UnidentifiedImageError is an OSError
+                    log.warning("%s: skipped, unreadable (%s)", path, e)
+            if not arrays:
+                raise RtfqError(f"{self.root}: no readable images")
+            x = np.stack(arrays).transpose(0, 3, 1, 2)
+            x = (x - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+            np.save(labels, np.asarray(kept, dtype=np.int64), allow_pickle=False)
+            np.save(images, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+        return images, labels
+
+
+def input_spec(metadata: Mapping[str, str], name: str) -> tuple[int, list[float], list[float]]:
+    """(resolution, mean, std) from an export's ``rtfq.input`` metadata."""
+    try:
+        spec = json.loads(metadata["rtfq.input"])
+        shape = spec["shape"]
+        resolution = int(shape[2])
+        mean, std = [float(v) for v in spec["mean"]], [float(v) for v in spec["std"]]
+        if shape[3] != shape[2] or not 0 < resolution <= 8192 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError
+    except (KeyError, ValueError, TypeError, IndexError):
+        raise RtfqError(f"{name}: no usable rtfq.input metadata (not written by rtfq-export?); "
+                        "accuracy needs its resolution and normalisation") from None
+    return resolution, mean, std
+
+
+def load_image(path: Path, resolution: int) -> Any:
+    """RGB in [0, 1], HWC float32: the short side resized to round(R / 0.875), centre R x R."""
+    import numpy as np
+
+    try:
+        from PIL import Image
+    except ImportError:
+        raise RtfqError("accuracy on images needs Pillow (pip install pillow)") from None
+    short, crop = round(resolution / CROP_FRACTION), resolution
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = short / min(w, h)
+        img = img.resize((max(crop, round(w * scale)), max(crop, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - crop) // 2, (h - crop) // 2
+        pixels = np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+    return pixels.astype(np.float32) / 255.0
+
+
+def scan(root: Path) -> ImageSet:
+    """An ImageFolder tree (``root/<class>/**/<image>``), as ``rtfq eval`` reads it."""
+    if not root.is_dir():
+        raise RtfqError(f"image folder {root} does not exist or is not a directory")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise RtfqError(f"image folder {root} has no class sub-folders (expected ROOT/<class>/<image>)")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for index, d in enumerate(class_dirs):
+        files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise RtfqError(f"image class folder {d} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        paths.extend(files)
+        labels.extend([index] * len(files))
+        if len(paths) > MAX_IMAGES:
+            raise RtfqError(f"image folder {root} holds more than {MAX_IMAGES} images; use a held-out subset")
+    return ImageSet(root, tuple(d.name for d in class_dirs), tuple(paths), tuple(labels))
+
+
+def check_models(images: ImageSet, models: Sequence[Path]) -> None:
+    """Every readable model's classes are the folder's (one error line otherwise)."""
+    from rtfq_deploy.bench.onnxmeta import MetadataError, read_metadata
+
+    for model in models:
+        try:
+            metadata = read_metadata(model)
+        except (OSError, MetadataError):
+            continue  # the model's own row reports it
+        images.check_model(metadata, model.name)
