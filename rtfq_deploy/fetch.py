@@ -33,7 +33,7 @@ from typing import Any
 from rtfq_deploy.budget import parse_budget
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import publish
-from rtfq_deploy.manifest import check_name, sha256_file
+from rtfq_deploy.manifest import RUNTIMES, check_name, sha256_file
 from rtfq_deploy.tokens import check_token
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class FetchConfig:
     user_agent: str = "rtfq-fetch"
     token: str | None = None  # sent as "Authorization: Bearer <token>" (rtfq-serve --token-file)
     cafile: Path | None = None  # PEM certificates to trust for https instead of the system's
+    runtime: str | None = None  # only entries for this runtime; None: the best over the device's runtimes
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,18 @@ def fetch(config: FetchConfig) -> FetchResult:
     """Resolve ``config.budget`` for ``config.device`` and make ``config.out`` that file."""
     check_name(config.device)
     parse_budget(config.budget)  # a typo fails here, before any network traffic
+    check_runtime(config.runtime)
     client = _client(config)
-    resolution = _retrying(config, lambda: _resolve(client, config.server, config.device, config.budget))
+    resolution = _retrying(config, lambda: _resolve(client, config.server, config.device, config.budget,
+                                                    config.runtime))
     entry = resolution["entry"]
     reason = _short(resolution.get("reason", ""), 300)  # printed: one bounded line whatever the server sent
     sha, size = str(entry.get("sha256", "")), entry.get("size_bytes")
     if not _SHA_RE.fullmatch(sha) or isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 2**63:
         raise RtfqError(f"server answered a malformed entry for {config.device!r}")
+    got = entry.get("runtime", RUNTIMES[0])  # servers from before runtimes serve onnxruntime entries
+    if got not in RUNTIMES or (config.runtime is not None and got != config.runtime):
+        raise RtfqError(f"server answered an entry for runtime {_short(got)!r} where {config.runtime} was asked for")
     out = Path(config.out)
     if out.is_dir():
         raise RtfqError(f"{out} is a directory")
@@ -163,16 +169,23 @@ def fetch(config: FetchConfig) -> FetchResult:
     return FetchResult(out, entry, reason, max(0, size - received[0]), received[0], False)
 
 
+def check_runtime(runtime: str | None) -> str | None:
+    if runtime is not None and runtime not in RUNTIMES:
+        raise RtfqError(f"unknown runtime {_short(runtime)!r}: expected one of {', '.join(RUNTIMES)}")
+    return runtime
+
+
 def resolve(server: str, device: str, budget: str, timeout_s: float = 30.0, user_agent: str = "rtfq-fetch", *,
-            token: str | None = None, cafile: Path | None = None) -> dict[str, Any]:
-    """The server's choice for ``device`` under ``budget``: {device, budget, reason, entry}."""
+            token: str | None = None, cafile: Path | None = None, runtime: str | None = None) -> dict[str, Any]:
+    """The server's choice for ``device`` under ``budget`` (on ``runtime``, or the best over
+    the device's runtimes): {device, budget, reason, entry}."""
     config = FetchConfig(server, device, budget, Path("."), timeout_s=timeout_s, user_agent=user_agent,
-                         token=token, cafile=cafile)
-    return _resolve(_client(config), server, device, budget)
+                         token=token, cafile=cafile, runtime=check_runtime(runtime))
+    return _resolve(_client(config), server, device, budget, runtime)
 
 
-def _resolve(client: _Client, server: str, device: str, budget: str) -> dict[str, Any]:
-    query = urllib.parse.urlencode({"budget": budget})
+def _resolve(client: _Client, server: str, device: str, budget: str, runtime: str | None = None) -> dict[str, Any]:
+    query = urllib.parse.urlencode({"budget": budget} | ({"runtime": runtime} if runtime else {}))
     url = urllib.parse.urljoin(server.rstrip("/") + "/",
                                f"v1/devices/{urllib.parse.quote(device, safe='')}/resolve?{query}")
     with _open(client, url, {"Accept": "application/json"}) as response:

@@ -1,4 +1,4 @@
-"""The per-device model directory (DIST_DIR) and its ``manifest.json``, schema v1.
+"""The per-device model directory (DIST_DIR) and its ``manifest.json``, schema v1/v2.
 
 ``rtfq-bench select`` writes it, ``rtfq-serve`` serves it, ``rtfq fetch`` resolves
 against it; none of them needs torch. Layout::
@@ -6,17 +6,27 @@ against it; none of them needs torch. Layout::
     DIST_DIR/manifest.json
     DIST_DIR/<device>/<subnet>.onnx
 
-Schema (version 1)::
+Schema (version 2; version 1 has no ``runtime``, and every entry is onnxruntime's)::
 
-    {"format": "rtfq-manifest", "version": 1,
+    {"format": "rtfq-manifest", "version": 2,
      "devices": {"<device>": {
         "fingerprint": {...},            # what rtfq-bench run recorded about the device
         "updated": "2026-11-23T10:00:00Z",
-        "files": [{"subnet": "r160-w0.73-q4", "path": "<device>/r160-w0.73-q4.onnx",
+        "files": [{"subnet": "r160-w0.73-q4", "runtime": "openvino",
+                   "path": "<device>/r160-w0.73-q4.onnx",
                    "sha256": "<64 hex>", "size_bytes": 1234,
-                   "latency_p50_ms": 3.1, "latency_p90_ms": 3.3,
+                   "latency_p50_ms": 3.1, "latency_p90_ms": 3.3, "stable": true,
                    "peak_memory_bytes": 12345678, "accuracy": 0.81 | null,
+                   "accuracy_source": "measured" | "table" | null,   # on this runtime, or rtfq eval's table
+                   "agreement": 0.95 | null,     # top-1 agreement with onnxruntime's exact integer results
                    "macs": 123, "bitops": 456, "budgets": ["latency=20ms", ...]}]}}}
+
+An entry is keyed by (device, runtime, subnet); the runtimes of one device may share a
+file (one export runs on both). A manifest whose entries are all onnxruntime's is
+written as version 1, which toolkits from before runtimes read as they always did; one
+with another runtime is version 2, which they refuse rather than serve an OpenVINO
+choice to an onnxruntime device. ``stable: false`` marks a latency figure whose p50 did
+not settle within the benchmark's caps (absent: not recorded).
 
 Budgets use the syntax of :mod:`rtfq_deploy.budget`. A reader never trusts a path: it
 must be ``<device>/<name>.onnx`` with plain names, so it cannot leave DIST_DIR.
@@ -39,7 +49,10 @@ from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import atomic_write, is_number, read_json, sha256_file  # noqa: F401  (sha256_file: part of this API)
 
 FORMAT = "rtfq-manifest"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+DEFAULT_RUNTIME = "onnxruntime"
+RUNTIMES = ("onnxruntime", "openvino")  # rtfq_deploy.bench.runtimes.RUNTIMES
 MANIFEST = "manifest.json"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -67,10 +80,17 @@ class Entry:
     bitops: int
     accuracy: float | None = None
     budgets: tuple[str, ...] = ()
+    runtime: str = DEFAULT_RUNTIME
+    stable: bool | None = None  # None: not recorded (manifests from before it was)
+    accuracy_source: str | None = None  # "measured" on this runtime, or "table" (rtfq eval)
+    agreement: float | None = None  # top-1 agreement with onnxruntime on the measured images
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["budgets"] = list(self.budgets)
+        for key in ("stable", "accuracy_source", "agreement"):
+            if d[key] is None:
+                del d[key]  # a version 1 entry stays as it was
         return d
 
     @classmethod
@@ -85,11 +105,24 @@ class Entry:
             if not isinstance(budgets, (list, tuple)) or not all(isinstance(b, str) for b in budgets):
                 raise ValueError("'budgets' must be a list of strings")
             accuracy = d.get("accuracy")
+            runtime = d.get("runtime", DEFAULT_RUNTIME)
+            if runtime not in RUNTIMES:
+                raise ValueError(f"'runtime' must be one of {', '.join(RUNTIMES)}")
+            stable = d.get("stable")
+            if stable is not None and not isinstance(stable, bool):
+                raise TypeError("'stable' must be true or false")
+            source = d.get("accuracy_source")
+            if source not in (None, "measured", "table"):
+                raise ValueError("'accuracy_source' must be 'measured' or 'table'")
+            agreement = None if d.get("agreement") is None else _real(d, "agreement")
+            if agreement is not None and agreement > 1:
+                raise ValueError("'agreement' is a fraction, at most 1")
             entry = cls(subnet=_text(d, "subnet"), path=_text(d, "path"), sha256=_text(d, "sha256"),
                         size_bytes=_count(d, "size_bytes"), latency_p50_ms=_real(d, "latency_p50_ms"),
                         latency_p90_ms=_real(d, "latency_p90_ms"), peak_memory_bytes=_count(d, "peak_memory_bytes"),
                         macs=_count(d, "macs"), bitops=_count(d, "bitops"),
-                        accuracy=None if accuracy is None else _real(d, "accuracy"), budgets=tuple(budgets))
+                        accuracy=None if accuracy is None else _real(d, "accuracy"), budgets=tuple(budgets),
+                        runtime=runtime, stable=stable, accuracy_source=source, agreement=agreement)
         except (KeyError, TypeError, ValueError) as e:
             raise RtfqError(f"{where} is malformed: {e}") from None
         device_dir, _, file_name = entry.path.partition("/")
@@ -134,21 +167,39 @@ class Device:
         return {"fingerprint": dict(self.fingerprint), "updated": self.updated,
                 "files": [e.as_dict() for e in self.files]}
 
+    @property
+    def runtimes(self) -> list[str]:
+        """The runtimes this device has entries for, in the toolkit's order."""
+        have = {e.runtime for e in self.files}
+        return [r for r in RUNTIMES if r in have]
+
 
 @dataclass(frozen=True)
 class Manifest:
     devices: Mapping[str, Device] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION,
-                "devices": {name: self.devices[name].as_dict() for name in sorted(self.devices)}}
+        version = self.version
+        devices = {name: self.devices[name].as_dict() for name in sorted(self.devices)}
+        if version == 1:  # exactly the version 1 layout: no runtime key
+            for d in devices.values():
+                for e in d["files"]:
+                    del e["runtime"]
+        return {"format": FORMAT, "version": version, "devices": devices}
+
+    @property
+    def version(self) -> int:
+        """1 while every entry is onnxruntime's (older toolkits read it), else 2."""
+        other = any(e.runtime != DEFAULT_RUNTIME for d in self.devices.values() for e in d.files)
+        return VERSION if other else 1
 
 
 def parse_manifest(data: Any, where: str = MANIFEST) -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise RtfqError(f"{where}: not an rtfq manifest")
-    if data.get("version") != VERSION:
-        raise RtfqError(f"{where}: manifest version {data.get('version')!r} is not supported (this toolkit reads {VERSION})")
+    if data.get("version") not in READABLE_VERSIONS:
+        raise RtfqError(f"{where}: manifest version {data.get('version')!r} is not supported "
+                        f"(this toolkit reads {', '.join(map(str, READABLE_VERSIONS))})")
     devices = data.get("devices")
     if not isinstance(devices, dict):
         raise RtfqError(f"{where}: 'devices' must be an object")
@@ -159,8 +210,16 @@ def parse_manifest(data: Any, where: str = MANIFEST) -> Manifest:
             raise RtfqError(f"{where}: device {name!r} has no 'files' list")
         if not isinstance(d.get("fingerprint") or {}, dict) or not isinstance(d.get("updated", ""), str):
             raise RtfqError(f"{where}: device {name!r} has a malformed 'fingerprint' or 'updated'")
-        out[name] = Device(fingerprint=dict(d.get("fingerprint") or {}), updated=d.get("updated", ""),
-                           files=tuple(Entry.from_dict(e, name) for e in d["files"]))
+        files = tuple(Entry.from_dict(e, name) for e in d["files"])
+        if data["version"] == 1 and any(e.runtime != DEFAULT_RUNTIME for e in files):
+            raise RtfqError(f"{where}: device {name!r} has {', '.join(sorted({e.runtime for e in files} - {DEFAULT_RUNTIME}))} "
+                            "entries in a version 1 manifest (only onnxruntime's belong there)")
+        seen: set[tuple[str, str]] = set()
+        for entry in files:
+            if (entry.runtime, entry.subnet) in seen:
+                raise RtfqError(f"{where}: device {name!r} lists {entry.subnet} on {entry.runtime} twice")
+            seen.add((entry.runtime, entry.subnet))
+        out[name] = Device(fingerprint=dict(d.get("fingerprint") or {}), updated=d.get("updated", ""), files=files)
     return Manifest(out)
 
 

@@ -40,7 +40,7 @@ def make_results(tmp_path: Path, table=TABLE, cpu="Test CPU 9000", failed=True) 
     if failed:
         rows.append({"path": str(models_dir / "broken.onnx"), "ok": False, "error": "Protobuf parsing failed",
                      "subnet": "broken"})
-    results = {"format": FORMAT, "version": VERSION, "fingerprint": {"cpu_model": cpu, "provider": "CPUExecutionProvider",
+    results = {"format": FORMAT, "version": 1, "fingerprint": {"cpu_model": cpu, "provider": "CPUExecutionProvider",
                                                                      "threads": 1, "batch_size": 1},
                "settings": {}, "models": rows}
     out = tmp_path / f"results-{cpu.replace(' ', '')}.json"

@@ -42,8 +42,8 @@ def test_entries_that_could_leave_dist_dir_or_lie_are_refused(change, needle):
 
 
 def test_foreign_and_future_manifests_are_refused(tmp_path):
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "rtfq-manifest", "version": 2, "devices": {}}))
-    with pytest.raises(RtfqError, match="version 2 is not supported"):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "rtfq-manifest", "version": 3, "devices": {}}))
+    with pytest.raises(RtfqError, match="version 3 is not supported"):
         mf.read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(RtfqError, match="not JSON"):

@@ -31,7 +31,7 @@ def pareto_png(selection: Selection) -> bytes:
     from matplotlib.figure import Figure
 
     scored = [e for e in selection.candidates if e.get("accuracy") is not None]
-    chosen = {str(c.entry["subnet"]) for c in selection.choices if c.met}
+    chosen = {(str(c.entry["subnet"]), c.entry.get("runtime")) for c in selection.choices if c.met}
     fig = Figure(figsize=(5 * len(FRONT_KEYS), 4.2), dpi=100)
     for i, key in enumerate(FRONT_KEYS):
         ax = fig.add_subplot(1, len(FRONT_KEYS), i + 1)
@@ -41,11 +41,12 @@ def pareto_png(selection: Selection) -> bytes:
         front = selection.fronts[key]
         ax.step([e[key] / scale for e in front], [e["accuracy"] for e in front], where="post", color="C0",
                 marker="o", markersize=4, label="Pareto front")
-        picked = [e for e in scored if e["subnet"] in chosen]
+        picked = [e for e in scored if (e["subnet"], e.get("runtime")) in chosen]
         ax.scatter([e[key] / scale for e in picked], [e["accuracy"] for e in picked], s=90, facecolors="none",
                    edgecolors="C3", linewidths=1.5, label="chosen")
         for e in picked:
-            ax.annotate(str(e["subnet"]), (e[key] / scale, e["accuracy"]), fontsize=7, xytext=(4, -10),
+            label_text = str(e["subnet"]) + (f" ({e['runtime']})" if len(selection.runtimes) > 1 else "")
+            ax.annotate(label_text, (e[key] / scale, e["accuracy"]), fontsize=7, xytext=(4, -10),
                         textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 accuracy")
@@ -63,7 +64,9 @@ def choice_rows(selection: Selection) -> list[dict[str, Any]]:
     rows = []
     for c in selection.choices:
         e = c.entry
-        rows.append({"budget": str(c.budget), "met": c.met, "subnet": e["subnet"], "accuracy": e.get("accuracy"),
+        rows.append({"budget": str(c.budget), "runtime": e.get("runtime", "onnxruntime"), "met": c.met,
+                     "subnet": e["subnet"], "accuracy": e.get("accuracy"), "accuracy_source": e.get("accuracy_source"),
+                     "agreement": e.get("agreement"), "stable": e.get("stable"),
                      "latency_p50_ms": e["latency_p50_ms"], "latency_p90_ms": e["latency_p90_ms"],
                      "peak_memory_bytes": e["peak_memory_bytes"], "size_bytes": e["size_bytes"], "macs": e["macs"],
                      "bitops": e["bitops"], "reason": c.reason})
@@ -71,7 +74,8 @@ def choice_rows(selection: Selection) -> list[dict[str, Any]]:
 
 
 # Column headings carry the unit; the cells are plain numbers in it (MB = 10**6 bytes).
-HEADINGS = {"accuracy": "top-1", "latency_p50_ms": "latency p50 (ms)", "latency_p90_ms": "latency p90 (ms)",
+HEADINGS = {"accuracy": "top-1", "accuracy_source": "top-1 from", "agreement": "agrees with onnxruntime",
+            "stable": "p50 stable", "latency_p50_ms": "latency p50 (ms)", "latency_p90_ms": "latency p90 (ms)",
             "peak_memory_bytes": "peak memory (MB)", "size_bytes": "file size (MB)", "macs": "GMACs",
             "bitops": "GBitOPs"}
 
@@ -79,11 +83,11 @@ HEADINGS = {"accuracy": "top-1", "latency_p50_ms": "latency p50 (ms)", "latency_
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key == "met":
+    if key in ("met", "stable"):
         return "yes" if value else "NO"
     if not is_number(value):
         return str(value)
-    if key == "accuracy":
+    if key in ("accuracy", "agreement"):
         return f"{value:.4f}"
     if key.startswith("latency"):
         return f"{value:.3f}"
@@ -103,7 +107,8 @@ def html_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
 
 def html_report(selection: Selection, fingerprint: Mapping[str, Any], png: bytes) -> str:
     """One file with everything inline (the plot as a data URI): it can be mailed or archived."""
-    cost_keys = ["subnet", "accuracy", "latency_p50_ms", "latency_p90_ms", "peak_memory_bytes", "size_bytes", "macs",
+    cost_keys = ["subnet", "runtime", "accuracy", "accuracy_source", "agreement", "stable", "latency_p50_ms",
+                 "latency_p90_ms", "peak_memory_bytes", "size_bytes", "macs",
                  "bitops"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",

@@ -1,10 +1,15 @@
-"""Choose one model per budget from a device's benchmark results and publish them in DIST_DIR.
+"""Choose one model per budget and runtime from a device's benchmark results and publish them in DIST_DIR.
 
-For each budget: the most accurate measured subnet that meets every limit on that device
-(:func:`rtfq_deploy.budget.choose`); an unmeetable budget is reported with its cheapest
-option and serves no file. The chosen files are copied to ``DIST_DIR/<device>/<subnet>.onnx``
-(atomically, sha256 checked against the file that was measured), then the device's entry
-in ``manifest.json`` is replaced atomically, leaving the other devices as they were.
+For each budget and each runtime the results measured: the most accurate measured subnet
+that meets every limit on that device and runtime (:func:`rtfq_deploy.budget.choose`); an
+unmeetable budget is reported with its cheapest option and serves no file. Accuracy is
+the runtime's own top-1 where ``rtfq-bench run --images`` measured one (OpenVINO's
+results differ from the exact integer semantics), else the ``rtfq eval`` table's. The
+chosen files are copied to ``DIST_DIR/<device>/<subnet>.onnx`` (atomically, sha256
+checked against the file that was measured; both runtimes share the file when they
+measured the same one), then the device's entries for the measured runtimes are replaced
+in ``manifest.json`` atomically, leaving its other runtimes and the other devices as
+they were.
 
 Files the device's previous entry served and the new one does not are removed only after
 the new manifest is in place (``prune=True``, the default): a download already in progress
@@ -24,6 +29,8 @@ from rtfq_deploy import manifest as mf
 from rtfq_deploy.budget import Budget, Choice, choose, pareto_front
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import atomic_write, sweep_temporaries
+
+DEFAULT_RUNTIME = mf.DEFAULT_RUNTIME
 
 log = logging.getLogger(__name__)
 
@@ -49,40 +56,59 @@ class Selection:
     copied: tuple[str, ...] = ()  # subnets whose file was (re)written; others were already in place
     removed: tuple[str, ...] = ()
     skipped: tuple[str, ...] = field(default=())  # measured rows that cannot be chosen, with why
+    kept: tuple[mf.Entry, ...] = ()  # the device's entries on runtimes these results did not measure
 
     @property
     def unmet(self) -> list[Choice]:
         return [c for c in self.choices if not c.met]
 
+    @property
+    def runtimes(self) -> list[str]:
+        have = {str(e.get("runtime", DEFAULT_RUNTIME)) for e in self.candidates}
+        return [r for r in mf.RUNTIMES if r in have]
+
+    def unstable(self) -> list[Choice]:
+        """Met choices whose latency p50 did not settle when it was measured."""
+        return [c for c in self.choices if c.met and c.entry.get("stable") is False]
+
 
 def candidates(results: Mapping[str, Any], accuracy: Mapping[str, float],
                memory: str = "arena") -> tuple[list[dict[str, Any]], list[str]]:
-    """The measured models as budget entries (manifest keys plus ``accuracy`` and the
-    source ``path``), and a line per row left out."""
+    """The measured rows as budget entries (manifest keys plus ``accuracy``, its source
+    and the source ``path``), and a line per row left out. A row's own measured top-1
+    (``rtfq-bench run --images``) wins over the table's."""
     if memory not in ("arena", "no-arena"):
         raise RtfqError(f"memory must be 'arena' or 'no-arena', not {memory!r}")
-    entries: dict[str, dict[str, Any]] = {}
+    entries: dict[tuple[str, str], dict[str, Any]] = {}
     skipped = []
     for row in results["models"]:
+        runtime = str(row.get("runtime") or DEFAULT_RUNTIME)
         if not row["ok"]:
-            skipped.append(f"{row['path']}: failed ({row.get('error')})")
+            skipped.append(f"{row['path']}: failed on {runtime} ({row.get('error')})")
             continue
         subnet = str(row["subnet"])
         if not isinstance(row.get("macs"), int) or not isinstance(row.get("bitops"), int):
             skipped.append(f"{row['path']}: no rtfq.macs/rtfq.bitops metadata (not written by rtfq-export)")
             continue
         mf.check_name(f"{subnet}.onnx", "file name")
-        if subnet in entries:
-            raise RtfqError(f"subnet {subnet} was measured twice ({entries[subnet]['path']} and {row['path']}); "
-                            "keep one in the results")
-        peak = row["peak_memory_bytes"] if memory == "arena" else row.get("peak_memory_no_arena_bytes")
-        entries[subnet] = {
-            "subnet": subnet, "path": row["path"], "sha256": row["sha256"], "size_bytes": row["size_bytes"],
-            "latency_p50_ms": row["latency_p50_ms"], "latency_p90_ms": row["latency_p90_ms"],
-            "peak_memory_bytes": peak, "macs": row["macs"], "bitops": row["bitops"],
-            "accuracy": accuracy.get(subnet),
+        if (subnet, runtime) in entries:
+            raise RtfqError(f"subnet {subnet} was measured twice on {runtime} ({entries[subnet, runtime]['path']} and "
+                            f"{row['path']}); keep one in the results")
+        peak = row["peak_memory_bytes"]
+        if memory == "no-arena" and row.get("peak_memory_no_arena_bytes") is not None:
+            peak = row["peak_memory_no_arena_bytes"]  # runtimes without an arena switch have one figure
+        measured = row.get("top1")
+        entries[subnet, runtime] = {
+            "subnet": subnet, "runtime": runtime, "path": row["path"], "sha256": row["sha256"],
+            "size_bytes": row["size_bytes"], "latency_p50_ms": row["latency_p50_ms"],
+            "latency_p90_ms": row["latency_p90_ms"], "peak_memory_bytes": peak, "macs": row["macs"],
+            "bitops": row["bitops"], "stable": row.get("stable"),
+            "accuracy": measured if measured is not None else accuracy.get(subnet),
+            "accuracy_source": "measured" if measured is not None else ("table" if subnet in accuracy else None),
+            "agreement": row.get("agreement"),
         }
-    missing = sorted(s for s, e in entries.items() if e["accuracy"] is None)
+    missing = sorted(f"{s} ({r})" if len({r for _, r in entries}) > 1 else s
+                     for (s, r), e in entries.items() if e["accuracy"] is None)
     if missing:
         skipped.append(f"no accuracy for {', '.join(missing)}: chosen only where nothing with an accuracy meets a budget")
     if not entries:
@@ -101,55 +127,75 @@ def plan(results: Mapping[str, Any], accuracy: Mapping[str, float], budgets: Seq
     if not budgets:
         raise RtfqError("give at least one budget")
     entries, skipped = candidates(results, accuracy, options.memory)
-    choices = tuple(choose(entries, b) for b in budgets)
+    runtimes = [r for r in mf.RUNTIMES if any(e["runtime"] == r for e in entries)]
+    choices = tuple(choose([e for e in entries if e["runtime"] == r], b) for b in budgets for r in runtimes)
     return Selection(device, choices, tuple(entries), fronts(entries), skipped=tuple(skipped))
 
 
 def publish(selection: Selection, results: Mapping[str, Any], dist_dir: Path,
             options: SelectOptions = SelectOptions()) -> Selection:
-    """Copy the chosen files and replace the device's manifest entry. Everything that can
-    fail on input is checked before the first byte is written."""
+    """Copy the chosen files and replace the device's entries for the measured runtimes.
+    Everything that can fail on input is checked before the first byte is written."""
     device = selection.device
-    served: dict[str, list[str]] = {}
-    by_subnet: dict[str, Mapping[str, Any]] = {}
+    served: dict[tuple[str, str], list[str]] = {}
+    chosen: dict[tuple[str, str], Mapping[str, Any]] = {}
     for c in selection.choices:
         if c.met:
-            name = str(c.entry["subnet"])
-            served.setdefault(name, []).append(str(c.budget))
-            by_subnet[name] = c.entry
+            key = (str(c.entry["subnet"]), str(c.entry.get("runtime", DEFAULT_RUNTIME)))
+            served.setdefault(key, []).append(str(c.budget))
+            chosen[key] = c.entry
     if not served:
         return selection
-    mf.read_manifest(dist_dir)  # a damaged manifest fails here, before any model file is copied
+    current = mf.read_manifest(dist_dir)  # a damaged manifest fails here, before any model file is copied
+    previous = current.devices.get(device)
+    measured = set(selection.runtimes)
+    kept = tuple(e for e in previous.files if e.runtime not in measured) if previous is not None else ()
+    fingerprint = _merged_fingerprint(device, previous, kept, results["fingerprint"], options)
+    # One file per distinct content: runtimes that measured the same file share it; a
+    # different file for the same subnet gets the runtime in its name.
+    names: dict[str, str] = {e.path.split("/", 1)[1]: e.sha256 for e in kept}
+    dest_of: dict[tuple[str, str], str] = {}
+    for (subnet, runtime), entry in sorted(chosen.items(), key=lambda kv: mf.RUNTIMES.index(kv[0][1])):
+        for name in (f"{subnet}.onnx", f"{subnet}.{runtime}.onnx"):
+            if names.setdefault(name, entry["sha256"]) == entry["sha256"]:
+                dest_of[subnet, runtime] = name
+                break
+        else:
+            raise RtfqError(f"{subnet}: two different files measured for {runtime}; keep one in the results")
     device_dir = dist_dir / device
     for folder in (dist_dir, device_dir):  # what a killed select left, whichever files it was writing
         sweep_temporaries(folder)
-    to_copy = []
-    for name, entry in by_subnet.items():
-        src = Path(entry["path"])
+    to_copy, planned = [], set()
+    for key, entry in chosen.items():
+        src, dest = Path(entry["path"]), device_dir / dest_of[key]
         if not src.is_file():
             raise RtfqError(f"{src}: the measured model file is gone")
         if mf.sha256_file(src) != entry["sha256"]:
             raise RtfqError(f"{src} changed since it was benchmarked (sha256 differs); benchmark it again")
-        dest = device_dir / f"{name}.onnx"
+        if dest in planned:
+            continue
+        planned.add(dest)
         if dest.exists():
             if mf.sha256_file(dest) == entry["sha256"]:
                 continue  # already in place: not rewritten under a server that may be sending it
             if not options.force:
                 raise RtfqError(f"{dest} exists with different content (use --force to replace it)")
-        to_copy.append((name, src, dest, entry["sha256"]))
+        to_copy.append((dest_of[key].removesuffix(".onnx"), src, dest, entry["sha256"]))
     for name, src, dest, sha in to_copy:
         _copy_checked(src, dest, sha)
     files = tuple(mf.Entry(
-        subnet=name, path=f"{device}/{name}.onnx", sha256=e["sha256"], size_bytes=int(e["size_bytes"]),
+        subnet=subnet, path=f"{device}/{dest_of[subnet, runtime]}", sha256=e["sha256"], size_bytes=int(e["size_bytes"]),
         latency_p50_ms=float(e["latency_p50_ms"]), latency_p90_ms=float(e["latency_p90_ms"]),
         peak_memory_bytes=int(e["peak_memory_bytes"]), macs=int(e["macs"]), bitops=int(e["bitops"]),
-        accuracy=e["accuracy"], budgets=tuple(served[name])) for name, e in by_subnet.items())
-    fingerprint = dict(results["fingerprint"]) | {"memory": options.memory}
-    _, previous = mf.replace_device(dist_dir, device, mf.Device(fingerprint, files))
+        accuracy=e["accuracy"], budgets=tuple(served[subnet, runtime]), runtime=runtime,
+        stable=e.get("stable") if isinstance(e.get("stable"), bool) else None,
+        accuracy_source=e.get("accuracy_source"), agreement=e.get("agreement"))
+        for (subnet, runtime), e in chosen.items())
+    _, replaced = mf.replace_device(dist_dir, device, mf.Device(fingerprint, kept + files))
     removed = []
-    if options.prune and previous is not None:
-        keep = {f.path for f in files}
-        for old in previous.files:
+    if options.prune and replaced is not None:
+        keep = {f.path for f in kept + files}
+        for old in replaced.files:
             if old.path not in keep:
                 path = dist_dir / old.path  # Entry.from_dict checked it is <device>/<name>.onnx
                 try:
@@ -158,7 +204,33 @@ def publish(selection: Selection, results: Mapping[str, Any], dist_dir: Path,
                 except FileNotFoundError:
                     pass
     return Selection(device, selection.choices, selection.candidates, selection.fronts, written=files,
-                     copied=tuple(n for n, *_ in to_copy), removed=tuple(removed), skipped=selection.skipped)
+                     copied=tuple(n for n, *_ in to_copy), removed=tuple(dict.fromkeys(removed)),
+                     skipped=selection.skipped, kept=kept)
+
+
+# The settings every runtime of one device entry must share: latency per run of one batch
+# on so many threads means the same for each runtime only then.
+_SHARED = ("cpu_model", "threads", "batch_size")
+
+
+def _merged_fingerprint(device: str, previous: mf.Device | None, kept: tuple[mf.Entry, ...],
+                        new: Mapping[str, Any], options: SelectOptions) -> dict[str, Any]:
+    """The new fingerprint, with the ``runtimes`` the kept entries were measured on; kept
+    entries measured under other settings are an error (one device, one set of settings)."""
+    fingerprint = dict(new) | {"memory": options.memory}
+    if previous is None or not kept:
+        return fingerprint
+    old = previous.fingerprint
+    differ = [k for k in _SHARED if k in old and old.get(k) != new.get(k)]
+    if differ:
+        kept_runtimes = ", ".join(sorted({e.runtime for e in kept}))
+        raise RtfqError(f"device {device!r} also serves {kept_runtimes}, measured with another "
+                        f"{', '.join(differ)} ({', '.join(f'{k}={old.get(k)!r}' for k in differ)}); measure every "
+                        "runtime with the same settings or publish under another --device")
+    runtimes = dict(old.get("runtimes") or {DEFAULT_RUNTIME: {}})
+    runtimes = {r: v for r, v in runtimes.items() if r in {e.runtime for e in kept}}
+    fingerprint["runtimes"] = runtimes | dict(new.get("runtimes") or {DEFAULT_RUNTIME: {}})
+    return fingerprint
 
 
 def _copy_checked(src: Path, dest: Path, sha256: str) -> None:

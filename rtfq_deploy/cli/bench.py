@@ -186,8 +186,9 @@ def _with_defaults(row: dict, columns: list = _RUN_COLUMNS) -> dict:
 @bench.command(context_settings=_SETTINGS)
 @click.option("--results", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Results file of rtfq-bench run on the device.")
-@click.option("--accuracy", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Accuracy table (rtfq eval): top-1 per subnet.")
+@click.option("--accuracy", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Accuracy table (rtfq eval): top-1 per subnet. A row measured with rtfq-bench run --images uses "
+                   "its runtime's own top-1 instead; needed unless every row has one.")
 @click.option("--budget", "budgets", multiple=True, required=True,
               help="A budget, repeatable: 20ms, latency-p90=5ms, memory=64MB, size=8MB, 0.8G (MACs), bitops=50G; "
                    "several limits at once joined by commas.")
@@ -205,10 +206,12 @@ def _with_defaults(row: dict, columns: list = _RUN_COLUMNS) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the choices and fronts as JSON.")
 def select(results: Path, accuracy: Path, budgets: tuple[str, ...], dist_dir: Path, device: str | None, memory: str,
            prune: bool, report: bool, dry_run: bool, force: bool, as_json: bool) -> None:
-    """Choose, for each --budget, the most accurate subnet that meets it on the measured
-    device, copy the chosen files to DIST_DIR/<device>/<subnet>.onnx and record them in
-    DIST_DIR/manifest.json (other devices are left as they are). An unmeetable budget is
-    reported with its cheapest option and serves no file; the exit status is then 1."""
+    """Choose, for each --budget and each measured runtime, the most accurate subnet that
+    meets it on the measured device, copy the chosen files to DIST_DIR/<device>/<subnet>.onnx
+    and record them in DIST_DIR/manifest.json (the device's other runtimes and the other
+    devices are left as they are). An unmeetable budget is reported with its cheapest
+    option and serves no file; the exit status is then 1. Choices that rest on a latency
+    whose p50 did not settle when measured are named."""
     from rtfq_deploy.accuracy import read_accuracy
     from rtfq_deploy.bench.fingerprint import device_slug
     from rtfq_deploy.bench.run import read_results
@@ -222,7 +225,11 @@ def select(results: Path, accuracy: Path, budgets: tuple[str, ...], dist_dir: Pa
         if importlib.util.find_spec("matplotlib") is None:
             raise click.UsageError("the report needs matplotlib (pip install matplotlib), or pass --no-report")
     data = read_results(results)
-    table = read_accuracy(accuracy)
+    measured = [r for r in data["models"] if r["ok"] and r.get("top1") is not None]
+    if accuracy is None and len(measured) < sum(r["ok"] for r in data["models"]):
+        raise click.UsageError("give --accuracy (the rtfq eval table), or measure every model with "
+                               "rtfq-bench run --images")
+    table = read_accuracy(accuracy) if accuracy is not None else {}
     name = device or device_slug(data["fingerprint"])
     options = SelectOptions(memory=memory, prune=prune, force=force)
     selection = plan(data, table, parsed, name, options)
@@ -231,23 +238,30 @@ def select(results: Path, accuracy: Path, budgets: tuple[str, ...], dist_dir: Pa
     from rtfq_deploy.bench.report import choice_rows
 
     rows = choice_rows(selection)
+    several = len(selection.runtimes) > 1
+    notes = _select_notes(selection, data, accuracy)
     if as_json:
         click.echo(json.dumps({"device": name, "choices": rows, "fronts": {k: [e["subnet"] for e in v] for k, v in
                                                                            selection.fronts.items()},
                                "copied": list(selection.copied), "removed": list(selection.removed),
-                               "skipped": list(selection.skipped)}, indent=2))
+                               "skipped": list(selection.skipped), "notes": notes}, indent=2))
     else:
         click.echo(f"device {name}")
-        emit_table(rows, [("budget", "budget", str), ("met", "met", lambda m: "yes" if m else "NO"),
-                          ("subnet", "subnet", str), ("accuracy", "top-1", _acc), ("latency_p50_ms", "p50 ms", _ms),
+        emit_table(rows, [("budget", "budget", str), ("runtime", "runtime", str),
+                          ("met", "met", lambda m: "yes" if m else "NO"), ("subnet", "subnet", str),
+                          ("accuracy", "top-1", _acc), ("accuracy_source", "top-1 from", lambda v: v or "-"),
+                          ("latency_p50_ms", "p50 ms", _ms),
                           ("latency_p90_ms", "p90 ms", _ms), ("peak_memory_bytes", "mem MB", _mb),
                           ("size_bytes", "size MB", _mb), ("macs", "GMACs", _g)], as_json=False)
         for key, label in FRONT_KEYS.items():
             fmt = _ms if key.startswith("latency") else _mb
-            front = ", ".join(f"{e['subnet']} ({_acc(e['accuracy'])} @ {fmt(e[key])})" for e in selection.fronts[key])
+            front = ", ".join(f"{e['subnet']}{' on ' + e['runtime'] if several else ''} ({_acc(e['accuracy'])} @ "
+                              f"{fmt(e[key])})" for e in selection.fronts[key])
             click.echo(f"Pareto front, accuracy vs {label}: {front or '-'}")
         for line in selection.skipped:
             click.echo(f"left out: {line}")
+        for line in notes:
+            click.echo(f"note: {line}")
     for choice in selection.unmet:
         click.echo(f"UNMET {choice.budget}: {choice.reason}", err=True)
     if dry_run:
@@ -269,6 +283,32 @@ def select(results: Path, accuracy: Path, budgets: tuple[str, ...], dist_dir: Pa
                + (f"; report in {dist_dir / name}/report.html" if report else ""), err=as_json)
     if selection.unmet:
         sys.exit(1)
+
+
+def _select_notes(selection, data: dict, accuracy: Path | None) -> list[str]:  # noqa: ANN001
+    """Where the accuracies came from, and every choice that rests on an unstable latency."""
+    notes = []
+    by_source: dict[str, list[str]] = {}
+    for e in selection.candidates:
+        by_source.setdefault(e.get("accuracy_source") or "none", []).append(e["runtime"])
+    if "measured" in by_source:
+        runtimes = ", ".join(sorted(set(by_source["measured"])))
+        images = (data.get("settings") or {}).get("images") or {}
+        notes.append(f"top-1 measured on the device's own runtime ({runtimes}) for {len(by_source['measured'])} "
+                     f"row(s){', on ' + str(images.get('images')) + ' images' if images.get('images') else ''}; "
+                     + (f"the others from {accuracy}" if "table" in by_source else "no row uses the accuracy table"))
+    for e in selection.candidates:
+        if e.get("agreement") is not None and e["runtime"] != "onnxruntime" and e["agreement"] < 1:
+            notes.append(f"{e['subnet']} on {e['runtime']} agrees with onnxruntime's exact integer results on "
+                         f"{e['agreement']:.1%} of the images")
+            break
+    for c in selection.unstable():
+        notes.append(f"budget {c.budget} on {c.entry['runtime']}: the choice {c.entry['subnet']} rests on an unstable "
+                     f"latency figure (its p50 did not settle within rtfq-bench run's caps; measure again, longer)")
+    unstable = sum(1 for e in selection.candidates if e.get("stable") is False)
+    if unstable:
+        notes.append(f"{unstable} of {len(selection.candidates)} measured rows have an unstable latency p50")
+    return notes
 
 
 def _acc(v):  # noqa: ANN001, ANN202

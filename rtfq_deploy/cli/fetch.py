@@ -28,6 +28,9 @@ def _server_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--device", required=True, metavar="NAME", help="This device's name in the server's manifest.")
 @click.option("--budget", required=True, metavar="BUDGET",
               help="Limits that must all hold, as for rtfq-bench select: 20ms, latency=20ms,memory=64MB, size=8MB.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default=None,
+              help="The runtime this device runs the model on; without it, the server picks the best entry over "
+                   "the runtimes the device has (the output line names it).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the model file.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it holds a different file.")
@@ -40,7 +43,7 @@ def _server_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
                    f"without it, the {TOKEN_ENV} environment variable is used if set.")
 @click.option("--cafile", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PEM certificate(s) of a private CA to trust for an https:// server.")
-def fetch(server: str, device: str, budget: str, out: Path, force: bool, timeout_s: float, retries: int,
+def fetch(server: str, device: str, budget: str, runtime: str | None, out: Path, force: bool, timeout_s: float, retries: int,
           token_file: Path | None, cafile: Path | None) -> None:
     """Resolve BUDGET on the server, download the chosen file (resuming a partial
     download), check its sha256 and move it into place atomically. Nothing is
@@ -59,9 +62,10 @@ def fetch(server: str, device: str, budget: str, out: Path, force: bool, timeout
         click.echo("Warning: sending the bearer token over plain http to another host; anyone on the path can "
                    "read it (serve with --certfile/--keyfile and fetch from https://)", err=True)
     result = run_fetch(FetchConfig(server=server, device=device, budget=budget, out=out, force=force,
-                                   timeout_s=timeout_s, retries=retries, token=token, cafile=cafile))
+                                   timeout_s=timeout_s, retries=retries, token=token, cafile=cafile, runtime=runtime))
     entry = result.entry
-    what = f"{result.reason}; {entry['size_bytes']} bytes, sha256 {entry['sha256'][:16]}"
+    what = (f"{result.reason}; for {entry.get('runtime', 'onnxruntime')}; {entry['size_bytes']} bytes, "
+            f"sha256 {entry['sha256'][:16]}")
     if result.up_to_date:
         click.echo(f"{out}: up to date: {what}")
     else:

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rtfq_deploy import __version__
 from rtfq_deploy import budget as bg
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.manifest import Entry, check_name
+from rtfq_deploy.manifest import RUNTIMES, Entry, check_name
 from rtfq_deploy.serve import conditional as cond
 from rtfq_deploy.serve.auth import BearerAuth, TokenFile
 from rtfq_deploy.serve.openapi import document
@@ -160,7 +160,8 @@ class _Api:
     async def devices(self, request: Request) -> Response:
         snap = self.store.snapshot
         return JSONResponse({"devices": [
-            {"name": name, "updated": d.updated, "files": len(d.files), "fingerprint": dict(d.fingerprint)}
+            {"name": name, "updated": d.updated, "files": len(d.files), "runtimes": d.runtimes,
+             "fingerprint": dict(d.fingerprint)}
             for name, d in sorted(snap.devices.items())]})
 
     async def device(self, request: Request) -> Response:
@@ -180,15 +181,26 @@ class _Api:
             budget = bg.parse_budget(texts[0])
         except RtfqError as e:
             raise ApiError(400, str(e)) from None
-        entries = snap.devices[name].files
+        runtimes = request.query_params.getlist("runtime")
+        if len(runtimes) > 1 or (runtimes and runtimes[0] not in RUNTIMES):
+            raise ApiError(400, f"give at most one runtime, one of {', '.join(RUNTIMES)}")
+        runtime = runtimes[0] if runtimes else None
+        device = snap.devices[name]
+        entries = [e for e in device.files if runtime is None or e.runtime == runtime]
+        if runtime is not None and not entries and not any(e.device == name for e in snap.excluded):
+            raise ApiError(404, f"device {name!r} has no {runtime} entries", runtimes=device.runtimes)
         if not entries:
             raise ApiError(503, f"device {name!r} has no verified model file right now", retry_after=1)
         dicts = [e.as_dict() for e in entries]
         choice = bg.choose(dicts, budget)
-        entry = _entry_json(next(e for e, d in zip(entries, dicts) if d is choice.entry))
+        chosen = next(e for e, d in zip(entries, dicts) if d is choice.entry)
+        entry = _entry_json(chosen)
         if not choice.met:
             raise ApiError(422, choice.reason, device=name, budget=str(budget), cheapest=entry)
-        return JSONResponse({"device": name, "budget": str(budget), "reason": choice.reason, "entry": entry})
+        reason = f"{choice.reason} on {chosen.runtime}"
+        if chosen.stable is False:
+            reason += "; its latency figure is unstable (the p50 did not settle when measured)"
+        return JSONResponse({"device": name, "budget": str(budget), "reason": reason, "entry": entry})
 
     async def file(self, request: Request) -> Response:
         sha = request.path_params["sha256"]

@@ -46,6 +46,13 @@ _SCHEMAS: dict[str, Any] = {
                            "peak_memory_bytes", "macs", "bitops", "accuracy", "budgets", "url"],
               "properties": {
                   "subnet": {"type": "string", "examples": ["r160-w0.73-q4"]},
+                  "runtime": {"type": "string", "enum": ["onnxruntime", "openvino"],
+                              "description": "The runtime the figures were measured on and the file is meant for."},
+                  "stable": {"type": "boolean",
+                             "description": "false: the latency p50 did not settle when measured (a rough figure)."},
+                  "accuracy_source": {"type": "string", "enum": ["measured", "table"],
+                                      "description": "measured: top-1 on this runtime; table: rtfq eval's."},
+                  "agreement": {"type": "number", "description": "Top-1 agreement with onnxruntime's exact results."},
                   "path": {"type": "string", "description": "<device>/<name>.onnx inside DIST_DIR."},
                   "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                   "size_bytes": {"type": "integer", "minimum": 0},
@@ -57,8 +64,10 @@ _SCHEMAS: dict[str, Any] = {
                   "accuracy": {"type": ["number", "null"]},
                   "budgets": {"type": "array", "items": {"type": "string"}},
                   "url": {"type": "string", "description": "/v1/files/<sha256>, relative to the server."}}},
-    "DeviceSummary": {"type": "object", "required": ["name", "updated", "files", "fingerprint"], "properties": {
+    "DeviceSummary": {"type": "object", "required": ["name", "updated", "files", "runtimes", "fingerprint"],
+                      "properties": {
         "name": {"type": "string"}, "updated": {"type": "string"},
+        "runtimes": {"type": "array", "items": {"type": "string"}, "description": "Runtimes with verified entries."},
         "files": {"type": "integer", "description": "Verified files served for the device."},
         "fingerprint": {"type": "object"}}},
     "DeviceList": {"type": "object", "required": ["devices"], "properties": {
@@ -136,11 +145,15 @@ def document() -> dict[str, Any]:
                     "name": "budget", "in": "query", "required": True,
                     "description": "Limits that must all hold, the syntax of `rtfq-bench select`: "
                                    "latency=20ms,memory=64MB; 20ms; size=8MB; macs=0.8G; latency-p90=5ms.",
+                    "schema": {"type": "string"}}, {
+                    "name": "runtime", "in": "query", "required": False,
+                    "description": "Only entries for this runtime (onnxruntime, openvino); without it, the best "
+                                   "entry over every runtime the device has.",
                     "schema": {"type": "string"}}],
                 "responses": {
                     "200": _json("The chosen entry.", "Resolution"),
-                    "400": _json("Missing or malformed budget.", "Error"),
-                    "404": not_found,
+                    "400": _json("Missing or malformed budget or runtime.", "Error"),
+                    "404": _json("Unknown device, or no entry for the runtime asked for.", "Error"),
                     "422": _json("No entry meets the budget; the cheapest one is given.", "Unmet"),
                     "503": _json("The device's files are all being republished.", "Error", _RETRY)}}},
             "/v1/files/{sha256}": {
