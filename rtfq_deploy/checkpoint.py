@@ -7,8 +7,14 @@ pickled code. Layout (version 1)::
     {"format": "rtfq-supernet", "version": 1,
      "config": JSON of SupernetConfig (architecture, subnet space, bit policy, quantizer),
      "state_dict": weights, BatchNorm parameters and buffers, quantizer step sizes,
-     "bn_stats": {subnet key: {BatchNorm name: (2, C) tensor of mean, var}},
+     "bn_stats": {subnet id: {BatchNorm name: (2, C) tensor of mean, var}},
+     "plans": JSON list of the mixed-precision subnets among those ids
+              ({"resolution", "width", "bits": {quantizer: bits}}; optional, absent before),
      "meta": JSON object (class names, provenance, ...)}
+
+A uniform id (``r160-w0.73-q4``) names a subnet of the space by itself; a mixed id
+(``r160-w0.73-m1a2b3c4d``) is resolved through ``plans``, and a checkpoint never holds two
+plans with one id.
 
 Writes are atomic (temp file + rename).
 """
@@ -30,7 +36,7 @@ from rtfq_deploy.errors import CheckpointError, RtfqError
 from rtfq_deploy.fileio import atomic_write
 from rtfq_deploy.layers import SlimBatchNorm2d
 from rtfq_deploy.models import Supernet, SupernetConfig, build_supernet
-from rtfq_deploy.space import slim_channels
+from rtfq_deploy.space import MAX_QUANTIZERS, SpaceError, SubnetConfig, slim_channels, split_id
 
 FORMAT = "rtfq-supernet"
 VERSION = 1
@@ -41,16 +47,41 @@ class Checkpoint:
     model: Supernet
     bn_stats: dict[str, BNStats] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    plans: dict[str, SubnetConfig] = field(default_factory=dict)  # mixed-precision subnets by id
+
+    def resolve(self, text: str) -> SubnetConfig:
+        """The subnet an id names: a uniform subnet of the space or a plan this checkpoint stores."""
+        text = text.strip()
+        if text in self.plans:
+            return self.plans[text]
+        if _mixed_id(text):
+            known = ", ".join(sorted(self.plans)[:4]) or "none"
+            raise RtfqError(f"mixed-precision subnet {text} is not stored in this checkpoint (it stores: {known}); "
+                            "give its plan file instead")
+        return self.model.config.space.parse(text)
+
+    def subnets(self) -> list[SubnetConfig]:
+        """The space's uniform subnets, then the stored mixed plans."""
+        return list(self.model.config.space) + sorted(self.plans.values(), key=SubnetConfig.sort_key)
 
 
 def save_checkpoint(path: str | os.PathLike, model: Supernet, *, bn_stats: Mapping[str, BNStats] | None = None,
-                    meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
+                    meta: Mapping[str, Any] | None = None, plans: Mapping[str, SubnetConfig] | None = None,
+                    overwrite: bool = False) -> None:
+    """``plans`` must hold every mixed id of ``bn_stats`` (it may hold more)."""
+    bn_stats = dict(bn_stats or {})
+    plans = dict(plans or {})
+    unplanned = [k for k in bn_stats if k not in plans and _mixed_id(k)]
+    if unplanned:
+        raise RtfqError(f"statistics for mixed-precision subnet {unplanned[0]} without its plan")
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "config": json.dumps(model.config.to_dict(), sort_keys=True),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "bn_stats": {key: pack_bn_stats(stats) for key, stats in (bn_stats or {}).items()},
+        "bn_stats": {key: pack_bn_stats(stats) for key, stats in bn_stats.items()},
+        "plans": json.dumps([{"resolution": c.resolution, "width": c.width, "bits": c.bits.as_dict()}
+                             for _, c in sorted(plans.items()) if not c.uniform], sort_keys=True),
         "meta": json.dumps(dict(meta or {}), sort_keys=True),
     }
     with atomic_write(path, overwrite=overwrite) as f:
@@ -90,6 +121,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         bn_stats = {key: unpack_bn_stats(stats) for key, stats in obj["bn_stats"].items()}
         state_dict = obj["state_dict"]
         model = build_supernet(config)
+        plans = _read_plans(model, obj.get("plans", "[]"))
     except RtfqError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
@@ -101,20 +133,47 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     bad = next((k for k, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:  # eval and export must never consume what a diverged run left
         raise CheckpointError(f"{path}: weight {bad} holds NaN or infinity (a diverged training run?)")
-    problem = bn_stats_mismatch(model, bn_stats)
+    problem = bn_stats_mismatch(model, bn_stats, plans)
     if problem:
         raise CheckpointError(f"{path}: calibrated BatchNorm statistics do not fit: {problem}")
-    return Checkpoint(model, bn_stats, meta)
+    return Checkpoint(model, bn_stats, meta, plans)
 
 
-def bn_stats_mismatch(model: Supernet, bn_stats: Mapping[str, BNStats]) -> str:
+def _mixed_id(key: str) -> bool:
+    try:
+        return split_id(key)[3] is not None
+    except SpaceError:
+        return False
+
+
+def _read_plans(model: Supernet, text: Any) -> dict[str, SubnetConfig]:
+    """Stored mixed plans by id, each checked against the supernet; a colliding id is refused."""
+    entries = json.loads(text) if isinstance(text, str) else None
+    if not isinstance(entries, list) or len(entries) > 100_000:
+        raise ValueError("\"plans\" is not a list of plans")
+    plans: dict[str, SubnetConfig] = {}
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("bits"), dict) or len(e["bits"]) > MAX_QUANTIZERS:
+            raise ValueError("a stored plan is not {resolution, width, bits}")
+        config = model.subnet(e["resolution"], e["width"], e["bits"])
+        if config.uniform:
+            raise ValueError(f"a stored plan is the uniform subnet {config}")
+        other = plans.setdefault(str(config), config)
+        if other != config:
+            raise ValueError(f"two stored plans share the id {config}")
+    return plans
+
+
+def bn_stats_mismatch(model: Supernet, bn_stats: Mapping[str, BNStats],
+                      plans: Mapping[str, SubnetConfig] | None = None) -> str:
     """Why cached statistics cannot belong to this supernet ('' if they can): each key
-    must be a subnet of its space and cover every BatchNorm at that subnet's width."""
+    must be a subnet of its space or a stored plan and cover every BatchNorm at that
+    subnet's width."""
     space = model.config.space
     bns = {m.name: m for m in model.modules() if isinstance(m, SlimBatchNorm2d)}
     for key, stats in bn_stats.items():
         try:
-            width = space.parse(key).width
+            width = plans[key].width if plans and key in plans else space.parse(key).width
         except RtfqError as e:
             return f"key {key!r}: {e}"
         if set(stats) != set(bns):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -117,16 +118,21 @@ def plan_costs(model: Supernet, shapes: list[LayerShape], plan: BitPlan) -> Cost
 
 
 def subnet_costs(model: Supernet, config: SubnetConfig) -> Costs:
-    return plan_costs(model, walk(model, config.resolution, config.width), model.plan(config.bits))
+    return plan_costs(model, walk(model, config.resolution, config.width), model.plan(config))
+
+
+def costs_of(model: Supernet, configs: Iterable[SubnetConfig]) -> dict[SubnetConfig, Costs]:
+    """Costs of many subnets, uniform or mixed, with one walk per (resolution, width)."""
+    shapes: dict[tuple[int, float], list[LayerShape]] = {}
+    out: dict[SubnetConfig, Costs] = {}
+    for cfg in configs:
+        key = (cfg.resolution, cfg.width)
+        if key not in shapes:
+            shapes[key] = walk(model, *key)
+        out[cfg] = plan_costs(model, shapes[key], model.plan(cfg))
+    return out
 
 
 def space_costs(model: Supernet) -> dict[SubnetConfig, Costs]:
-    """Costs of every subnet of the model's space (one walk per resolution and width)."""
-    space = model.config.space
-    out: dict[SubnetConfig, Costs] = {}
-    for r in space.resolutions:
-        for w in space.widths:
-            shapes = walk(model, r, w)
-            for b in space.bits:
-                out[SubnetConfig(r, w, b)] = plan_costs(model, shapes, model.plan(b))
-    return out
+    """Costs of every (uniform) subnet of the model's space."""
+    return costs_of(model, model.config.space)

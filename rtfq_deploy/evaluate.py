@@ -18,7 +18,7 @@ from PIL import UnidentifiedImageError
 from torch import Tensor
 
 from rtfq_deploy.calibrate import BNStats, calibrate_bn
-from rtfq_deploy.costs import space_costs
+from rtfq_deploy.costs import costs_of
 from rtfq_deploy.data.pipeline import normalize
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.images import load_image
@@ -43,6 +43,12 @@ def load_at(paths: Sequence[Path], resolution: int, normalization: Mapping) -> t
     return normalize(x, normalization), kept
 
 
+def subnet_fields(cfg: SubnetConfig) -> dict:
+    """A table row's description of a subnet: ``bits`` is Q, or null for a mixed plan."""
+    return {"resolution": cfg.resolution, "width": cfg.width, "bits": cfg.bits if cfg.uniform else None,
+            "precision": f"q{cfg.bits}" if cfg.uniform else "mixed"}
+
+
 def _batches(x: Tensor, batch: int, device: torch.device) -> Iterable[Tensor]:
     for i in range(0, x.shape[0], batch):
         yield x[i:i + batch].to(device)
@@ -53,6 +59,12 @@ def _by_resolution(subnets: Iterable[SubnetConfig]) -> dict[int, list[SubnetConf
     for cfg in subnets:
         groups[cfg.resolution].append(cfg)
     return dict(sorted(groups.items(), reverse=True))
+
+
+def calibration_sample(paths: Sequence[Path], count: int, seed: int = 0) -> list[Path]:
+    """A fixed random subset of ``count`` images (in path order), the same on every run."""
+    g = torch.Generator().manual_seed(seed)
+    return [paths[i] for i in sorted(torch.randperm(len(paths), generator=g)[:count].tolist())]
 
 
 def calibrate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], paths: Sequence[Path], normalization: Mapping,
@@ -74,7 +86,7 @@ def evaluate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], bn_stats:
                      device: torch.device | str = "cpu") -> list[dict]:
     """One row per subnet: top-1 accuracy on the labeled images, with its costs."""
     device = torch.device(device)
-    costs = space_costs(model)
+    costs = costs_of(model, subnets)
     rows = []
     was_training = model.training
     model.eval()
@@ -86,8 +98,7 @@ def evaluate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], bn_stats:
                 net = model.active(cfg, {k: (m.to(device), v.to(device)) for k, (m, v) in bn_stats[str(cfg)].items()})
                 pred = torch.cat([model(xb, net).argmax(1).cpu() for xb in _batches(x, batch, device)])
                 c = costs[cfg]
-                rows.append({"subnet": str(cfg), "resolution": cfg.resolution, "width": cfg.width, "bits": cfg.bits,
-                             "top1": float((pred == y).float().mean()), "images": int(y.numel()),
+                rows.append({"subnet": str(cfg), **subnet_fields(cfg), "top1": float((pred == y).float().mean()), "images": int(y.numel()),
                              "macs": c.macs, "bitops": c.bitops, "params": c.params, "weight_bytes": c.weight_bytes})
     finally:
         model.train(was_training)

@@ -10,9 +10,10 @@ single global bit-width. Nothing here is mutable: the forward pass receives an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
-from torch import Tensor
+if TYPE_CHECKING:  # torch-free at run time: devices read plans and ids
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,16 @@ class BitPolicy:
     residual_bits: int | None = 8
 
     def bits_for(self, role: str, bits: int) -> int:
-        if role in ("first", "last") and self.edge_bits is not None:
+        fixed = self.fixed_bits(role)
+        return bits if fixed is None else fixed
+
+    def fixed_bits(self, role: str) -> int | None:
+        """The bits the policy pins a role to, or None when the role follows the plan."""
+        if role in ("first", "last"):
             return self.edge_bits
-        if role == "residual" and self.residual_bits is not None:
+        if role == "residual":
             return self.residual_bits
-        return bits
+        return None
 
     def extra_bits(self) -> tuple[int, ...]:
         """Bit-widths quantizers need besides the space's own."""
@@ -104,4 +110,4 @@ class ActiveSubnet:
 
     width: float
     bits: BitPlan
-    bn_stats: Mapping[str, tuple[Tensor, Tensor]] | None = field(default=None, compare=False, hash=False)
+    bn_stats: "Mapping[str, tuple[Tensor, Tensor]] | None" = field(default=None, compare=False, hash=False)

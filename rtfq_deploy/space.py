@@ -1,13 +1,18 @@
-"""The subnet space: input resolution x width multiplier x bit-width.
+"""The subnet space: input resolution x width multiplier x bit plan.
 
-A :class:`SubnetConfig` is one point of the space and has a canonical string form
-(``r160-w0.73-q4``) used on the command line, in file names and as a dictionary key.
-The channel rounding rule lives here too, because training, costing and export must all
-agree on it.
+A :class:`SubnetConfig` is one subnet and has a canonical id used on the command line,
+in file names, in checkpoints, tables and manifests, and as a dictionary key:
+``r160-w0.73-q4`` for a uniform bit-width (one of the space's grid points) and
+``r160-w0.73-m`` plus 8 hex digits of the plan's digest for a per-quantizer mixed plan
+(:class:`MixedBits`), whose full form lives in a plan file or a checkpoint. The channel
+rounding rule lives here too, because training, costing and export must all agree on it.
+Torch-free: devices read ids too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -25,8 +30,12 @@ DEFAULT_CHANNEL_DIVISOR = 8
 MAX_RESOLUTION = 1024
 MAX_VALUES = 16  # resolutions, widths or bit-widths per space (at most 16**3 subnets)
 MAX_CHANNEL_DIVISOR = 256
+MAX_QUANTIZERS = 4096  # entries of one mixed plan (ResNet-50 has 124 quantizers)
+MAX_QUANTIZER_NAME = 200
+MIN_BITS, MAX_BITS = 2, 8
 
 _CONFIG_RE = re.compile(r"r(\d+)-w(\d+(?:\.\d+)?)-q(\d+)")
+_ID_RE = re.compile(r"r(\d{1,6})-w(\d{1,3}(?:\.\d{1,12})?)-(?:q(\d{1,3})|m([0-9a-f]{8}))")
 
 
 class SpaceError(RtfqError, ValueError):
@@ -54,33 +63,102 @@ def format_width(width: float) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
+class MixedBits:
+    """Bit-width of every quantizer of a mixed-precision subnet, sorted by name.
+
+    Its digest (8 hex digits of the SHA-256 of the canonical JSON) names the subnet; a
+    checkpoint refuses two plans whose digests collide, so an id never means two plans.
+    """
+
+    items: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        items = self.items
+        if not isinstance(items, tuple) or not items or len(items) > MAX_QUANTIZERS:
+            raise SpaceError(f"a bit plan names between 1 and {MAX_QUANTIZERS} quantizers")
+        for entry in items:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
+                    and 0 < len(entry[0]) <= MAX_QUANTIZER_NAME):
+                raise SpaceError("a bit plan maps quantizer names (strings) to bit-widths")
+            bits = entry[1]
+            if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+                raise SpaceError(f"bit plan: {entry[0]} has bit-width {bits!r}, expected an integer "
+                                 f"from {MIN_BITS} to {MAX_BITS}")
+        ordered = tuple(sorted(items))
+        if len({name for name, _ in ordered}) != len(ordered):
+            raise SpaceError("a bit plan names a quantizer twice")
+        object.__setattr__(self, "items", ordered)
+
+    @classmethod
+    def of(cls, mapping: dict[str, int]) -> "MixedBits":
+        return cls(tuple(mapping.items()))
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.items)
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
 class SubnetConfig:
-    """One subnet: input resolution, width multiplier and (uniform) bit-width."""
+    """One subnet: input resolution, width multiplier and bit plan, the latter either a
+    uniform bit-width Q (mapped onto quantizers by the supernet's policy) or
+    :class:`MixedBits`."""
 
     resolution: int
     width: float
-    bits: int
+    bits: int | MixedBits
 
     def __post_init__(self) -> None:
-        if not 0 < self.resolution <= MAX_RESOLUTION:
+        if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) \
+                or not 0 < self.resolution <= MAX_RESOLUTION:
             raise SpaceError(f"resolution must be between 1 and {MAX_RESOLUTION}, got {self.resolution}")
         if not 0.0 < self.width <= 1.0:
             raise SpaceError(f"width must be in (0, 1], got {self.width}")
-        if not 2 <= self.bits <= 8:
-            raise SpaceError(f"bit-width must be between 2 and 8, got {self.bits}")
+        if not isinstance(self.bits, MixedBits) and (isinstance(self.bits, bool) or not isinstance(self.bits, int)
+                                                     or not MIN_BITS <= self.bits <= MAX_BITS):
+            raise SpaceError(f"bit-width must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
+
+    @property
+    def uniform(self) -> bool:
+        return not isinstance(self.bits, MixedBits)
 
     def __str__(self) -> str:
-        return f"r{self.resolution}-w{format_width(self.width)}-q{self.bits}"
+        prefix = f"r{self.resolution}-w{format_width(self.width)}"
+        return f"{prefix}-q{self.bits}" if self.uniform else f"{prefix}-m{self.bits.digest}"
+
+    def sort_key(self) -> tuple:
+        """Largest first: resolution, width, then uniform bits (mixed plans after, by id)."""
+        return (-self.resolution, -self.width, 0 if self.uniform else 1,
+                -self.bits if self.uniform else 0, str(self))
 
     @classmethod
     def parse(cls, text: str) -> "SubnetConfig":
+        """A uniform subnet from its id; a mixed id has no plan in it (see :func:`split_id`)."""
         match = _CONFIG_RE.fullmatch(text.strip())
         if match is None:
+            if _ID_RE.fullmatch(text.strip()):
+                raise SpaceError(f"{text.strip()} is a mixed-precision subnet: give its plan file "
+                                 "(or use a checkpoint that stores its plan)")
             raise SpaceError(
                 f"malformed subnet {text!r}: expected r<resolution>-w<width>-q<bits>, e.g. r160-w0.73-q4"
             )
         return cls(int(match[1]), float(match[2]), int(match[3]))
+
+
+def split_id(text: str) -> tuple[int, float, int | None, str | None]:
+    """(resolution, width, uniform bits or None, mixed digest or None) of a subnet id."""
+    match = _ID_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise SpaceError(f"malformed subnet id {text!r}: expected r<resolution>-w<width>-q<bits> "
+                         "or r<resolution>-w<width>-m<8 hex digits>")
+    bits = int(match[3]) if match[3] is not None else None
+    SubnetConfig(int(match[1]), float(match[2]), bits if bits is not None else MIN_BITS)  # range checks
+    return int(match[1]), float(match[2]), bits, match[4]
 
 
 def _fmt_values(values: tuple) -> str:
@@ -122,8 +200,11 @@ class SearchSpace:
         return len(self.resolutions) * len(self.widths) * len(self.bits)
 
     def __contains__(self, config: object) -> bool:
+        """Uniform subnets of the grid; a mixed plan is in no space by itself (its
+        supernet checks it, see :meth:`Supernet.check_subnet`)."""
         return (
             isinstance(config, SubnetConfig)
+            and config.uniform
             and config.resolution in self.resolutions
             and config.width in self.widths
             and config.bits in self.bits
@@ -138,13 +219,14 @@ class SearchSpace:
         return SubnetConfig(self.resolutions[-1], self.widths[-1], self.bits[-1])
 
     def validate(self, config: SubnetConfig) -> SubnetConfig:
-        """Return ``config`` if it is in the space, else raise naming the valid values."""
+        """Return ``config`` if its resolution, width and (uniform) bit-width are in the
+        space, else raise naming the valid values."""
         problems = []
         if config.resolution not in self.resolutions:
             problems.append(f"resolution {config.resolution} (valid: {_fmt_values(self.resolutions)})")
         if config.width not in self.widths:
             problems.append(f"width {format_width(config.width)} (valid: {_fmt_values(self.widths)})")
-        if config.bits not in self.bits:
+        if config.uniform and config.bits not in self.bits:
             problems.append(f"bit-width {config.bits} (valid: {_fmt_values(self.bits)})")
         if problems:
             raise SpaceError(f"subnet {config} is not in the space: " + "; ".join(problems))

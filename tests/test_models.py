@@ -94,13 +94,13 @@ def test_every_layer_reads_its_declared_quantizer_grid(arch, bits):
 
 
 def test_uniform_plan_follows_the_bit_policy(tiny):
-    plan = tiny.plan(4).as_dict()
+    plan = tiny.plan(SubnetConfig(224, 1.0, 4)).as_dict()
     assert plan["q_input"] == plan["conv1.weight_quant"] == 8  # first layer
     assert plan["q_pool"] == plan["fc.weight_quant"] == 8  # classifier
     assert plan["layer1.0.q_res"] == plan["layer2.0.downsample.2"] == 8  # add operands
     assert plan["layer1.0.q1"] == plan["layer1.0.conv2.weight_quant"] == plan["layer1.0.q_out"] == 4
     follow = build_supernet(SupernetConfig("tiny_resnet", policy=BitPolicy(edge_bits=None, residual_bits=None)))
-    assert set(follow.plan(4).as_dict().values()) == {4}
+    assert set(follow.plan(SubnetConfig(224, 1.0, 4)).as_dict().values()) == {4}
     assert set(tiny.float_plan().as_dict().values()) == {None}
 
 

@@ -22,7 +22,11 @@ COLUMNS = [
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Supernet checkpoint.")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Labeled images, one folder per class (the checkpoint's classes).")
-@click.option("--subnets", "subnet_list", default="all", show_default=True, help="'all' or comma-separated subnets.")
+@click.option("--subnets", "subnet_list",
+              help="'all' (the space's subnets and the checkpoint's stored plans) or comma-separated subnet ids "
+                   "[default: all, or none when --plans is given].")
+@click.option("--plans", "plan_files", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Plan file of a (mixed-precision) subnet, or a folder of them; repeatable.")
 @click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
               help="Unlabeled target images to calibrate BatchNorm of subnets the checkpoint has no statistics for "
                    "(default: the --data images themselves).")
@@ -32,9 +36,11 @@ COLUMNS = [
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as JSON (acc.json).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def eval_(checkpoint: Path, data: Path, subnet_list: str, calib: Path | None, calib_images: int, device: str,
+def eval_(checkpoint: Path, data: Path, subnet_list: str | None, plan_files: tuple[Path, ...], calib: Path | None,
+          calib_images: int, device: str,
           output: Path | None, force: bool, as_json: bool) -> None:
-    """Accuracy table of the supernet's subnets (input of rtfq-export --accuracy and rtfq-bench select)."""
+    """Accuracy table of the supernet's subnets (input of rtfq-export --accuracy and rtfq-bench select),
+    uniform ones by id and mixed-precision ones from their plan files."""
     if output is not None and output.exists() and not force:
         raise click.UsageError(f"{output} exists (use --force to overwrite)")
     import torch
@@ -43,15 +49,21 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str, calib: Path | None, ca
     from rtfq_deploy.data.folders import scan
     from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.errors import RtfqError
-    from rtfq_deploy.evaluate import calibrate_subnets, evaluate_subnets
+    from rtfq_deploy.evaluate import calibrate_subnets, calibration_sample, evaluate_subnets
     from rtfq_deploy.fileio import sha256_file
+    from rtfq_deploy.planfile import load_plans
     from rtfq_deploy.fileio import atomic_write
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
     ckpt = load_checkpoint(checkpoint)
-    model, space = ckpt.model, ckpt.model.config.space
-    subnets = list(space) if subnet_list == "all" else [space.parse(s.strip()) for s in subnet_list.split(",") if s.strip()]
+    model = ckpt.model
+    subnet_list = subnet_list if subnet_list is not None else ("" if plan_files else "all")
+    subnets = ckpt.subnets() if subnet_list.strip() == "all" else \
+        [ckpt.resolve(s) for s in subnet_list.split(",") if s.strip()]
+    subnets += [c for c in load_plans(model, plan_files) if c not in subnets]
+    if not subnets:
+        raise RtfqError("no subnets to evaluate (give --subnets or --plans)")
     folder = scan(data, "evaluation")
     classes = ckpt.meta.get("class_names")
     if classes is not None and list(folder.classes) != list(classes):
@@ -66,12 +78,10 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str, calib: Path | None, ca
     missing = [c for c in subnets if str(c) not in stats]
     if missing:
         calib_folder = scan(calib, "calibration") if calib else folder
-        g = torch.Generator().manual_seed(0)
-        pick = sorted(torch.randperm(len(calib_folder.samples), generator=g)[:calib_images].tolist())
+        pick = calibration_sample([p for p, _ in calib_folder.samples], calib_images)
         click.echo(f"calibrating BatchNorm of {len(missing)} subnet(s) on {len(pick)} images of {calib_folder.root}"
                    + ("" if calib else " (the evaluation images; pass --calib for separate target images)"), err=True)
-        stats.update(calibrate_subnets(model, missing, [calib_folder.samples[i][0] for i in pick], normalization,
-                                       device=dev))
+        stats.update(calibrate_subnets(model, missing, pick, normalization, device=dev))
     rows = evaluate_subnets(model.cpu() if dev.type == "cpu" else model, subnets, stats,
                             [p for p, _ in folder.samples], folder.labels, normalization, device=dev)
     for r in rows:

@@ -27,9 +27,24 @@ def _describe(result) -> str:
     return "; ".join(parts)
 
 
+def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
+    """Statistics for subnets the checkpoint lacks, measured now (kept in memory only)."""
+    from rtfq_deploy.data.folders import scan
+    from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
+    from rtfq_deploy.evaluate import calibrate_subnets, calibration_sample
+
+    folder = scan(calib, "calibration")
+    pick = calibration_sample([p for p, _ in folder.samples], count)
+    click.echo(f"calibrating BatchNorm of {len(subnets)} subnet(s) on {len(pick)} images of {folder.root}", err=True)
+    ckpt.bn_stats.update(calibrate_subnets(ckpt.model, subnets, pick,
+                                           ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)))
+
+
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Supernet checkpoint.")
-@click.option("--subnet", help="The subnet to export, e.g. r160-w0.73-q4.")
+@click.option("--subnet", help="The subnet to export, e.g. r160-w0.73-q4 (or a mixed plan the checkpoint stores).")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Export the subnet of this plan file (rtfq plan), e.g. a per-layer mixed-precision plan.")
 @click.option("--budget", help="Export the best subnet within this cost, e.g. 0.8G (suffixes K/M/G/T).")
 @click.option("--bits", type=BoundedInt(2, 8), help="With --budget/--buckets: only subnets of this bit-width.")
 @click.option("--metric", type=click.Choice(["macs", "bitops"]), default="macs", show_default=True,
@@ -48,19 +63,26 @@ def _describe(result) -> str:
               help="Inputs to verify on (the first N images with --verify-images).")
 @click.option("--verify-images", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Held-out target-domain images (a folder tree) to verify on instead of random inputs.")
+@click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
+              help="Target images (class folders) to calibrate BatchNorm on when the checkpoint has no statistics "
+                   "for the subnet (needed for a mixed plan that rtfq calibrate has not stored).")
+@click.option("--calib-images", type=BoundedInt(1, 10**6), default=512, show_default=True,
+              help="Images to calibrate on with --calib.")
 @click.option("--threads", type=BoundedInt(1, 1024), default=1, show_default=True, help="onnxruntime threads for verification.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int | None, metric: str,
+def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget: str | None, bits: int | None, metric: str,
            accuracy: Path | None, export_all: bool, buckets: int | None, output: Path, pack: str, verify: bool,
-           verify_samples: int, verify_images: Path | None, threads: int, force: bool, as_json: bool) -> None:
+           verify_samples: int, verify_images: Path | None, calib: Path | None, calib_images: int, threads: int,
+           force: bool, as_json: bool) -> None:
     """Slice subnets out of a supernet checkpoint, fold BatchNorm, bake the learned step
     sizes into integer weights and write ONNX QDQ files that onnxruntime runs on integer
-    kernels. Choose with --subnet, --budget [--bits] [--accuracy], --all or --buckets N."""
-    modes = [m for m, on in (("--subnet", subnet), ("--budget", budget), ("--all", export_all), ("--buckets", buckets)) if on]
+    kernels. Choose with --subnet, --plan, --budget [--bits] [--accuracy], --all or --buckets N."""
+    modes = [m for m, on in (("--subnet", subnet), ("--plan", plan_file), ("--budget", budget), ("--all", export_all),
+                             ("--buckets", buckets)) if on]
     if len(modes) != 1:
-        raise click.UsageError("give exactly one of --subnet, --budget, --all, --buckets")
-    if bits is not None and (subnet or export_all):
+        raise click.UsageError("give exactly one of --subnet, --plan, --budget, --all, --buckets")
+    if bits is not None and (subnet or plan_file or export_all):
         raise click.UsageError("--bits goes with --budget or --buckets")
 
     import logging
@@ -72,9 +94,11 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
     from rtfq_deploy.fileio import sha256_file, sweep_temporaries
     from rtfq_deploy.budget import parse_count
     from rtfq_deploy.export.select import bucket_budgets, choose, read_accuracy
+    from rtfq_deploy.planfile import read_plan, resolve_plan
 
     budget_value = parse_count(budget) if budget else None  # bad input fails before the slow load
     table = read_accuracy(accuracy) if accuracy else None
+    plan_doc = read_plan(plan_file) if plan_file else None
     ckpt = load_checkpoint(checkpoint)
     space = ckpt.model.config.space
     costs = space_costs(ckpt.model) if budget or buckets else {}  # a walk per (R, W): only to choose
@@ -83,7 +107,9 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
 
     reason = None
     if subnet:
-        targets = [space.parse(subnet)]
+        targets = [ckpt.resolve(subnet)]
+    elif plan_doc is not None:
+        targets = [resolve_plan(ckpt.model, plan_doc)]
     elif budget_value is not None:
         chosen, reason = choose(costs, budget_value, metric, bits, table)
         targets = [chosen]
@@ -96,7 +122,7 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
             if chosen not in targets:
                 targets.append(chosen)
 
-    single = bool(subnet or budget)
+    single = bool(subnet or plan_file or budget)
     paths = [output] if single else [output / f"{cfg}.onnx" for cfg in targets]
     existing = [p for p in paths if p.exists()]
     if existing and not force:
@@ -104,6 +130,12 @@ def export(checkpoint: Path, subnet: str | None, budget: str | None, bits: int |
     if single and output.is_dir():
         raise click.UsageError(f"{output} is a directory; give a file name")
 
+    uncalibrated = [c for c in targets if str(c) not in ckpt.bn_stats]
+    if calib is not None and uncalibrated:
+        _calibrate(ckpt, uncalibrated, calib, calib_images)
+    elif any(not c.uniform for c in uncalibrated):
+        raise click.UsageError(f"the checkpoint has no BatchNorm statistics for {uncalibrated[0]}: pass --calib DIR "
+                               "(target images) or store them first with rtfq calibrate")
     sweep_temporaries(output.parent if single else output)  # what a killed export left there
     sha = sha256_file(checkpoint)
     options = ExportOptions(pack_int4=pack == "int4", verify=verify, verify_samples=verify_samples,

@@ -7,11 +7,13 @@ import click
 
 from rtfq_deploy import __version__
 from rtfq_deploy.cli.common import Group, setup_logging
+from rtfq_deploy.cli.calibrate import calibrate
 from rtfq_deploy.cli.data import data
 from rtfq_deploy.cli.demo import demo
 from rtfq_deploy.cli.eval import eval_
 from rtfq_deploy.cli.fetch import fetch
 from rtfq_deploy.cli.init import init
+from rtfq_deploy.cli.plan import plan
 from rtfq_deploy.cli.subnets import subnets
 
 
@@ -23,9 +25,11 @@ def rtfq(verbose: bool) -> None:
     setup_logging(verbose)
 
 
+rtfq.add_command(calibrate)
 rtfq.add_command(data)
 rtfq.add_command(demo)
 rtfq.add_command(eval_)
 rtfq.add_command(init)
+rtfq.add_command(plan)
 rtfq.add_command(subnets)
 rtfq.add_command(fetch)

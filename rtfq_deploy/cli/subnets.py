@@ -34,15 +34,16 @@ COLUMNS = [
 @click.option("--sort", "sort_key", type=click.Choice(SORT_KEYS), default="macs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (raw counts) instead of a table.")
 def subnets(checkpoint: Path, sort_key: str, as_json: bool) -> None:
-    """List every subnet with MACs, BitOPs, parameters and weight bytes."""
+    """List every subnet (the space's uniform ones and the mixed-precision plans the
+    checkpoint stores) with MACs, BitOPs, parameters and weight bytes."""
     from rtfq_deploy.checkpoint import load_checkpoint
-    from rtfq_deploy.costs import space_costs
+    from rtfq_deploy.costs import costs_of
+    from rtfq_deploy.evaluate import subnet_fields
 
     ckpt = load_checkpoint(checkpoint)
     rows = [
-        {"subnet": str(cfg), "resolution": cfg.resolution, "width": cfg.width, "bits": cfg.bits,
-         **costs.to_dict(), "bn_calibrated": str(cfg) in ckpt.bn_stats}
-        for cfg, costs in space_costs(ckpt.model).items()
+        {"subnet": str(cfg), **subnet_fields(cfg), **costs.to_dict(), "bn_calibrated": str(cfg) in ckpt.bn_stats}
+        for cfg, costs in costs_of(ckpt.model, ckpt.subnets()).items()
     ]
     rows.sort(key=lambda r: (r[sort_key], r["subnet"]) if sort_key != "subnet" else r["subnet"])
     emit_table(rows, COLUMNS, as_json)

@@ -73,6 +73,7 @@ def build_model(ckpt: Checkpoint, config: SubnetConfig, checkpoint_sha256: str, 
     r = config.resolution
     metadata = {
         "rtfq.subnet": str(config),
+        "rtfq.bits": json.dumps(net.bits.as_dict(), sort_keys=True),
         "rtfq.macs": str(costs.macs),
         "rtfq.bitops": str(costs.bitops),
         "rtfq.params": str(costs.params),

@@ -12,7 +12,7 @@ from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from rtfq_deploy.plan import ActiveSubnet, BitPlan, BitPolicy
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.quant import QUANTIZERS, Quantizer, quantizer_class
-from rtfq_deploy.space import SearchSpace, SubnetConfig
+from rtfq_deploy.space import MixedBits, SearchSpace, SpaceError, SubnetConfig
 
 
 @dataclass(frozen=True)
@@ -118,15 +118,57 @@ class Supernet(nn.Module):
         raise NotImplementedError
 
     # -- subnets -------------------------------------------------------------------
-    def plan(self, bits: int) -> BitPlan:
-        """Bit plan of the uniform subnet of bit-width ``bits`` under the config's policy."""
-        return BitPlan.uniform(((n, q.role) for n, q in self.quantizers()), bits, self.config.policy)
+    def plan(self, config: SubnetConfig) -> BitPlan:
+        """Every quantizer's bits for ``config``: a uniform bit-width through the config's
+        policy, a mixed plan as it is (after :meth:`check_subnet`)."""
+        if config.uniform:
+            return BitPlan.uniform(((n, q.role) for n, q in self.quantizers()), config.bits, self.config.policy)
+        self.check_subnet(config)
+        return BitPlan.of(config.bits.as_dict())
 
     def float_plan(self) -> BitPlan:
         return BitPlan.float(n for n, _ in self.quantizers())
 
+    def check_subnet(self, config: SubnetConfig) -> SubnetConfig:
+        """``config`` if this supernet can run it, else a :class:`SpaceError` naming why.
+
+        A mixed plan must name exactly this supernet's quantizers, use bit-widths they
+        keep step sizes for, and keep the policy's fixed roles (first and last layer,
+        residual operands) at the policy's bits.
+        """
+        space = self.config.space
+        if config.uniform:
+            return space.validate(config)
+        space.validate(SubnetConfig(config.resolution, config.width, space.bits[0]))
+        plan, roles = config.bits.as_dict(), {n: q.role for n, q in self.quantizers()}
+        missing, unknown = sorted(set(roles) - set(plan)), sorted(set(plan) - set(roles))
+        if missing or unknown:
+            what = f"has no entry for {missing[0]}" if missing else f"names {unknown[0]}, which"
+            raise SpaceError(f"bit plan {config}: {what}" + ("" if missing else f" {self.config.arch} does not have")
+                             + f" ({len(missing)} missing, {len(unknown)} unknown of {len(roles)} quantizers)")
+        choices = self.config.bit_choices
+        for name, bits in plan.items():
+            if bits not in choices:
+                raise SpaceError(f"bit plan {config}: {name} at {bits} bits; this supernet's quantizers keep "
+                                 f"step sizes for {', '.join(map(str, choices))} bits")
+            fixed = self.config.policy.fixed_bits(roles[name])
+            if fixed is not None and bits != fixed:
+                raise SpaceError(f"bit plan {config}: {name} ({roles[name]}) is fixed at {fixed} bits by the "
+                                 f"supernet's policy, the plan gives {bits}")
+        return config
+
+    def subnet(self, resolution: int, width: float, bits: Mapping[str, int]) -> SubnetConfig:
+        """The canonical subnet of a per-quantizer plan: the uniform one when the plan is a
+        uniform subnet's (so one network never has two ids), else a checked mixed plan."""
+        mixed = SubnetConfig(resolution, width, MixedBits.of(dict(bits)))
+        for q in self.config.space.bits:
+            uniform = SubnetConfig(resolution, width, q)
+            if self.plan(uniform).as_dict() == mixed.bits.as_dict():
+                return self.check_subnet(uniform)
+        return self.check_subnet(mixed)
+
     def active(self, config: SubnetConfig, bn_stats: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> ActiveSubnet:
-        return ActiveSubnet(config.width, self.plan(config.bits), bn_stats)
+        return ActiveSubnet(config.width, self.plan(config), bn_stats)
 
     def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
