@@ -297,11 +297,12 @@ def _select_notes(selection, data: dict, accuracy: Path | None) -> list[str]:  #
         notes.append(f"top-1 measured on the device's own runtime ({runtimes}) for {len(by_source['measured'])} "
                      f"row(s){', on ' + str(images.get('images')) + ' images' if images.get('images') else ''}; "
                      + (f"the others from {accuracy}" if "table" in by_source else "no row uses the accuracy table"))
-    for e in selection.candidates:
-        if e.get("agreement") is not None and e["runtime"] != "onnxruntime" and e["agreement"] < 1:
-            notes.append(f"{e['subnet']} on {e['runtime']} agrees with onnxruntime's exact integer results on "
-                         f"{e['agreement']:.1%} of the images")
-            break
+    for runtime in selection.runtimes:
+        agree = sorted((e["agreement"], e["subnet"]) for e in selection.candidates
+                       if e["runtime"] == runtime and e.get("agreement") is not None)
+        if runtime != "onnxruntime" and agree:
+            notes.append(f"on {runtime}, top-1 agrees with onnxruntime's exact integer results on {agree[0][0]:.1%} "
+                         f"({agree[0][1]}) to {agree[-1][0]:.1%} of the images")
     for c in selection.unstable():
         notes.append(f"budget {c.budget} on {c.entry['runtime']}: the choice {c.entry['subnet']} rests on an unstable "
                      f"latency figure (its p50 did not settle within rtfq-bench run's caps; measure again, longer)")

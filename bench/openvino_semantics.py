@@ -1,0 +1,334 @@
+"""Where OpenVINO departs from the QDQ semantics of an export, and which equivalent graph is exact.
+
+onnxruntime runs an export exactly (its top-1 equals PyTorch's evaluation of the integer
+network); OpenVINO's CPU plugin lowers the same file to u8 convolutions with fused
+requantization and residual adds. This script exports subnets of a tiny_resnet supernet
+whose BatchNorm was randomised like a trained one (some gammas negative, so some folded
+weight scales are negative), runs them on both runtimes over the same inputs, and prints:
+
+1. per graph variant, the share of inputs whose top-1 class agrees and the logit
+   difference in output steps (one step = the logit's quantization step s_pool * s_fc);
+   the variants are rewrites of the exported file with the same QDQ semantics, plus
+   diagnostic ones that change them:
+   - ``as exported``;
+   - ``positive scales``: channels with a negative weight scale get negated codes, scale
+     and bias (equivalent where no code is -2^(b-1); such channels are counted);
+   - ``int8 signed``: tensors carried as uint8 with zero point 128 become int8 with zero
+     point 0 (codes shifted by 128; equivalent);
+   - ``both`` of the above;
+   - ``no clips`` (diagnostic, changes 4- and 6-bit semantics): the integer-side Clips
+     removed from both runtimes' graphs;
+2. for one variant, every activation tensor in graph order: the share of codes that
+   differ between the runtimes and the largest difference in codes, from prefix models
+   that end at that tensor; for the first tensor that differs, how far the differing
+   codes' pre-quantization values (onnxruntime's, in steps) lie from a rounding tie.
+
+    python bench/openvino_semantics.py                      # r128-w1.00 at q8, q6, q4; 256 random inputs
+    python bench/openvino_semantics.py --subnets r128-w0.60-q4 --inputs 64 --no-bn-randomise
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def build_checkpoint(path: Path, classes: int, seed: int, randomise_bn: bool) -> None:
+    import torch
+
+    from rtfq_deploy.checkpoint import save_checkpoint
+    from rtfq_deploy.models import SupernetConfig, build_supernet
+
+    torch.manual_seed(seed)
+    model = build_supernet(SupernetConfig("tiny_resnet", num_classes=classes))
+    if randomise_bn:  # what training leaves: gammas of either sign, shifts, running statistics
+        with torch.no_grad():
+            for m in model.modules():
+                for name, init in (("weight", lambda t: t.normal_(0.3, 0.6)), ("bias", lambda t: t.normal_(0, 0.3)),
+                                   ("running_mean", lambda t: t.normal_(0, 0.3)),
+                                   ("running_var", lambda t: t.uniform_(0.3, 2.0))):
+                    t = getattr(m, name, None)
+                    if isinstance(t, torch.Tensor) and "BatchNorm" in type(m).__name__:
+                        init(t)
+    save_checkpoint(path, model)
+
+
+def export(checkpoint: Path, subnet: str, out: Path) -> None:
+    import subprocess
+
+    exe = Path(sys.executable).parent / "rtfq-export"
+    result = subprocess.run([str(exe), "--checkpoint", str(checkpoint), "--subnet", subnet, "--no-verify", "-o",
+                             str(out)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"export of {subnet} failed: {result.stderr.strip()}")
+
+
+# ---- equivalent rewrites -------------------------------------------------------------------
+
+def _inits(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _set(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(array, name))
+            return
+    raise KeyError(name)
+
+
+def positive_scales(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
+    """Negate codes, scale and bias of every channel with a negative weight scale.
+    Returns the model, channels flipped, channels left (a -2^(b-1) code would overflow)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = _inits(model)
+    flipped = left = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or not node.input[0].endswith(".weight_q"):
+            continue
+        prefix = node.input[0].removesuffix(".weight_q")
+        codes = numpy_helper.to_array(inits[node.input[0]]).copy()
+        scale = numpy_helper.to_array(inits[node.input[1]]).copy()
+        bias_q = numpy_helper.to_array(inits[f"{prefix}.bias_q"]).copy()
+        bias_s = numpy_helper.to_array(inits[f"{prefix}.bias_scale"]).copy()
+        for c in np.flatnonzero(scale < 0):
+            if codes[c].min() == np.iinfo(codes.dtype).min:
+                left += 1
+                continue
+            codes[c], scale[c] = -codes[c], -scale[c]
+            bias_q[c], bias_s[c] = -bias_q[c], -bias_s[c]
+            flipped += 1
+        _set(model, node.input[0], codes)
+        _set(model, node.input[1], scale)
+        _set(model, f"{prefix}.bias_q", bias_q)
+        _set(model, f"{prefix}.bias_scale", bias_s)
+    return model, flipped, left
+
+
+def int8_signed(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """uint8 zero point 128 -> int8 zero point 0 (every Q/DQ/Clip bound on such a tensor)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = _inits(model)
+    zps = {n for n, t in inits.items() if t.data_type == onnx.TensorProto.UINT8 and n.endswith(".zp")
+           and numpy_helper.to_array(t).size == 1 and int(numpy_helper.to_array(t)) == 128}
+    for name in zps:
+        _set(model, name, np.array(0, np.int8))
+    clips = 0
+    for node in model.graph.node:
+        if node.op_type == "Clip":
+            lo, hi = inits.get(node.input[1]), inits.get(node.input[2])
+            prefix = node.input[1].removesuffix(".min")
+            if f"{prefix}.zp" in zps and lo is not None and hi is not None:
+                _set(model, node.input[1], (numpy_helper.to_array(lo).astype(np.int16) - 128).astype(np.int8))
+                _set(model, node.input[2], (numpy_helper.to_array(hi).astype(np.int16) - 128).astype(np.int8))
+                clips += 1
+    return model, len(zps)
+
+
+def add_input_clips(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A full-range integer Clip (an identity) between QuantizeLinear and DequantizeLinear
+    on every input of a residual Add that has none: OpenVINO then keeps that tensor's
+    requantization instead of fusing the add into the producing convolution."""
+    from onnx import helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = _inits(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    targets = set()
+    for node in model.graph.node:
+        if node.op_type == "Add":
+            for name in node.input:
+                dq = producers.get(name)
+                q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+                if q is not None and q.op_type == "QuantizeLinear":
+                    targets.add(q.output[0])
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type == "QuantizeLinear" and node.output[0] in targets:
+            name = node.output[0]
+            dtype = numpy_helper.to_array(inits[node.input[2]]).dtype
+            info = np.iinfo(dtype)
+            node.output[0] = f"{name}.unclipped"
+            model.graph.initializer.extend([numpy_helper.from_array(np.array(info.min, dtype), f"{name}.cmin"),
+                                            numpy_helper.from_array(np.array(info.max, dtype), f"{name}.cmax")])
+            nodes.append(helper.make_node("Clip", [f"{name}.unclipped", f"{name}.cmin", f"{name}.cmax"], [name]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model, len(targets)
+
+
+def no_clips(model: onnx.ModelProto) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    rename = {}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Clip" and node.input[1] in _inits(model):
+            rename[node.output[0]] = node.input[0]
+        else:
+            keep.append(node)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+# ---- running ---------------------------------------------------------------------------------
+
+def run_ort(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    outs = [session.run(None, {name: x[i:i + 32]}) for i in range(0, len(x), 32)]
+    return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+
+
+def run_ov(model: onnx.ModelProto, x: np.ndarray, folder: Path) -> list[np.ndarray]:
+    import openvino as ov
+
+    path = folder / "ov.onnx"
+    onnx.save(model, path)
+    core = ov.Core()
+    m = core.read_model(str(path))
+    m.reshape({m.inputs[0].get_any_name(): [32, *x.shape[1:]]})
+    compiled = core.compile_model(m, "CPU", {"INFERENCE_NUM_THREADS": 1})
+    outs = []
+    for i in range(0, len(x), 32):
+        chunk = x[i:i + 32]
+        pad = 32 - len(chunk)
+        batch = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
+        result = compiled({0: batch})
+        outs.append([np.asarray(result[o])[:len(chunk)] for o in compiled.outputs])
+    return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+
+
+def output_step(model: onnx.ModelProto) -> np.ndarray:
+    inits = _inits(model)
+    fc = numpy_helper.to_array(inits["fc.weight_scale"])
+    pool = float(numpy_helper.to_array(inits["q_pool.scale"]))
+    return np.abs(pool * fc)
+
+
+def compare(model: onnx.ModelProto, x: np.ndarray, folder: Path) -> dict[str, float]:
+    a, b = run_ort(model, x)[0], run_ov(model, x, folder)[0]
+    steps = np.abs(a - b) / output_step(model)
+    return {"agree": float((a.argmax(1) == b.argmax(1)).mean()), "max_steps": float(steps.max()),
+            "mean_steps": float(steps.mean()), "exact": float((steps < 1e-3).all(axis=1).mean())}
+
+
+def activations(model: onnx.ModelProto) -> list[tuple[str, str, str, str]]:
+    """(dq output, q codes tensor, scale init, zp init) of every activation DequantizeLinear."""
+    inits = _inits(model)
+    return [(n.output[0], n.input[0], n.input[1], n.input[2]) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] not in inits]
+
+
+def prefix_model(model: onnx.ModelProto, tensor: str, extra: list[str] = ()) -> onnx.ModelProto:
+    from onnx.utils import Extractor
+
+    sub = Extractor(onnx.shape_inference.infer_shapes(model)).extract_model([model.graph.input[0].name],
+                                                                             [tensor, *extra])
+    del sub.opset_import[:]
+    sub.opset_import.extend(model.opset_import)
+    return sub
+
+
+def _pre_quantization(model: onnx.ModelProto, codes: str) -> str | None:
+    """The float tensor the QuantizeLinear that makes ``codes`` reads."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = producers.get(codes)
+    while node is not None and node.op_type != "QuantizeLinear":
+        node = producers.get(node.input[0])
+    return None if node is None else node.input[0]
+
+
+def per_tensor(model: onnx.ModelProto, x: np.ndarray, folder: Path) -> None:
+    """Codes of every activation tensor on both runtimes; where they differ, how far
+    onnxruntime's value before rounding is from a tie (0: exactly halfway between codes)."""
+    inits = _inits(model)
+    print(f"  {'tensor':28s} {'clip':>4s} {'codes differ':>12s} {'max':>4s} {'at a tie (<0.01 step)':>22s}")
+    for dq_out, codes, scale_name, zp_name in activations(model):
+        scale = numpy_helper.to_array(inits[scale_name]).astype(np.float64)
+        zp = numpy_helper.to_array(inits[zp_name]).astype(np.float64)
+        sub = prefix_model(model, dq_out)
+        a, b = run_ort(sub, x)[0], run_ov(sub, x, folder)[0]
+        diff = np.abs(np.round(a / scale + zp) - np.round(b / scale + zp))
+        clip = any(n.op_type == "Clip" and n.output[0] == codes for n in model.graph.node)
+        ties = "-"
+        pre = _pre_quantization(model, codes)
+        if diff.max() > 0 and pre is not None:
+            value = run_ort(prefix_model(model, pre), x)[0].astype(np.float64) / scale
+            if value.size == diff.size:
+                value = value.reshape(diff.shape)
+                frac = np.abs(value - np.floor(value) - 0.5)
+                ties = f"{float((frac[diff > 0] < 0.01).mean()):.0%} (of all {float((frac < 0.01).mean()):.1%})"
+        print(f"  {dq_out:28s} {'yes' if clip else '':>4s} {float((diff > 0).mean()):12.3%} {int(diff.max()):4d} "
+              f"{ties:>22s}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--subnets", default="r128-w1.00-q8,r128-w1.00-q6,r128-w1.00-q4")
+    p.add_argument("--inputs", type=int, default=256)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid-inputs", action="store_true",
+                   help="inputs on the input quantizer's grid (no rounding ties at the input)")
+    p.add_argument("--no-bn-randomise", action="store_true", help="keep the initial BatchNorm (gamma 1)")
+    p.add_argument("--per-tensor", default="add-input clips", help="variant whose tensors are compared one by one "
+                                                              "('' for none)")
+    args = p.parse_args()
+    if not 1 <= args.inputs <= 100_000:
+        raise SystemExit("--inputs must be between 1 and 100000")
+    import importlib.metadata
+
+    print(f"onnxruntime {importlib.metadata.version('onnxruntime')}, openvino {importlib.metadata.version('openvino')}; "
+          f"{args.inputs} inputs drawn from N(0, 1) per value" + (", on the input grid" if args.grid_inputs else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_checkpoint(folder / "ck.pt", args.classes, args.seed, not args.no_bn_randomise)
+        for subnet in args.subnets.split(","):
+            export(folder / "ck.pt", subnet, folder / f"{subnet}.onnx")
+            model = onnx.load(folder / f"{subnet}.onnx")
+            r = int(model.graph.input[0].type.tensor_type.shape.dim[2].dim_value)
+            x = np.random.default_rng(args.seed).standard_normal((args.inputs, 3, r, r)).astype(np.float32)
+            if args.grid_inputs:  # exactly on the input quantizer's grid: no rounding tie at the input
+                s_in = float(numpy_helper.to_array(_inits(model)["q_input.scale"]))
+                x = (np.round(x / s_in) * s_in).astype(np.float32)
+            pos, flipped, left = positive_scales(model)
+            clipped, branches = add_input_clips(model)
+            signed, zps = int8_signed(model)
+            both, _ = int8_signed(pos)
+            scales = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(".weight_scale")]
+            negative = sum(int((s < 0).sum()) for s in scales)
+            print(f"\n{subnet}: {negative} of {sum(s.size for s in scales)} weight channels have a negative scale "
+                  f"({flipped} flipped, {left} left: a -2^(b-1) code), {zps} uint8 zero-point-128 tensors, "
+                  f"{collections.Counter(n.op_type for n in model.graph.node)['Clip']} integer-side Clips, "
+                  f"{branches} residual-add inputs without one")
+            variants = {"as exported": model, "positive scales": pos, "int8 signed": signed, "both": both,
+                        "add-input clips": clipped, "add-input clips, both": add_input_clips(both)[0],
+                        "no clips (diagnostic)": no_clips(model)}
+            print(f"{'variant':30s} {'top-1 agrees':>12s} {'exact rows':>10s} {'max steps':>9s} {'mean steps':>10s}")
+            for name, variant in variants.items():
+                c = compare(variant, x, folder)
+                print(f"{name:30s} {c['agree']:12.2%} {c['exact']:10.2%} {c['max_steps']:9.1f} {c['mean_steps']:10.3f}")
+            if args.per_tensor:
+                print(f"per tensor, variant '{args.per_tensor}' ({min(64, len(x))} inputs):")
+                per_tensor(variants[args.per_tensor], x[:64], folder)
+
+
+if __name__ == "__main__":
+    main()
