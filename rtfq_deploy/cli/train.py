@@ -17,6 +17,8 @@ _OVERRIDES = {
     "rule": "rule", "n_random": "n_random", "single_bits": "single_bits", "seed": "seed",
     "warmup_steps": "warmup_steps", "step_lr_scale": "step_lr_scale", "rampup_steps": "rampup_steps", "target_start": "target_start", "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "calib_images": "calib_images", "workers": "workers", "device": "device",
+    "inplace_distill": "inplace_distill", "idm": "idm", "scheduler_start": "scheduler_start",
+    "scheduler_period": "scheduler_period",
 }
 _LOSS_OVERRIDES = {"w_ce": "ce", "w_distill": "distill", "w_pseudo": "pseudo", "w_im": "im", "threshold": "threshold"}
 
@@ -58,10 +60,24 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 @click.option("--target-start", type=_bounded(SETTINGS["target_start"]), help="Source-only steps before the target terms start.  [default: 0]")
 @click.option("--rampup-steps", type=_bounded(SETTINGS["rampup_steps"]), help="Ramp the target terms' weights up over N steps.  [default: 0]")
 @click.option("--ema", type=_bounded(SETTINGS["ema"]), help="Teacher EMA momentum.  [default: 0.999]")
-@click.option("--rule", type=click.Choice(["sandwichq", "sandwich", "max6min", "single"]),
-              help="Subnet sampling: SandwichQ (paper), standard Sandwich per bit-width, max+6 random+min, or one bit-width.  [default: sandwichq]")
+@click.option("--rule", type=click.Choice(["sandwichq", "sandwich", "max6min", "single", "mixed"]),
+              help="Subnet sampling: SandwichQ (paper), standard Sandwich per bit-width, max+6 random+min, one "
+                   "bit-width, or mixed: the max plan and --n-random per-quantizer bit plans (OneShot-MPQ).  "
+                   "[default: sandwichq]")
 @click.option("--n-random", type=_bounded(SETTINGS["n_random"]), help="Random subnets per step.  [default: 2]")
 @click.option("--single-bits", type=_bounded(SETTINGS["single_bits"]), help="The bit-width trained by --rule single.")
+@click.option("--inplace-distill", type=_bounded(SETTINGS["inplace_distill"]),
+              help="Plans below the top one learn (1 - W) CE + W KL to the top plan's source logits.  "
+                   "[default: 0.5 with --rule mixed, else 0]")
+@click.option("--idm", type=_bounded(SETTINGS["idm"]),
+              help="Mixed rule: weight of information distortion mitigation (BatchNorm outputs of layers at the "
+                   "lowest bit-width pulled to the max plan's).  [default: 0.01]")
+@click.option("--no-idm", is_flag=True, help="Mixed rule: no information distortion mitigation (ablation).")
+@click.option("--no-scheduler", is_flag=True, help="Mixed rule: no bit-width scheduler (ablation).")
+@click.option("--scheduler-start", type=_bounded(SETTINGS["scheduler_start"]),
+              help="Mixed rule: first step of the bit-width scheduler.  [default: steps / 10]")
+@click.option("--scheduler-period", type=_bounded(SETTINGS["scheduler_period"]),
+              help="Mixed rule: steps between the scheduler's updates.  [default: steps / 30]")
 @click.option("--w-ce", type=_bounded(LOSSES["ce"]), help="Weight of the source cross-entropy.  [default: 1]")
 @click.option("--w-distill", type=_bounded(LOSSES["distill"]), help="Weight of distillation from the EMA teacher.  [default: 1]")
 @click.option("--w-pseudo", type=_bounded(LOSSES["pseudo"]), help="Weight of the target pseudo-label loss.  [default: 0.3]")
@@ -77,7 +93,8 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 @click.option("-v", "--verbose", is_flag=True, help="Log details to stderr.")
 @click.pass_context
 def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, target: Path | None, out: Path | None,
-          resume: Path | None, recipe: Path | None, source_only: bool, verbose: bool, **options: Any) -> None:
+          resume: Path | None, recipe: Path | None, source_only: bool, no_idm: bool, no_scheduler: bool, verbose: bool,
+          **options: Any) -> None:
     """Adapt a supernet from a labeled source domain to an unlabeled target domain (RTF-Q).
 
     Writes OUT/supernet.pt (every subnet's BatchNorm calibrated on target images),
@@ -93,7 +110,8 @@ def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, targ
     if resume is not None:
         extra = [f"--{k.replace('_', '-')}" for k in given] + [f"--{n}" for n, v in
                  (("checkpoint", checkpoint), ("source", source), ("target", target), ("out", out), ("recipe", recipe))
-                 if v is not None] + (["--source-only"] if source_only else [])
+                 if v is not None] + [flag for flag, on in (("--source-only", source_only), ("--no-idm", no_idm),
+                                                            ("--no-scheduler", no_scheduler)) if on]
         if extra:
             raise click.UsageError(f"--resume continues the run with its own settings; drop {', '.join(extra)}")
         dist = distributed_from_env()
@@ -115,6 +133,10 @@ def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, targ
                 losses[_LOSS_OVERRIDES[k]] = options[k]
         if source_only:
             losses.update(distill=0.0, pseudo=0.0, im=0.0)
+        if no_idm:
+            settings["idm"] = 0.0
+        if no_scheduler:
+            settings["scheduler"] = False
         settings["losses"] = losses
         try:
             cfg = TrainConfig.from_dict(settings)
@@ -128,7 +150,7 @@ def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, targ
         done = row["step"] + 1
         eta = (total - done) * batch / max(row["images_per_s"], 1e-9)
         parts = [f"step {done}/{total}", f"loss {row['loss']:.3f}", f"ce {row['ce']:.3f}"]
-        parts += [f"{k} {row[k]:.3f}" for k in ("distill", "pseudo", "im") if row.get(k)]
+        parts += [f"{k} {row[k]:.3f}" for k in ("distill", "inplace", "idm", "pseudo", "im") if row.get(k)]
         if "pseudo_rate" in row:
             parts.append(f"confident {row['pseudo_rate']:.0%}")
         parts += [f"src-acc {row['source_acc']:.2f}", f"{row['images_per_s']:.0f} img/s (data {row['data_share']:.0%})", f"eta {eta / 60:.1f} min"]

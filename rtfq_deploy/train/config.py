@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.train.limits import SETTINGS, check
+from rtfq_deploy.train.limits import OPTIONAL, SETTINGS, check
 from rtfq_deploy.train.losses import LossWeights
 from rtfq_deploy.train.sampler import RULES
 
@@ -44,6 +44,14 @@ class TrainConfig:
     rule: str = "sandwichq"
     n_random: int = 2
     single_bits: int | None = None
+    # Mixed precision (--rule mixed, OneShot-MPQ; see rtfq_deploy.train.mixed). In-place
+    # distillation: plans below the top one learn (1 - w) CE + w KL to the top plan's
+    # source logits; None becomes 0.5 with --rule mixed (RFQuant's), 0 otherwise.
+    inplace_distill: float | None = None
+    idm: float = 0.01  # weight of information distortion mitigation (mixed rule; 0 = off)
+    scheduler: bool = True  # the bit-width scheduler (mixed rule)
+    scheduler_start: int | None = None  # None: steps // 10
+    scheduler_period: int | None = None  # None: max(1, steps // 30)
     losses: LossWeights = field(default_factory=LossWeights)
     seed: int = 0
     checkpoint_every: int = 500
@@ -57,12 +65,18 @@ class TrainConfig:
         # Every number in range and finite, whether it came from an option, a recipe or run.json.
         for name, limit in SETTINGS.items():
             value = getattr(self, name)
-            if value is not None or name not in ("step_lr_scale", "single_bits"):
+            if value is not None or name not in OPTIONAL:
                 object.__setattr__(self, name, check(name, value, limit))
         if not isinstance(self.losses, LossWeights):
             raise RtfqError("'losses' must be an object of loss weights")
         if self.batch_size % 2:
             raise RtfqError(f"--batch-size must be even (half source, half target), got {self.batch_size}")
+        if not isinstance(self.scheduler, bool):
+            raise RtfqError(f"'scheduler' must be true or false, got {self.scheduler!r}"[:300])
+        for name, value in (("inplace_distill", 0.5 if self.rule == "mixed" else 0.0),
+                            ("scheduler_start", self.steps // 10), ("scheduler_period", max(1, self.steps // 30))):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.step_lr_scale is None:
             object.__setattr__(self, "step_lr_scale", ADAM_STEP_LR_SCALE if self.optimizer == "adam" else 1.0)
         for name in ("optimizer", "rule", "device"):

@@ -55,7 +55,12 @@ SETTINGS: dict[str, Range] = {
     "calib_images": Range(True, 1, 10**7),
     "cache_mb": Range(False, 0.0, float(2**20)),
     "workers": Range(True, 0, 256),
+    "inplace_distill": Range(False, 0.0, 1.0),
+    "idm": Range(False, 0.0, 1000.0),
+    "scheduler_start": Range(True, 0, _MANY),
+    "scheduler_period": Range(True, 1, _MANY),
 }
+OPTIONAL = frozenset({"step_lr_scale", "single_bits", "inplace_distill", "scheduler_start", "scheduler_period"})
 
 LOSSES: dict[str, Range] = {
     "ce": Range(False, 0.0, 1000.0),

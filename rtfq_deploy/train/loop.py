@@ -52,7 +52,8 @@ from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.quant.base import Quantizer
 from rtfq_deploy.train.config import TrainConfig
 from rtfq_deploy.train.losses import distillation, information_maximization, pseudo_label_loss, pseudo_labels
-from rtfq_deploy.train.sampler import make_rule
+from rtfq_deploy.train.mixed import BitScheduler, DistortionMitigation, MixedRule, free_quantizers
+from rtfq_deploy.train.sampler import make_rule, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +139,34 @@ def rampup(cfg: TrainConfig, step: int) -> float:
 
 def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supernet, subnets: list,
                 xs: Tensor, ys: Tensor, xt: Tensor, teacher_logits: Tensor | None, cfg: TrainConfig,
-                backward: Callable[[Tensor, bool], None], target_scale: float = 1.0) -> dict[str, float]:
+                backward: Callable[[Tensor, bool], None], target_scale: float = 1.0,
+                idm: DistortionMitigation | None = None) -> dict[str, float]:
     """Run every sampled subnet, backpropagating each as it goes (so only one subnet's
     graph is alive at a time); returns the summed loss terms for logging."""
     w = cfg.losses
     totals = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "pseudo": 0.0, "im": 0.0}
-    labels = mask = None
+    labels = mask = top_logits = None
+    reference: dict[str, Tensor] = {}
     for i, sub in enumerate(subnets):
         net = model.active(sub)
-        logits_s = forward(resize_to(xs, sub.resolution), net)
+        aligned = set() if idm is None else idm.everything if i == 0 else idm.targets(sub, subnets[0])
+        with (idm.capture(aligned) if aligned else contextlib.nullcontext({})) as outputs:
+            logits_s = forward(resize_to(xs, sub.resolution), net)
         terms = {"ce": F.cross_entropy(logits_s, ys)}
+        weights = {"ce": w.ce, "distill": w.distill * target_scale, "pseudo": w.pseudo * target_scale,
+                   "im": w.im * target_scale, "idm": cfg.idm, "inplace": w.ce * cfg.inplace_distill}
         if i == 0:
             totals["source_acc"] = float((logits_s.argmax(1) == ys).float().mean())
+            top_logits = logits_s.detach()
+            reference = {k: v.detach() for k, v in outputs.items()}
+        else:
+            if cfg.inplace_distill > 0:  # in-place distillation from the top plan (RFQuant: 0.5 CE + 0.5 KL)
+                terms["inplace"] = distillation(logits_s, top_logits)
+                weights["ce"] = w.ce * (1.0 - cfg.inplace_distill)
+            if outputs:
+                aligned_loss = DistortionMitigation.loss(outputs, reference)
+                if aligned_loss is not None:
+                    terms["idm"] = aligned_loss
         if w.uses_target:
             logits_t = forward(resize_to(xt, sub.resolution), net)
             if i == 0:
@@ -161,11 +178,11 @@ def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supern
                 terms["im"] = information_maximization(logits_t)
             if w.distill > 0 and i > 0 and teacher_logits is not None:
                 terms["distill"] = distillation(logits_t, teacher_logits, w.temperature)
-        loss = sum(getattr(w, k) * (1.0 if k == "ce" else target_scale) * v for k, v in terms.items())
+        loss = sum(weights[k] * v for k, v in terms.items())
         backward(loss, i == len(subnets) - 1)
         totals["loss"] += float(loss.detach())
         for k, v in terms.items():
-            totals[k] += float(v.detach())
+            totals[k] = totals.get(k, 0.0) + float(v.detach())
     return totals
 
 
@@ -246,7 +263,8 @@ class Run:
                 Stream(tgt, half, cfg.seed, TARGET_STREAM, self.dist.rank, self.dist.world, cfg.workers))
 
     # -- state -----------------------------------------------------------------
-    def _save_state(self, step: int, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer) -> None:
+    def _save_state(self, step: int, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer,
+                    scheduler: BitScheduler | None = None) -> None:
         """Save, unless a weight went non-finite: a NaN state would poison every resume."""
         bad = _first_non_finite(student) or _first_non_finite(teacher)
         if bad is not None:
@@ -258,10 +276,13 @@ class Run:
                  "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
                  "teacher": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
                  "optimizer": _to_cpu(opt.state_dict())}
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state()
         with atomic_write(self.run_dir / "state.pt", overwrite=True) as f:
             torch.save(state, f)
 
-    def _load_state(self, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer) -> int:
+    def _load_state(self, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer,
+                    scheduler: BitScheduler | None = None) -> int:
         path = self.run_dir / "state.pt"
         if not path.exists():
             return 0
@@ -275,6 +296,8 @@ class Run:
             student.load_state_dict(state["student"])
             teacher.load_state_dict(state["teacher"])
             opt.load_state_dict(state["optimizer"])
+            if scheduler is not None and step > 0:
+                scheduler.load(state["scheduler"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise RtfqError(f"{path}: damaged training state ({first}); remove it to restart from step 0") from None
@@ -316,7 +339,8 @@ class Run:
         student.to(self.device).train()
         teacher = copy.deepcopy(student).requires_grad_(False)
         opt = make_optimizer(student, cfg)
-        start = self._load_state(student, teacher, opt)
+        rule, scheduler, idm = self._rule(student)
+        start = self._load_state(student, teacher, opt, scheduler)
         self._write_record()
         if start == 0:
             self._init_steps(student, src_stream, tgt_stream, normalization)
@@ -328,7 +352,6 @@ class Run:
 
             # Narrow subnets leave parameters unused; the maxnet's steps are not the minnet's.
             forward_model = DistributedDataParallel(student, find_unused_parameters=True, broadcast_buffers=False)
-        rule = make_rule(cfg.rule, student.config.space, cfg.n_random, cfg.single_bits)
         crop = student.config.space.resolutions[0]
         maxnet = student.config.space.maxnet
         metrics = open(self.run_dir / "metrics.jsonl", "a") if dist.main else None
@@ -339,6 +362,8 @@ class Run:
                 lr = lr_at(cfg, step)
                 for group in opt.param_groups:
                     group["lr"] = lr * group["lr_scale"]
+                if scheduler is not None and scheduler.due(step):
+                    scheduler.update(student, set(free_quantizers(student)), student.config.space.bits, step)
                 t_data = time.perf_counter()
                 (xs_u8, ys), (xt_u8, _) = next(batches)
                 xs = augment(xs_u8, crop, cfg.seed, SOURCE_STREAM, step, normalization).to(self.device)
@@ -351,7 +376,7 @@ class Run:
                         teacher_logits = teacher(xt, teacher.active(maxnet))
                 opt.zero_grad(set_to_none=True)
                 totals = step_losses(forward_model, student, rule(cfg.seed, step), xs, ys, xt, teacher_logits, cfg,
-                                     self._backward(forward_model), rampup(cfg, step))
+                                     self._backward(forward_model), rampup(cfg, step), idm)
                 if not math.isfinite(totals["loss"]):
                     raise Diverged(f"training diverged at step {step + 1}: the loss is {totals['loss']}; nothing past "
                                    f"the last saved state was kept (lower --lr or the loss weights)")
@@ -369,14 +394,27 @@ class Run:
                         progress(row)
                     t0, images, data_s = time.perf_counter(), 0, 0.0
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    self._save_state(done, student, teacher, opt)
+                    self._save_state(done, student, teacher, opt, scheduler)
             if dist.world > 1:
                 _check_ranks_agree(student)
-            self._save_state(cfg.steps, student, teacher, opt)
+            self._save_state(cfg.steps, student, teacher, opt, scheduler)
         finally:
             if metrics is not None:
                 metrics.close()
         return self._finish(ckpt, student, source, target, normalization)
+
+    def _rule(self, model: Supernet) -> tuple[Callable[[int, int], list], BitScheduler | None,
+                                              DistortionMitigation | None]:
+        """The step's subnets as a function of (seed, step), with the mixed rule's
+        scheduler (whose frozen candidates the rule reads) and IDM."""
+        cfg, space = self.cfg, model.config.space
+        if cfg.rule != "mixed":
+            return make_rule(cfg.rule, space, cfg.n_random, cfg.single_bits), None, None
+        mixed = MixedRule.for_model(model, cfg.n_random)
+        scheduler = BitScheduler(cfg.scheduler_start, cfg.scheduler_period, cfg.steps) if cfg.scheduler else None
+        idm = DistortionMitigation(model, space.bits[-1]) if cfg.idm > 0 else None
+        return (lambda seed, step: mixed(step_rng(seed, step), scheduler.frozen if scheduler else frozenset()),
+                scheduler, idm)
 
     def _backward(self, forward_model: nn.Module) -> Callable[[Tensor, bool], None]:
         def backward(loss: Tensor, last: bool) -> None:

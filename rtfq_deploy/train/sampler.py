@@ -13,10 +13,11 @@ import numpy as np
 
 from rtfq_deploy.space import SearchSpace, SubnetConfig
 
-RULES = ("sandwichq", "sandwich", "max6min", "single")
+RULES = ("sandwichq", "sandwich", "max6min", "single", "mixed")  # mixed: rtfq_deploy.train.mixed
 
 
-def _rng(seed: int, step: int) -> random.Random:
+def step_rng(seed: int, step: int) -> random.Random:
+    """The random source of one step's choices: a pure function of (seed, step)."""
     return random.Random(int(np.random.SeedSequence([seed, step, 7]).generate_state(1)[0]))
 
 
@@ -58,11 +59,12 @@ def single(space: SearchSpace, rng: random.Random, n: int, bits: int) -> list[Su
 def make_rule(name: str, space: SearchSpace, n_random: int = 2, single_bits: int | None = None
               ) -> Callable[[int, int], list[SubnetConfig]]:
     """``rule(seed, step)`` -> the step's subnets, a pure function of its arguments."""
-    if name not in RULES:
-        raise ValueError(f"unknown sampling rule {name!r} (known: {', '.join(RULES)})")
+    if name not in RULES or name == "mixed":
+        raise ValueError(f"unknown sampling rule {name!r} (known: {', '.join(RULES)}; mixed is built from a "
+                         "supernet by rtfq_deploy.train.mixed.MixedRule)")
     if name == "single":
         if single_bits is None or single_bits not in space.bits:
             raise ValueError(f"the single rule needs a bit-width of the space ({', '.join(map(str, space.bits))})")
-        return lambda seed, step: single(space, _rng(seed, step), n_random, single_bits)
+        return lambda seed, step: single(space, step_rng(seed, step), n_random, single_bits)
     fn = {"sandwichq": sandwichq, "sandwich": sandwich, "max6min": max6min}[name]
-    return lambda seed, step: fn(space, _rng(seed, step), n_random)
+    return lambda seed, step: fn(space, step_rng(seed, step), n_random)
