@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 from rtfq_deploy.manifest import read_manifest, sha256_file
@@ -19,6 +20,11 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     acc = json.loads((out / "acc.json").read_text())
     assert len(acc["subnets"]) == 8
     assert len(list((out / "models").glob("*.onnx"))) == 8
+    # every model on onnxruntime and, where it is installed, OpenVINO, with top-1 on the held-out images
+    rows = json.loads((out / "results.json").read_text())["models"]
+    wanted = {"onnxruntime", "openvino"} if importlib.util.find_spec("openvino") else {"onnxruntime"}
+    assert {r["runtime"] for r in rows} == wanted and len(rows) == 8 * len(wanted)
+    assert all(0 <= r["top1"] <= 1 and 0 <= r["agreement"] <= 1 for r in rows if r["ok"])
     manifest = read_manifest(out / "dist")
     (device, entry), = manifest.devices.items()
     assert entry.files and all(sha256_file(out / "dist" / f.path) == f.sha256 for f in entry.files)

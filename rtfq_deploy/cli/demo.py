@@ -1,8 +1,9 @@
 """``rtfq demo``: the whole pipeline on built-in synthetic data, on this machine.
 
 synth (the strong shift) -> init -> train (RTF-Q, and a source-only baseline) -> eval
-both -> export every subnet -> bench -> select -> DIST_DIR; it prints what adaptation
-gained on held-out target images.
+both -> export every subnet -> bench (onnxruntime, and OpenVINO when it is installed, with
+top-1 and agreement on the held-out target images) -> select -> DIST_DIR; it prints what
+adaptation gained on held-out target images.
 Each stage runs the real command in its own process and is skipped when its output is
 already there (outputs are written atomically, so an existing one is complete); an
 interrupted training run is resumed.
@@ -36,7 +37,7 @@ FULL = DemoSettings(
     init=("--arch", "tiny_resnet", "--num-classes", "16", "--resolutions", "64,56,48,40",
           "--widths", "1.0,0.86,0.73,0.6", "--bits", "8,6,4"),
     train=("--recipe", "synth_strong_cpu"),
-    bench=("--threads", "1", "--min-time", "0.3", "--max-time", "2"),
+    bench=("--threads", "1", "--min-time", "1", "--max-time", "4"),
 )
 QUICK = DemoSettings(  # a smoke test of every stage in about a minute
     synth=("--shift", "strong", "--classes", "3", "--per-class", "8", "--test-per-class", "4", "--size", "32"),
@@ -90,17 +91,34 @@ def _budgets(results: Path) -> list[str]:
     return out
 
 
+def _bits(table: Path) -> dict[str, int]:
+    """Each subnet's bit-width where the accuracy table's row gives one as a plain integer
+    (subnet ids are opaque: mixed-precision subnets have no single bit-width)."""
+    from rtfq_deploy.fileio import read_json
+
+    rows = read_json(table, "accuracy", expect=dict).get("subnets") or []
+    return {str(r["subnet"]): r["bits"] for r in rows if isinstance(r, dict) and "subnet" in r
+            and isinstance(r.get("bits"), int) and not isinstance(r.get("bits"), bool)}
+
+
+def _runtimes() -> tuple[str, ...]:
+    """onnxruntime, and OpenVINO where it is installed (pip install 'rtfq_deploy[openvino]')."""
+    import importlib.util
+
+    return ("onnxruntime", "openvino") if importlib.util.find_spec("openvino") is not None else ("onnxruntime",)
+
+
 def _adaptation(source_only: Path, adapted: Path) -> str:
     """Source-only against RTF-Q: mean target top-1 over all subnets and per bit-width."""
     from tabulate import tabulate
 
     from rtfq_deploy.accuracy import read_accuracy
-    from rtfq_deploy.space import SubnetConfig
 
     before, after = read_accuracy(source_only), read_accuracy(adapted)
+    bits = _bits(adapted)
     groups: dict[str, list[str]] = {"all subnets": sorted(after)}
-    for name in sorted(after, key=lambda n: -SubnetConfig.parse(n).bits):
-        groups.setdefault(f"{SubnetConfig.parse(name).bits}-bit", []).append(name)
+    for name in sorted((n for n in after if n in bits), key=lambda n: -bits[n]):
+        groups.setdefault(f"{bits[name]}-bit", []).append(name)
     rows = []
     for label, names in groups.items():
         b = sum(before[n] for n in names) / len(names)
@@ -154,8 +172,11 @@ def demo(out: Path, quick: bool, fresh: bool) -> None:
         tmp.rename(models)
     else:
         stages.run("export every subnet", models)
-    stages.run("benchmark every model on this machine (onnxruntime)", results, _tool("rtfq-bench"), "run",
-               str(models), "-o", str(results), *settings.bench, ok_codes=(0, 1))
+    runtimes = _runtimes()
+    stages.run(f"benchmark every model on this machine ({' and '.join(runtimes)}; top-1 on held-out target images)",
+               results, _tool("rtfq-bench"), "run", str(models), "-o", str(results), *settings.bench,
+               *(a for r in runtimes for a in ("--runtime", r)), "--images", str(data / "target_test"),
+               ok_codes=(0, 1))
     budgets = _budgets(results)
     select = [_tool("rtfq-bench"), "select", "--results", str(results), "--accuracy", str(acc), "-o", str(dist),
               "--force"]
