@@ -12,7 +12,7 @@ from rtfq_deploy.cli.common import BoundedInt, Command
 @click.command(cls=Command)
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Supernet checkpoint.")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Target-domain images, one folder per class (labels are not used).")
+              help="Target-domain images (any folder tree; labels are not used).")
 @click.option("--subnets", "subnet_list",
               help="'all' or comma-separated subnet ids [default: all, or none when --plans is given].")
 @click.option("--plans", "plan_files", multiple=True, type=click.Path(exists=True, path_type=Path),
@@ -33,7 +33,7 @@ def calibrate(checkpoint: Path, data: Path, subnet_list: str | None, plan_files:
     import torch
 
     from rtfq_deploy.checkpoint import load_checkpoint, save_checkpoint
-    from rtfq_deploy.data.folders import scan
+    from rtfq_deploy.images import image_files
     from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.errors import RtfqError
     from rtfq_deploy.evaluate import calibrate_subnets, calibration_sample
@@ -53,10 +53,12 @@ def calibrate(checkpoint: Path, data: Path, subnet_list: str | None, plan_files:
     if clash is not None:
         raise RtfqError(f"{clash}: the checkpoint stores another plan with this id (a digest collision); "
                         "change one quantizer of the new plan")
-    folder = scan(data, "calibration")
-    pick = calibration_sample([p for p, _ in folder.samples], images)
+    files = image_files(data)
+    if not files:
+        raise RtfqError(f"{data}: no images")
+    pick = calibration_sample(files, images)
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-    click.echo(f"calibrating BatchNorm of {len(subnets)} subnet(s) on {len(pick)} images of {folder.root}", err=True)
+    click.echo(f"calibrating BatchNorm of {len(subnets)} subnet(s) on {len(pick)} images of {data}", err=True)
     stats = calibrate_subnets(model.to(dev), subnets, pick, ckpt.meta.get("normalization", IMAGENET_NORMALIZATION),
                               device=dev)
     plans = {**ckpt.plans, **{str(c): c for c in subnets if not c.uniform}}

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from rtfq_deploy.cli.common import BoundedInt, Command
+from rtfq_deploy.cli.search import search_options
 
 
 def _describe(result) -> str:
@@ -29,13 +30,12 @@ def _describe(result) -> str:
 
 def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
     """Statistics for subnets the checkpoint lacks, measured now (kept in memory only)."""
-    from rtfq_deploy.data.folders import scan
     from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.evaluate import calibrate_subnets, calibration_sample
+    from rtfq_deploy.images import image_files
 
-    folder = scan(calib, "calibration")
-    pick = calibration_sample([p for p, _ in folder.samples], count)
-    click.echo(f"calibrating BatchNorm of {len(subnets)} subnet(s) on {len(pick)} images of {folder.root}", err=True)
+    pick = calibration_sample(image_files(calib), count)
+    click.echo(f"calibrating BatchNorm of {len(subnets)} subnet(s) on {len(pick)} images of {calib}", err=True)
     ckpt.bn_stats.update(calibrate_subnets(ckpt.model, subnets, pick,
                                            ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)))
 
@@ -47,6 +47,9 @@ def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
               help="Export the subnet of this plan file (rtfq plan), e.g. a per-layer mixed-precision plan.")
 @click.option("--budget", help="Export the best subnet within this cost, e.g. 0.8G (suffixes K/M/G/T).")
 @click.option("--bits", type=BoundedInt(2, 8), help="With --budget/--buckets: only subnets of this bit-width.")
+@click.option("--mixed", is_flag=True,
+              help="With --budget (bitops=, size=, macs=): search a per-quantizer mixed-precision plan on --data "
+                   "(as rtfq search does), calibrate its BatchNorm there (or on --calib) and export it.")
 @click.option("--metric", type=click.Choice(["macs", "bitops"]), default="macs", show_default=True,
               help="What --budget and --buckets measure.")
 @click.option("--accuracy", type=click.Path(dir_okay=False, path_type=Path),
@@ -64,14 +67,17 @@ def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
 @click.option("--verify-images", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Held-out target-domain images (a folder tree) to verify on instead of random inputs.")
 @click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
-              help="Target images (class folders) to calibrate BatchNorm on when the checkpoint has no statistics "
+              help="Target images (any folder tree) to calibrate BatchNorm on when the checkpoint has no statistics "
                    "for the subnet (needed for a mixed plan that rtfq calibrate has not stored).")
 @click.option("--calib-images", type=BoundedInt(1, 10**6), default=512, show_default=True,
               help="Images to calibrate on with --calib.")
+@search_options
 @click.option("--threads", type=BoundedInt(1, 1024), default=1, show_default=True, help="onnxruntime threads for verification.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget: str | None, bits: int | None, metric: str,
+def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget: str | None, bits: int | None,
+           mixed: bool, data: Path | None, labeled: bool, resolution: int | None, width: float | None,
+           search_images: int, lam: float, search_seed: int, metric: str,
            accuracy: Path | None, export_all: bool, buckets: int | None, output: Path, pack: str, verify: bool,
            verify_samples: int, verify_images: Path | None, calib: Path | None, calib_images: int, threads: int,
            force: bool, as_json: bool) -> None:
@@ -84,6 +90,8 @@ def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget:
         raise click.UsageError("give exactly one of --subnet, --plan, --budget, --all, --buckets")
     if bits is not None and (subnet or plan_file or export_all):
         raise click.UsageError("--bits goes with --budget or --buckets")
+    if mixed and (not budget or data is None or bits is not None or accuracy is not None):
+        raise click.UsageError("--mixed needs --budget and --data (and takes neither --bits nor --accuracy)")
 
     import logging
 
@@ -96,12 +104,19 @@ def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget:
     from rtfq_deploy.export.select import bucket_budgets, choose, read_accuracy
     from rtfq_deploy.planfile import read_plan, resolve_plan
 
-    budget_value = parse_count(budget) if budget else None  # bad input fails before the slow load
+    if (subnet or plan_file or budget) and output.exists() and not force and not output.is_dir():
+        raise click.UsageError(f"{output} exists (use --force to overwrite)")  # before a slow search
+    if mixed:
+        from rtfq_deploy.budget import parse_budget
+        from rtfq_deploy.search import check_budget
+
+        check_budget(parse_budget(budget))  # bad input fails before the slow load
+    budget_value = parse_count(budget) if budget and not mixed else None
     table = read_accuracy(accuracy) if accuracy else None
     plan_doc = read_plan(plan_file) if plan_file else None
     ckpt = load_checkpoint(checkpoint)
     space = ckpt.model.config.space
-    costs = space_costs(ckpt.model) if budget or buckets else {}  # a walk per (R, W): only to choose
+    costs = space_costs(ckpt.model) if (budget and not mixed) or buckets else {}  # a walk per (R, W): only to choose
     if bits is not None and bits not in space.bits:
         raise click.UsageError(f"bit-width {bits} is not in the space (valid: {', '.join(map(str, space.bits))})")
 
@@ -110,6 +125,14 @@ def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget:
         targets = [ckpt.resolve(subnet)]
     elif plan_doc is not None:
         targets = [resolve_plan(ckpt.model, plan_doc)]
+    elif mixed:
+        from rtfq_deploy.cli.search import run_search
+        from rtfq_deploy.search import describe_costs
+
+        _, found = run_search(ckpt, budget, data, labeled, resolution, width, search_images, lam, search_seed)
+        targets = [found.subnet]
+        reason = f"searched within {budget}: {describe_costs(found.costs)}, {found.score} {found.loss:.4f}"
+        calib = calib or data
     elif budget_value is not None:
         chosen, reason = choose(costs, budget_value, metric, bits, table)
         targets = [chosen]

@@ -14,6 +14,7 @@ from rtfq_deploy.cli.eval import eval_
 from rtfq_deploy.cli.fetch import fetch
 from rtfq_deploy.cli.init import init
 from rtfq_deploy.cli.plan import plan
+from rtfq_deploy.cli.search import search
 from rtfq_deploy.cli.subnets import subnets
 
 
@@ -31,5 +32,6 @@ rtfq.add_command(demo)
 rtfq.add_command(eval_)
 rtfq.add_command(init)
 rtfq.add_command(plan)
+rtfq.add_command(search)
 rtfq.add_command(subnets)
 rtfq.add_command(fetch)

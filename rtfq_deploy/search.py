@@ -1,0 +1,251 @@
+"""Bidirectional greedy search for a per-quantizer bit plan under a budget (OneShot-MPQ, Eq. 9).
+
+From a start plan, every step scores the 2L plans that move one free quantizer one
+candidate up or down, keeps the one minimising J = norm(loss) + lambda * norm(cost)
+(both min-max normalised over the step's candidates; the cost is the largest of the
+budget's ratios cost / limit) and stops once the plan fits the budget. No gradient steps.
+
+Scoring a plan (:class:`PlanScorer`): one forward pass of N target images with
+BatchNorm normalising by the batch's own statistics, i.e. BatchNorm recalibrated for
+that plan on those N images at the cost of one pass instead of two. With labels the
+loss is the cross-entropy; without (the usual domain-adaptation case) it is the KL
+divergence from the adapted maxnet's predictions on the same images, a label-free score
+that orders plans as their distance from the most accurate network of the space
+(train/mpq_ablation.py measures its rank correlation with labeled top-1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rtfq_deploy.budget import Budget, format_value
+from rtfq_deploy.costs import Costs, LayerShape, plan_costs, walk
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.models.base import Supernet
+from rtfq_deploy.space import MixedBits, SubnetConfig
+from rtfq_deploy.train.mixed import free_quantizers
+
+log = logging.getLogger(__name__)
+
+SEARCH_KINDS = {"bitops": "bitops", "size": "weight_bytes", "macs": "macs"}  # budget kind -> Costs field
+DEFAULT_LAMBDA = 1.5
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    lam: float = DEFAULT_LAMBDA
+    max_steps: int = 10_000
+
+
+@dataclass
+class SearchStep:
+    step: int
+    subnet: str
+    loss: float
+    costs: dict[str, int]
+    candidates: int
+    seconds: float
+    done: float  # share of the way from the start plan's cost down to the budget
+
+
+@dataclass
+class SearchResult:
+    subnet: SubnetConfig
+    costs: Costs
+    loss: float
+    score: str
+    steps: list[SearchStep] = field(default_factory=list)
+    evaluations: int = 0
+    seconds: float = 0.0
+
+
+def check_budget(budget: Budget) -> None:
+    bad = [str(limit) for limit in budget.limits if limit.kind not in SEARCH_KINDS]
+    if bad:
+        raise RtfqError(f"a search budget limits {', '.join(SEARCH_KINDS)} (got {', '.join(bad)}; latency and memory "
+                        "are measured on a device: rtfq-bench select)")
+
+
+def over(costs: Costs, budget: Budget) -> float:
+    """The largest ratio cost / limit of the budget (<= 1 when the plan fits)."""
+    return max(getattr(costs, SEARCH_KINDS[limit.kind]) / limit.value for limit in budget.limits)
+
+
+def choose_shape(model: Supernet, budget: Budget, resolution: int | None, width: float | None
+                 ) -> tuple[int, float]:
+    """The (resolution, width) to search: the given ones, else the largest (by MACs)
+    whose cheapest uniform plan fits the budget."""
+    space = model.config.space
+    shapes = [(r, w) for r in space.resolutions for w in space.widths
+              if (resolution is None or r == resolution) and (width is None or w == width)]
+    if not shapes:
+        space.validate(SubnetConfig(resolution or space.resolutions[0], width or space.widths[0], space.bits[0]))
+    fitting = []
+    for r, w in shapes:
+        shapes_rw = walk(model, r, w)
+        cheapest = plan_costs(model, shapes_rw, model.plan(SubnetConfig(r, w, space.bits[-1])))
+        if over(cheapest, budget) <= 1.0:
+            fitting.append((cheapest.macs, r, w))
+    if not fitting:
+        raise RtfqError(f"budget {budget} is unreachable: no resolution and width of the space fits it even with "
+                        f"every quantizer at {space.bits[-1]} bits")
+    _, r, w = max(fitting)
+    return r, w
+
+
+class PlanScorer:
+    """Loss of a plan on fixed target images (lower is better); see the module docstring."""
+
+    def __init__(self, model: Supernet, images: Tensor, labels: Tensor | None = None,
+                 reference_probs: Tensor | None = None, reference: str = "the maxnet") -> None:
+        if (labels is None) == (reference_probs is None):
+            raise ValueError("score with labels or with reference predictions, not both or neither")
+        self.model, self.images, self.labels, self.reference_probs = model, images, labels, reference_probs
+        self.kind = "cross-entropy on labeled images" if labels is not None else \
+            f"KL divergence from {reference}'s predictions on unlabeled images"
+
+    @torch.no_grad()
+    def _logits(self, net, train_bn: bool) -> Tensor:
+        was = self.model.training
+        self.model.train(train_bn)
+        try:
+            return self.model(self.images, net)
+        finally:
+            self.model.train(was)
+
+    def __call__(self, config: SubnetConfig) -> float:
+        logits = self._logits(self.model.active(config), train_bn=True)
+        if self.labels is not None:
+            return float(F.cross_entropy(logits, self.labels))
+        return float(F.kl_div(F.log_softmax(logits, dim=1), self.reference_probs, reduction="batchmean"))
+
+
+def _minmax(values: Sequence[float]) -> list[float]:
+    lo, hi = min(values), max(values)
+    return [0.0 if hi == lo else (v - lo) / (hi - lo) for v in values]
+
+
+def start_plan(model: Supernet, shape: Sequence[LayerShape], resolution: int, width: float, budget: Budget
+               ) -> SubnetConfig:
+    """The cheapest uniform plan that does not fit (the search walks down from there),
+    or the most costly one when it fits already."""
+    space = model.config.space
+    uniform = [SubnetConfig(resolution, width, q) for q in space.bits]  # highest bits first
+    fits = [over(plan_costs(model, shape, model.plan(c)), budget) <= 1.0 for c in uniform]
+    if fits[0]:
+        return uniform[0]
+    return uniform[fits.index(True) - 1] if True in fits else uniform[-1]
+
+
+def greedy_search(model: Supernet, resolution: int, width: float, budget: Budget, scorer: Callable[[SubnetConfig], float],
+                  options: SearchOptions = SearchOptions(),
+                  progress: Callable[[SearchStep], None] | None = None) -> SearchResult:
+    t0 = time.perf_counter()
+    shape = walk(model, resolution, width)
+    space = model.config.space
+    candidates = sorted(space.bits)
+    free = free_quantizers(model)
+    current = start_plan(model, shape, resolution, width, budget)
+    current_costs = plan_costs(model, shape, model.plan(current))
+    if over(current_costs, budget) <= 1.0:  # the space's costliest plan already fits
+        loss = scorer(current)
+        return SearchResult(current, current_costs, loss, "", [], 1, time.perf_counter() - t0)
+    bits = {n: int(b) for n, b in model.plan(current).as_dict().items()}
+    seen = {MixedBits.of(bits)}
+    start_over = over(current_costs, budget)
+    result_steps: list[SearchStep] = []
+    evaluations, loss = 0, float("nan")
+    for step in range(1, options.max_steps + 1):
+        t_step = time.perf_counter()
+        moves = []
+        for name in free:
+            i = candidates.index(bits[name])
+            for j in (i - 1, i + 1):
+                if 0 <= j < len(candidates):
+                    plan = MixedBits.of({**bits, name: candidates[j]})
+                    if plan not in seen:
+                        moves.append(plan)
+        if not moves:
+            raise RtfqError(f"budget {budget} is unreachable at r{resolution}: the search ran out of moves")
+        configs = [SubnetConfig(resolution, width, m) for m in moves]
+        costs = [plan_costs(model, shape, model.plan(c)) for c in configs]
+        losses = [scorer(c) for c in configs]
+        evaluations += len(configs)
+        scores = [a + options.lam * b for a, b in zip(_minmax(losses), _minmax([over(c, budget) for c in costs]))]
+        best = min(range(len(configs)), key=lambda k: (scores[k], str(configs[k])))
+        bits, loss, current_costs = moves[best].as_dict(), losses[best], costs[best]
+        seen.add(moves[best])
+        chosen = model.subnet(resolution, width, bits)
+        record = SearchStep(step, str(chosen), loss, current_costs.to_dict(), len(configs), time.perf_counter() - t_step,
+                            min(1.0, (start_over - over(current_costs, budget)) / (start_over - 1.0)))
+        result_steps.append(record)
+        if progress:
+            progress(record)
+        if over(current_costs, budget) <= 1.0:
+            return SearchResult(chosen, current_costs, loss, "", result_steps, evaluations, time.perf_counter() - t0)
+    raise RtfqError(f"no plan within budget {budget} after {options.max_steps} search steps")
+
+
+def describe_costs(costs: Costs) -> str:
+    return ", ".join([f"{format_value('bitops', costs.bitops)} BitOPs", f"{format_value('macs', costs.macs)} MACs",
+                      f"{format_value('size', costs.weight_bytes)} of weights"])
+
+
+def search_checkpoint(ckpt, budget: Budget, data, *, labeled: bool = False, resolution: int | None = None,
+                      width: float | None = None, images: int = 256, seed: int = 0,
+                      options: SearchOptions = SearchOptions(),
+                      progress: Callable[[SearchStep], None] | None = None) -> SearchResult:
+    """Search a checkpoint's supernet on the images under ``data`` (class folders when
+    ``labeled``; any folder tree otherwise): the whole command behind ``rtfq search``."""
+    from rtfq_deploy.data.folders import scan
+    from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
+    from rtfq_deploy.evaluate import calibration_sample, load_at
+    from rtfq_deploy.images import image_files
+
+    check_budget(budget)
+    model = ckpt.model.eval()
+    r, w = choose_shape(model, budget, resolution, width)
+    normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
+    if labeled:
+        folder = scan(data, "search")
+        classes = ckpt.meta.get("class_names")
+        if classes is not None and list(folder.classes) != list(classes):
+            raise RtfqError(f"{data}: class folders differ from the checkpoint's classes (--labeled needs them)")
+        paths, labels = [p for p, _ in folder.samples], folder.labels
+    else:
+        paths, labels = sorted(image_files(data)), None
+        if not paths:
+            raise RtfqError(f"{data}: no images")
+    index = {p: i for i, p in enumerate(paths)}
+    pick = calibration_sample(paths, images, seed)
+    x, kept = load_at(pick, r, normalization)
+    y = None if labels is None else torch.tensor([labels[index[pick[i]]] for i in kept])
+    maxnet = model.config.space.maxnet
+    reference = None if y is not None else _reference_at(model, maxnet, ckpt.bn_stats.get(str(maxnet)), pick, kept,
+                                                         normalization)
+    scorer = PlanScorer(model, x, y, reference, str(maxnet))
+    result = greedy_search(model, r, w, budget, scorer, options, progress)
+    result.score = scorer.kind
+    return result
+
+
+@torch.no_grad()
+def _reference_at(model: Supernet, maxnet: SubnetConfig, stats, pick, kept, normalization) -> Tensor:
+    """The maxnet's predictions on the same images at its own resolution."""
+    from rtfq_deploy.evaluate import load_at
+
+    x, kept_max = load_at([pick[i] for i in kept], maxnet.resolution, normalization)
+    if len(kept_max) != len(kept):
+        raise RtfqError("an image readable at one resolution was not at another")
+    model.train(stats is None)
+    try:
+        return F.softmax(model(x, model.active(maxnet, stats)), dim=1)
+    finally:
+        model.eval()

@@ -1,0 +1,155 @@
+"""Bidirectional greedy search, rtfq search and rtfq-export --mixed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rtfq_deploy.budget import parse_budget
+from rtfq_deploy.checkpoint import save_checkpoint
+from rtfq_deploy.cli.export import export
+from rtfq_deploy.cli.main import rtfq
+from rtfq_deploy.costs import plan_costs, subnet_costs, walk
+from rtfq_deploy.data.synth import SynthConfig, generate
+from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.models import SupernetConfig, build_supernet
+from rtfq_deploy.search import PlanScorer, choose_shape, greedy_search, over, start_plan
+from rtfq_deploy.space import SearchSpace, SubnetConfig
+from rtfq_deploy.train.mixed import free_quantizers
+
+SPACE = SearchSpace(resolutions=(32, 24), widths=(1.0, 0.5), bits=(6, 4, 2))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_supernet(SupernetConfig("tiny_resnet", num_classes=3, space=SPACE))
+
+
+def _bitops(model, r, w, q) -> int:
+    return subnet_costs(model, SubnetConfig(r, w, q)).bitops
+
+
+def test_greedy_search_spends_bits_where_the_loss_needs_them(model):
+    """A known loss: each free quantizer costs (6 - bits) x its sensitivity. The search
+    must meet the budget and keep the most sensitive quantizers at the most bits."""
+    free = free_quantizers(model)
+    sensitivity = {n: (10.0 if i % 3 == 0 else 0.1) for i, n in enumerate(free)}
+    calls = []
+
+    def scorer(cfg: SubnetConfig) -> float:
+        calls.append(cfg)
+        bits = model.plan(cfg).as_dict()
+        return sum(sensitivity[n] * (6 - bits[n]) for n in free)
+
+    budget = parse_budget(f"bitops={(_bitops(model, 32, 1.0, 4) + _bitops(model, 32, 1.0, 2)) / 2}")
+    result = greedy_search(model, 32, 1.0, budget, scorer)
+    assert not result.subnet.uniform and over(result.costs, budget) <= 1.0
+    assert result.costs.bitops > _bitops(model, 32, 1.0, 2)
+    assert result.evaluations == len(calls) and len(result.steps) >= 1
+    bits = model.plan(result.subnet).as_dict()
+    sensitive = [bits[n] for n in free if sensitivity[n] > 1]
+    insensitive = [bits[n] for n in free if sensitivity[n] < 1]
+    assert min(sensitive) >= 4 and sum(sensitive) / len(sensitive) > sum(insensitive) / len(insensitive)
+    # the search starts at uniform 4 bits, so its first step scores both moves of every free quantizer
+    assert result.steps[0].candidates == 2 * len(free)
+
+
+def test_the_start_plan_and_shape_follow_the_budget(model):
+    shape = walk(model, 32, 1.0)
+    q6, q4, q2 = (_bitops(model, 32, 1.0, q) for q in (6, 4, 2))
+    assert start_plan(model, shape, 32, 1.0, parse_budget(f"bitops={q6}")) == SubnetConfig(32, 1.0, 6)  # fits
+    assert start_plan(model, shape, 32, 1.0, parse_budget(f"bitops={q4 - 1}")) == SubnetConfig(32, 1.0, 4)
+    assert choose_shape(model, parse_budget(f"bitops={q2}"), None, None) == (32, 1.0)
+    small = _bitops(model, 24, 0.5, 2)
+    assert choose_shape(model, parse_budget(f"bitops={small}"), None, None) == (24, 0.5)
+    macs = subnet_costs(model, SubnetConfig(24, 1.0, 6)).macs
+    assert choose_shape(model, parse_budget(f"macs={macs},bitops=1T"), None, None) == (24, 1.0)
+    with pytest.raises(RtfqError, match="unreachable"):
+        choose_shape(model, parse_budget(f"bitops={small - 1}"), None, None)
+    result = greedy_search(model, 32, 1.0, parse_budget(f"bitops={q6}"), lambda cfg: 0.0)
+    assert result.subnet == SubnetConfig(32, 1.0, 6) and result.steps == []
+
+
+def test_scorers_rank_by_labels_or_by_distance_from_the_maxnet(model):
+    x = torch.randn(16, 3, 32, 32)
+    y = torch.randint(0, 3, (16,))
+    model.eval()
+    labeled = PlanScorer(model, x, y)
+    assert labeled(SubnetConfig(32, 1.0, 6)) > 0
+    model.train()
+    with torch.no_grad():
+        reference = torch.softmax(model(x, model.active(SPACE.maxnet)), 1)
+    model.eval()
+    free = PlanScorer(model, x, reference_probs=reference)
+    assert free(SPACE.maxnet) == pytest.approx(0.0, abs=1e-6)  # the reference itself
+    assert free(SubnetConfig(32, 1.0, 2)) > free(SubnetConfig(32, 1.0, 4)) > 0
+    with pytest.raises(ValueError):
+        PlanScorer(model, x, y, reference)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("search")
+    generate(root / "data", SynthConfig(classes=3, per_class=6, test_per_class=4, size=32, seed=0))
+    torch.manual_seed(0)
+    save_checkpoint(root / "c.pt", build_supernet(SupernetConfig("tiny_resnet", num_classes=3, space=SPACE)),
+                    meta={"class_names": ["circle", "square", "triangle"]})
+    return root
+
+
+def test_rtfq_search_writes_a_plan_within_budget(setup, model, tmp_path):
+    q4, q2 = _bitops(model, 32, 1.0, 4), _bitops(model, 32, 1.0, 2)
+    budget = f"bitops={(q4 + q2) // 2}"
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(rtfq, ["search", "--checkpoint", str(setup / "c.pt"), "--budget", budget, "--data",
+                                       str(setup / "data" / "target"), "--search-images", "12", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "[100%] step" in result.output and "KL divergence from r32-w1.00-q6" in result.output
+    doc = json.loads(out.read_text())
+    assert doc["costs"]["bitops"] <= (q4 + q2) // 2 and doc["subnet"].startswith("r32-w1.00-m")
+    assert doc["search"]["plans_scored"] > 0 and doc["search"]["budget"].startswith("bitops=")
+    labeled = CliRunner().invoke(rtfq, ["search", "--checkpoint", str(setup / "c.pt"), "--budget", budget, "--data",
+                                        str(setup / "data" / "target_test"), "--labeled", "--search-images", "12",
+                                        "-o", str(tmp_path / "l.json"), "--json"])
+    assert labeled.exit_code == 0, labeled.output
+    assert "cross-entropy on labeled images" in labeled.output
+
+
+def test_export_mixed_searches_calibrates_and_exports(setup, model, tmp_path):
+    q4, q2 = _bitops(model, 24, 1.0, 4), _bitops(model, 24, 1.0, 2)
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(export, ["--checkpoint", str(setup / "c.pt"), "--budget", f"bitops={(q4 + q2) // 2}",
+                                         "--mixed", "--resolution", "24", "--data", str(setup / "data" / "target"),
+                                         "--search-images", "8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "chose r24-w1.00-m" in result.output and "integer kernels only" in result.output
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert int(meta["rtfq.bitops"]) <= (q4 + q2) // 2 and meta["rtfq.bn_statistics"] == "calibrated"
+    assert len(set(json.loads(meta["rtfq.bits"]).values())) >= 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--budget", "latency=20ms"], "a search budget limits bitops, size, macs"),
+    (["--budget", "bitops=1"], "unreachable"),
+    (["--budget", "bitops=lots"], "malformed"),
+    (["--budget", "bitops=1G", "--resolution", "40"], "resolution 40 (valid: 32, 24)"),
+    (["--budget", "bitops=1G", "--lambda", "nan"], "--lambda"),
+])
+def test_bad_search_input_is_one_line(setup, tmp_path, args, needle):
+    result = CliRunner().invoke(rtfq, ["search", "--checkpoint", str(setup / "c.pt"), "--data",
+                                       str(setup / "data" / "target"), "-o", str(tmp_path / "p.json"), *args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.output
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_search_and_mixed_export_answer_help():
+    for command, args in ((rtfq, ["search", "--help"]), (export, ["--help"])):
+        result = CliRunner().invoke(command, args)
+        assert result.exit_code == 0 and "Usage:" in result.output and "--search-images" in result.output
