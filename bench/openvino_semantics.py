@@ -25,6 +25,12 @@ weight scales are negative), runs them on both runtimes over the same inputs, an
 
     python bench/openvino_semantics.py                      # r128-w1.00 at q8, q6, q4; 256 random inputs
     python bench/openvino_semantics.py --subnets r128-w0.60-q4 --inputs 64 --no-bn-randomise
+    python bench/openvino_semantics.py --models DIR --images DIR   # exported files on labeled images
+
+With ``--models`` (a folder of exports, e.g. ``rtfq demo``'s) and ``--images`` (held-out
+labeled images, as for ``rtfq eval``), each file as exported and with the add-input
+clips: top-1 on each runtime, the share of images whose top-1 agrees and whose logits
+are identical.
 """
 
 from __future__ import annotations
@@ -279,6 +285,35 @@ def per_tensor(model: onnx.ModelProto, x: np.ndarray, folder: Path) -> None:
               f"{ties:>22s}")
 
 
+def on_images(models: Path, images: Path) -> None:
+    """Each export as it is and with add-input clips, on both runtimes, on labeled images."""
+    import tempfile
+
+    from tabulate import tabulate
+
+    from rtfq_deploy.bench.images import scan
+
+    image_set = scan(images)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for path in sorted(models.glob("*.onnx")):
+            x_path, y_path = image_set.arrays_for(path, folder)
+            x, y = np.load(x_path), np.load(y_path)
+            model = onnx.load(path)
+            row = [path.stem]
+            for variant in (model, add_input_clips(model)[0]):
+                a, b = run_ort(variant, x)[0], run_ov(variant, x, folder)[0]
+                steps = np.abs(a - b) / output_step(variant)
+                row += [f"{float((a.argmax(1) == y).mean()):.4f}", f"{float((b.argmax(1) == y).mean()):.4f}",
+                        f"{float((a.argmax(1) == b.argmax(1)).mean()):.2%}", f"{float((steps < 1e-3).all(1).mean()):.2%}"]
+            rows.append(row)
+            print(" ".join(row), file=sys.stderr, flush=True)
+    heads = [f"{v} {h}" for v in ("exported", "addclip") for h in ("ort top-1", "ov top-1", "agree", "identical")]
+    print(f"{len(image_set.paths)} images in {images}")
+    print(tabulate(rows, headers=["subnet", *heads], disable_numparse=True))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--subnets", default="r128-w1.00-q8,r128-w1.00-q6,r128-w1.00-q4")
@@ -290,7 +325,14 @@ def main() -> None:
     p.add_argument("--no-bn-randomise", action="store_true", help="keep the initial BatchNorm (gamma 1)")
     p.add_argument("--per-tensor", default="add-input clips", help="variant whose tensors are compared one by one "
                                                               "('' for none)")
+    p.add_argument("--models", type=Path, help="a folder of exported files: compare them on --images instead")
+    p.add_argument("--images", type=Path, help="labeled images (one sub-folder per class) for --models")
     args = p.parse_args()
+    if (args.models is None) != (args.images is None):
+        raise SystemExit("--models and --images go together")
+    if args.models is not None:
+        on_images(args.models, args.images)
+        return
     if not 1 <= args.inputs <= 100_000:
         raise SystemExit("--inputs must be between 1 and 100000")
     import importlib.metadata
