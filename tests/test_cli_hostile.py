@@ -321,6 +321,46 @@ def test_export_hostile_accuracy_file(env, content):
                                                    work / "acc.json", "-o", work / "m.onnx"], work)
 
 
+def _runtime_inputs(env: dict[str, Path]) -> Path:
+    """Valid version 2 results (onnxruntime and OpenVINO rows), made once."""
+    from tests.test_select_runtimes import make_results as make_runtime_results
+
+    folder = env["root"] / "runtimes"
+    if not (folder / "r.json").exists():
+        folder.mkdir(exist_ok=True)
+        make_runtime_results(folder)
+    return folder / "r.json"
+
+
+@FAST
+@given(which=st.sampled_from(["results", "manifest"]), data=st.data())
+def test_bench_select_hostile_runtime_files(env, which, data):
+    """Version 2 results and manifests (two runtimes): any refused mutation is one line, nothing written."""
+    results = _runtime_inputs(env)
+    entry = {"subnet": "r32-w1.00-q8", "runtime": "openvino", "path": "other/r32-w1.00-q8.onnx", "sha256": "0" * 64,
+             "size_bytes": 1, "latency_p50_ms": 1.0, "latency_p90_ms": 1.0, "stable": False, "peak_memory_bytes": 1,
+             "macs": 1, "bitops": 1, "accuracy": 0.5, "accuracy_source": "measured", "agreement": 0.9, "budgets": ["1ms"]}
+    valid = {"results": json.loads(results.read_text()),
+             "manifest": {"format": "rtfq-manifest", "version": 2, "devices": {"other": {
+                 "fingerprint": {"cpu_model": "x"}, "updated": "2026-01-01T00:00:00Z",
+                 "files": [entry, entry | {"runtime": "onnxruntime", "accuracy_source": "table"}]}}}}[which]
+    content = data.draw(hostile_documents(valid))
+    work = _workdir(env)
+    reader = {"results": read_results, "manifest": lambda p: mf.parse_manifest(
+        mf.read_json(p, "manifest", expect=dict), str(p))}[which]
+    assume(_refuses_file(reader, content, work, which))
+    if which == "results":
+        results = work / "results.json"
+        results.write_bytes(content)
+    else:
+        (work / "dist").mkdir()
+        (work / "dist" / "manifest.json").write_bytes(content)
+    _expect_one_line_error("rtfq-bench select", bench, ["select", "--results", results, "--accuracy",
+                                                        results.parent / "acc.json" if which == "manifest" else
+                                                        _runtime_inputs(env).parent / "acc.json", "--budget", "10ms",
+                                                        "-o", work / "dist", "--no-report"], work)
+
+
 @FAST
 @given(which=st.sampled_from(["results", "accuracy", "manifest"]), data=st.data())
 def test_bench_select_hostile_files(env, which, data):
