@@ -198,20 +198,16 @@ def describe_costs(costs: Costs) -> str:
                       f"{format_value('size', costs.weight_bytes)} of weights"])
 
 
-def search_checkpoint(ckpt, budget: Budget, data, *, labeled: bool = False, resolution: int | None = None,
-                      width: float | None = None, images: int = 256, seed: int = 0,
-                      options: SearchOptions = SearchOptions(),
-                      progress: Callable[[SearchStep], None] | None = None) -> SearchResult:
-    """Search a checkpoint's supernet on the images under ``data`` (class folders when
-    ``labeled``; any folder tree otherwise): the whole command behind ``rtfq search``."""
+def make_scorer(ckpt, data, resolution: int, *, labeled: bool = False, images: int = 256, seed: int = 0
+                ) -> PlanScorer:
+    """The scorer ``rtfq search`` uses: ``images`` drawn (seeded) from ``data`` (class
+    folders when ``labeled``; any folder tree otherwise), at ``resolution``."""
     from rtfq_deploy.data.folders import scan
     from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.evaluate import calibration_sample, load_at
     from rtfq_deploy.images import image_files
 
-    check_budget(budget)
-    model = ckpt.model.eval()
-    r, w = choose_shape(model, budget, resolution, width)
+    model = ckpt.model
     normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
     if labeled:
         folder = scan(data, "search")
@@ -220,17 +216,29 @@ def search_checkpoint(ckpt, budget: Budget, data, *, labeled: bool = False, reso
             raise RtfqError(f"{data}: class folders differ from the checkpoint's classes (--labeled needs them)")
         paths, labels = [p for p, _ in folder.samples], folder.labels
     else:
-        paths, labels = sorted(image_files(data)), None
+        paths, labels = image_files(data), None
         if not paths:
             raise RtfqError(f"{data}: no images")
     index = {p: i for i, p in enumerate(paths)}
     pick = calibration_sample(paths, images, seed)
-    x, kept = load_at(pick, r, normalization)
-    y = None if labels is None else torch.tensor([labels[index[pick[i]]] for i in kept])
+    x, kept = load_at(pick, resolution, normalization)
+    if labels is not None:
+        return PlanScorer(model, x, torch.tensor([labels[index[pick[i]]] for i in kept]))
     maxnet = model.config.space.maxnet
-    reference = None if y is not None else _reference_at(model, maxnet, ckpt.bn_stats.get(str(maxnet)), pick, kept,
-                                                         normalization)
-    scorer = PlanScorer(model, x, y, reference, str(maxnet))
+    reference = _reference_at(model, maxnet, ckpt.bn_stats.get(str(maxnet)), pick, kept, normalization)
+    return PlanScorer(model, x, reference_probs=reference, reference=str(maxnet))
+
+
+def search_checkpoint(ckpt, budget: Budget, data, *, labeled: bool = False, resolution: int | None = None,
+                      width: float | None = None, images: int = 256, seed: int = 0,
+                      options: SearchOptions = SearchOptions(),
+                      progress: Callable[[SearchStep], None] | None = None) -> SearchResult:
+    """Search a checkpoint's supernet on the images under ``data``: the whole command
+    behind ``rtfq search``."""
+    check_budget(budget)
+    model = ckpt.model.eval()
+    r, w = choose_shape(model, budget, resolution, width)
+    scorer = make_scorer(ckpt, data, r, labeled=labeled, images=images, seed=seed)
     result = greedy_search(model, r, w, budget, scorer, options, progress)
     result.score = scorer.kind
     return result
