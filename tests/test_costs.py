@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rtfq_deploy.costs import space_costs, subnet_costs, walk
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.plan import ActiveSubnet
-from rtfq_deploy.space import SubnetConfig
+from rtfq_deploy.space import SearchSpace, SubnetConfig
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,11 @@ def test_walk_follows_slimmed_channels(tiny):
     assert shapes["conv1"].macs == 32 * 32 * 8 * 3 * 49
     assert shapes["fc"].macs == shapes["fc"].weights == 80 * 10  # 128 x 0.6 = 76.8 -> 80 inputs
     assert shapes["fc"].out_channels == 10
+
+
+def test_resnet18_bitops_match_oneshot_mpq_convention():
+    """OneShot-MPQ's ResNet-18 at 224 px: 35.0 G BitOPs with a 4-bit body, 23.0 G with a
+    3-bit body (first conv and classifier at 8 bits); this cost model gives 34.71 G and 22.85 G."""
+    r18 = build_supernet(SupernetConfig("resnet18", space=SearchSpace(bits=(4, 3))))
+    assert round(subnet_costs(r18, SubnetConfig(224, 1.0, 4)).bitops / 1e9, 2) == 34.71
+    assert round(subnet_costs(r18, SubnetConfig(224, 1.0, 3)).bitops / 1e9, 2) == 22.85
