@@ -20,6 +20,12 @@ printed with the CPU model.
 
     python bench/runtime_latency.py [--subnets r224-w1.00,r160-w0.73,r128-w0.60] [--bits 8,4]
                                     [--threads 1,2] [--rounds 3] [--runs 15]
+    python bench/runtime_latency.py --interleaved 200      # one process, one thread, run by run
+
+``--interleaved N``: all eight graph x runtime pairs of a subnet in one process at one
+thread, run in turn N times (no thread pools to contend at one thread); each ratio is
+the median of N per-turn ratios, free of process-to-process and machine drift: the
+precise way to read small differences such as the cost of the add-input clips.
 """
 
 from __future__ import annotations
@@ -82,6 +88,49 @@ def child(runtime: str, path: str, threads: int, runs: int) -> None:
     print(json.dumps({"median_s": statistics.median(times), "compile_s": compile_s}))
 
 
+def _runner(runtime: str, path: str, threads: int):  # noqa: ANN202
+    """A zero-argument callable that runs the model once on ``runtime``."""
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        r = session.get_inputs()[0].shape[2]
+        feed = {session.get_inputs()[0].name: np.random.default_rng(1).standard_normal((1, 3, r, r)).astype(np.float32)}
+        return lambda: session.run(None, feed)
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(path)
+    port = model.inputs[0]
+    shape = [1, *[d.get_length() for d in list(port.get_partial_shape())[1:]]]
+    model.reshape({port.get_any_name(): shape})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                 "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    request.set_input_tensor(ov.Tensor(np.random.default_rng(1).standard_normal(shape).astype(np.float32)))
+    return request.infer
+
+
+def interleaved(paths: dict[str, str], reps: int) -> tuple[dict[tuple[str, str], float], float]:
+    """Per-turn ratios to onnxruntime's ort_qdq (medians) and that reference's median seconds."""
+    runners = {(g, r): _runner(r, p, 1) for g, p in paths.items() for r in RUNTIMES}
+    for run in runners.values():
+        for _ in range(5):
+            run()
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
+    for _ in range(reps):
+        for key, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - t0)
+    ref = times["ort_qdq", "onnxruntime"]
+    return ({k: statistics.median(a / b for a, b in zip(v, ref)) for k, v in times.items()}, statistics.median(ref))
+
+
 def measure(runtime: str, path: str, threads: int, runs: int) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", runtime, path, str(threads), str(runs)],
                           capture_output=True, text=True)
@@ -137,10 +186,15 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the graph x runtime pairs")
     parser.add_argument("--runs", type=int, default=15, help="timed runs per process, after 5 warm-up runs")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="N",
+                        help="instead: one process, one thread, the pairs run in turn N times")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
-    if not (1 <= args.rounds <= 100 and 1 <= args.runs <= 10_000 and all(1 <= t <= 256 for t in threads)):
-        raise SystemExit("--rounds 1-100, --runs 1-10000, --threads 1-256")
+    if not (1 <= args.rounds <= 100 and 1 <= args.runs <= 10_000 and all(1 <= t <= 256 for t in threads)
+            and 0 <= args.interleaved <= 100_000):
+        raise SystemExit("--rounds 1-100, --runs 1-10000, --threads 1-256, --interleaved 0-100000")
+    if args.interleaved:
+        threads = [1]
     import torch
 
     from rtfq_deploy.models import SupernetConfig, build_supernet
@@ -155,6 +209,12 @@ def main() -> None:
             for bits in (int(b) for b in args.bits.split(",")):
                 paths = build(shape, bits, model, workdir)
                 pairs = [(g, r) for g in paths for r in RUNTIMES]
+                if args.interleaved:
+                    ratios, ref_s = interleaved(paths, args.interleaved)
+                    rows.append([f"{shape}-q{bits}", 1, f"{ref_s * 1e3:.2f}",
+                                 *(f"{ratios[g, r]:.3f}" for r in RUNTIMES for g in paths), "-", "-"])
+                    print(" ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
+                    continue
                 for t in threads:
                     times: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
                     compile_s: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
@@ -176,9 +236,10 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir)
     print(f"{cpu_model()}; onnxruntime {importlib.metadata.version('onnxruntime')}, openvino "
-          f"{importlib.metadata.version('openvino')} (CPU plugin); batch 1, random-init ResNet-50 subnets; one process "
-          f"per measurement, {args.rounds} alternating rounds of {args.runs} runs; latency as a ratio to onnxruntime "
-          "running ort_qdq (lower is faster)")
+          f"{importlib.metadata.version('openvino')} (CPU plugin); batch 1, random-init ResNet-50 subnets; "
+          + (f"one process, one thread, the pairs run in turn {args.interleaved} times" if args.interleaved else
+             f"one process per measurement, {args.rounds} alternating rounds of {args.runs} runs")
+          + "; latency as a ratio to onnxruntime running ort_qdq (lower is faster)")
     heads = [f"{'ov' if r == 'openvino' else 'ort'} {g}" for r in RUNTIMES for g in ("ours", "ours+addclip", "ort_qdq", "fp32")]
     print(tabulate(rows, headers=["subnet", "threads", "ort ort_qdq ms", *heads, "ov compile s", "ort create s"],
                    disable_numparse=True))

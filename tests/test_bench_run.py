@@ -132,7 +132,9 @@ def test_missing_file_is_a_failed_row(tmp_path):
 
 def test_bench_imports_no_torch_or_onnx():
     code = ("import sys, rtfq_deploy.cli.bench, rtfq_deploy.bench.run, rtfq_deploy.bench.measure, "
-            "rtfq_deploy.bench.select, rtfq_deploy.bench.report, rtfq_deploy.bench.fingerprint, rtfq_deploy.accuracy; "
-            "bad = [m for m in ('torch', 'onnx', 'matplotlib') if m in sys.modules]; assert not bad, bad")
+            "rtfq_deploy.bench.select, rtfq_deploy.bench.report, rtfq_deploy.bench.fingerprint, rtfq_deploy.accuracy, "
+            "rtfq_deploy.bench.runtimes, rtfq_deploy.bench.images, rtfq_deploy.bench.onnxmeta; "
+            "bad = [m for m in ('torch', 'onnx', 'matplotlib', 'openvino', 'onnxruntime', 'PIL') if m in sys.modules]; "
+            "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,8 +1,9 @@
 """``rtfq-bench``: measure model files on this device (``run``) and choose one per budget (``select``).
 
-Imports neither torch nor onnx, so it runs on a device with only onnxruntime, numpy,
-click and tabulate (a test asserts it); ``select`` draws with matplotlib only when asked
-for its report.
+Imports neither torch nor onnx, so it runs on a device with only numpy, click, tabulate
+and the runtime it measures (onnxruntime or openvino, each imported only by the
+processes that use it; a test asserts it); ``--images`` needs Pillow; ``select`` draws
+with matplotlib only when asked for its report.
 """
 
 from __future__ import annotations
