@@ -41,6 +41,7 @@ DEFAULT_LAMBDA = 1.5
 @dataclass(frozen=True)
 class SearchOptions:
     lam: float = DEFAULT_LAMBDA
+    rescore: int = 0  # lazy greedy: moves scored per step after the first (0: every move, exact Eq. 9)
     max_steps: int = 10_000
 
 
@@ -127,6 +128,13 @@ class PlanScorer:
         return float(F.kl_div(F.log_softmax(logits, dim=1), self.reference_probs, reduction="batchmean"))
 
 
+def _judge(losses: Sequence[float], norm_costs: Sequence[float], lam: float, floor: float) -> list[float]:
+    """Eq. 9's J; a loss never measured (-inf) counts as the lowest measured one."""
+    finite = [v for v in losses if v != float("-inf")]
+    low = min(finite) if finite else floor
+    return [a + lam * b for a, b in zip(_minmax([max(v, low) for v in losses]), norm_costs)]
+
+
 def _minmax(values: Sequence[float]) -> list[float]:
     lo, hi = min(values), max(values)
     return [0.0 if hi == lo else (v - lo) / (hi - lo) for v in values]
@@ -147,43 +155,66 @@ def start_plan(model: Supernet, shape: Sequence[LayerShape], resolution: int, wi
 def greedy_search(model: Supernet, resolution: int, width: float, budget: Budget, scorer: Callable[[SubnetConfig], float],
                   options: SearchOptions = SearchOptions(),
                   progress: Callable[[SearchStep], None] | None = None) -> SearchResult:
+    """Eq. 9's search. With ``options.rescore`` = M > 0 (lazy greedy), a step scores the
+    moves never scored (those of the quantizer moved last) and the M others that look
+    best when every move's loss is estimated as the current loss plus the change that
+    move made when last scored; J is then taken over every move (estimates for the
+    rest) and the best scored move is kept. The first step scores every move; M = 0
+    scores every move at every step. For a loss whose moves do not interact the
+    estimates are exact and lazy picks what exact picks (tested)."""
     t0 = time.perf_counter()
     shape = walk(model, resolution, width)
-    space = model.config.space
-    candidates = sorted(space.bits)
+    candidates = sorted(model.config.space.bits)
     free = free_quantizers(model)
     current = start_plan(model, shape, resolution, width, budget)
     current_costs = plan_costs(model, shape, model.plan(current))
+    loss = scorer(current)
+    evaluations = 1
     if over(current_costs, budget) <= 1.0:  # the space's costliest plan already fits
-        loss = scorer(current)
-        return SearchResult(current, current_costs, loss, "", [], 1, time.perf_counter() - t0)
+        return SearchResult(current, current_costs, loss, "", [], evaluations, time.perf_counter() - t0)
     bits = {n: int(b) for n, b in model.plan(current).as_dict().items()}
     seen = {MixedBits.of(bits)}
     start_over = over(current_costs, budget)
+    change: dict[tuple[str, int], float] = {}  # (quantizer, direction) -> loss change when last scored
     result_steps: list[SearchStep] = []
-    evaluations, loss = 0, float("nan")
     for step in range(1, options.max_steps + 1):
         t_step = time.perf_counter()
-        moves = []
+        moves: list[tuple[tuple[str, int], MixedBits]] = []
         for name in free:
             i = candidates.index(bits[name])
-            for j in (i - 1, i + 1):
-                if 0 <= j < len(candidates):
-                    plan = MixedBits.of({**bits, name: candidates[j]})
+            for d in (-1, 1):
+                if 0 <= i + d < len(candidates):
+                    plan = MixedBits.of({**bits, name: candidates[i + d]})
                     if plan not in seen:
-                        moves.append(plan)
+                        moves.append(((name, d), plan))
         if not moves:
             raise RtfqError(f"budget {budget} is unreachable at r{resolution}: the search ran out of moves")
-        configs = [SubnetConfig(resolution, width, m) for m in moves]
-        costs = [plan_costs(model, shape, model.plan(c)) for c in configs]
-        losses = [scorer(c) for c in configs]
-        evaluations += len(configs)
-        scores = [a + options.lam * b for a, b in zip(_minmax(losses), _minmax([over(c, budget) for c in costs]))]
-        best = min(range(len(configs)), key=lambda k: (scores[k], str(configs[k])))
-        bits, loss, current_costs = moves[best].as_dict(), losses[best], costs[best]
-        seen.add(moves[best])
+        configs = [SubnetConfig(resolution, width, m) for _, m in moves]
+        costs = [over(plan_costs(model, shape, model.plan(c)), budget) for c in configs]
+        norm_costs = _minmax(costs)
+        estimate = [loss + change.get(key, float("-inf")) for key, _ in moves]  # -inf: never scored
+        if options.rescore and step > 1:
+            unknown = [k for k, e in enumerate(estimate) if e == float("-inf")]  # scored now, always
+            guess = _judge(estimate, norm_costs, options.lam, loss)
+            order = sorted((k for k in range(len(moves)) if estimate[k] != float("-inf")),
+                           key=lambda k: (guess[k], str(configs[k])))
+            chosen_set = unknown + order[:options.rescore]
+        else:
+            chosen_set = list(range(len(moves)))
+        scored = {k: scorer(configs[k]) for k in chosen_set}
+        evaluations += len(scored)
+        for k, value in scored.items():
+            change[moves[k][0]] = value - loss
+            estimate[k] = value
+        # J over every move (estimates for the unscored), so lazy and exact normalise alike
+        judged = _judge(estimate, norm_costs, options.lam, loss)
+        best = min(scored, key=lambda k: (judged[k], str(configs[k])))
+        bits, loss = moves[best][1].as_dict(), scored[best]
+        current_costs = plan_costs(model, shape, model.plan(configs[best]))
+        seen.add(moves[best][1])
+        change = {key: value for key, value in change.items() if key[0] != moves[best][0][0]}  # its moves changed
         chosen = model.subnet(resolution, width, bits)
-        record = SearchStep(step, str(chosen), loss, current_costs.to_dict(), len(configs), time.perf_counter() - t_step,
+        record = SearchStep(step, str(chosen), loss, current_costs.to_dict(), len(scored), time.perf_counter() - t_step,
                             min(1.0, (start_over - over(current_costs, budget)) / (start_over - 1.0)))
         result_steps.append(record)
         if progress:

@@ -77,7 +77,7 @@ def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget: str | None, bits: int | None,
            mixed: bool, data: Path | None, labeled: bool, resolution: int | None, width: float | None,
-           search_images: int, lam: float, search_seed: int, metric: str,
+           search_images: int, lam: float, search_seed: int, rescore: int, metric: str,
            accuracy: Path | None, export_all: bool, buckets: int | None, output: Path, pack: str, verify: bool,
            verify_samples: int, verify_images: Path | None, calib: Path | None, calib_images: int, threads: int,
            force: bool, as_json: bool) -> None:
@@ -129,7 +129,8 @@ def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget:
         from rtfq_deploy.cli.search import run_search
         from rtfq_deploy.search import describe_costs
 
-        _, found = run_search(ckpt, budget, data, labeled, resolution, width, search_images, lam, search_seed)
+        _, found = run_search(ckpt, budget, data, labeled, resolution, width, search_images, lam, search_seed,
+                              rescore)
         targets = [found.subnet]
         reason = f"searched within {budget}: {describe_costs(found.costs)}, {found.score} {found.loss:.4f}"
         calib = calib or data

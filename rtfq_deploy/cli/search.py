@@ -24,6 +24,9 @@ SEARCH_OPTIONS = [
     click.option("--lambda", "lam", type=FiniteFloat(0.0, 1000.0), default=1.5, show_default=True,
                  help="Weight of the normalised cost against the normalised loss (Eq. 9)."),
     click.option("--search-seed", type=SEED, default=0, show_default=True, help="Which images are drawn."),
+    click.option("--rescore", type=BoundedInt(0, 100_000), default=0, show_default=True,
+                 help="Lazy greedy: after the first step, score only the M moves that look best by the loss change "
+                      "each made when last scored (0: score every move at every step, Eq. 9 exactly)."),
 ]
 
 
@@ -46,14 +49,14 @@ def progress_printer():
 
 
 def run_search(ckpt, budget_text: str, data: Path, labeled: bool, resolution, width, search_images: int, lam: float,
-               search_seed: int):
+               search_seed: int, rescore: int = 0):
     from rtfq_deploy.budget import parse_budget
     from rtfq_deploy.search import SearchOptions, check_budget, search_checkpoint
 
     budget = parse_budget(budget_text)
     check_budget(budget)
     return budget, search_checkpoint(ckpt, budget, data, labeled=labeled, resolution=resolution, width=width,
-                                     images=search_images, seed=search_seed, options=SearchOptions(lam=lam),
+                                     images=search_images, seed=search_seed, options=SearchOptions(lam=lam, rescore=rescore),
                                      progress=progress_printer())
 
 
@@ -67,7 +70,8 @@ def run_search(ckpt, budget_text: str, data: Path, labeled: bool, resolution, wi
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan file and the search's record as JSON.")
 def search(checkpoint: Path, budget: str, data: Path | None, labeled: bool, resolution: int | None, width: float | None,
-           search_images: int, lam: float, search_seed: int, output: Path, force: bool, as_json: bool) -> None:
+           search_images: int, lam: float, search_seed: int, rescore: int, output: Path, force: bool,
+           as_json: bool) -> None:
     """Search the per-quantizer bit plan with the lowest loss within a budget
     (OneShot-MPQ's bidirectional greedy search) and write its plan file, for rtfq-export
     --plan and rtfq eval --plans."""
@@ -82,9 +86,10 @@ def search(checkpoint: Path, budget: str, data: Path | None, labeled: bool, reso
 
     check_budget(parse_budget(budget))  # bad input fails before the slow load
     ckpt = load_checkpoint(checkpoint)
-    limits, result = run_search(ckpt, budget, data, labeled, resolution, width, search_images, lam, search_seed)
+    limits, result = run_search(ckpt, budget, data, labeled, resolution, width, search_images, lam, search_seed,
+                                rescore)
     document = plan_document(ckpt.model, result.subnet, result.costs.to_dict())
-    document["search"] = {"budget": str(limits), "score": result.score, "lambda": lam, "images": search_images,
+    document["search"] = {"budget": str(limits), "score": result.score, "lambda": lam, "rescore": rescore, "images": search_images,
                           "data": str(data), "steps": len(result.steps), "plans_scored": result.evaluations,
                           "seconds": round(result.seconds, 2), "loss": result.loss}
     write_plan(output, document, overwrite=force)
