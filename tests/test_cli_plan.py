@@ -151,3 +151,55 @@ def test_every_new_command_answers_help():
     for args in (["plan"], ["calibrate"]):
         result = CliRunner().invoke(rtfq, [*args, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d["bits"].update({"layer9.q1": 4}), "names layer9.q1, which tiny_resnet does not have"),
+    (lambda d: d["bits"].pop("layer2.0.q1"), "has no entry for layer2.0.q1"),
+    (lambda d: d["bits"].update({"layer2.0.q1": 6}), "keep step sizes for 8, 4 bits"),
+    (lambda d: d["bits"].update({"layer2.0.q1": 9}), "expected an integer from 2 to 8"),
+    (lambda d: d.update(resolution=40), "resolution 40 (valid: 48, 32)"),
+    (lambda d: d.update(width=0.75), "width 0.75 (valid: 1.00, 0.50)"),
+    (lambda d: d.update(version="1"), "version '1' is not supported"),
+    (lambda d: d.update(bits=[1, 2]), "\"bits\" must map"),
+])
+def test_export_refuses_a_plan_that_does_not_fit_and_writes_nothing(setup, plan, tmp_path, edit, needle):
+    doc = json.loads(plan.read_text())
+    doc.pop("subnet")
+    edit(doc)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    out = tmp_path / "m.onnx"
+    _error(_invoke(export, "--checkpoint", setup / "c.pt", "--plan", bad, "--calib", setup / "data" / "target",
+                   "-o", out), needle)
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_a_mixed_export_is_benchmarked_selected_and_listed_like_a_uniform_one(setup, plan, tmp_path):
+    from rtfq_deploy.cli.bench import bench
+    from rtfq_deploy.manifest import read_manifest
+
+    doc = json.loads(plan.read_text())
+    models = tmp_path / "models"
+    models.mkdir()
+    for args in (["--plan", plan, "--calib", setup / "data" / "target"], ["--subnet", "r32-w0.50-q4"]):
+        result = _invoke(export, "--checkpoint", setup / "c.pt", *args, "--no-verify", "-o",
+                         models / f"{doc['subnet'] if '--plan' in args else 'r32-w0.50-q4'}.onnx")
+        assert result.exit_code == 0, result.output
+    results = tmp_path / "results.json"
+    result = _invoke(bench, "run", models, "-o", results, "--min-runs", "5", "--max-runs", "20", "--min-time", "0.05",
+                     "--warmup", "1")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(results.read_text())["models"]
+    assert {r["subnet"] for r in rows} == {doc["subnet"], "r32-w0.50-q4"}
+    assert next(r for r in rows if r["subnet"] == doc["subnet"])["bitops"] == doc["costs"]["bitops"]
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"subnets": [{"subnet": doc["subnet"], "top1": 0.9}, {"subnet": "r32-w0.50-q4",
+                                                                                     "top1": 0.8}]}))
+    dist = tmp_path / "dist"
+    result = _invoke(bench, "select", "--results", results, "--accuracy", acc, "--budget", "bitops=1T", "-o", dist,
+                     "--device", "edge", "--no-report")
+    assert result.exit_code == 0, result.output
+    entries = read_manifest(dist).devices["edge"].files
+    assert [e.subnet for e in entries] == [doc["subnet"]]
+    assert (dist / entries[0].path).is_file()
