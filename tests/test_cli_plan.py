@@ -112,6 +112,12 @@ def test_calibrate_eval_and_export_a_mixed_plan(setup, plan, tmp_path):
         {i.name: numpy_helper.to_array(i).tobytes() for i in mb.graph.initializer}
     clips = sum(n.op_type == "Clip" for n in ma.graph.node)
     assert clips > 0  # the 4-bit tensors keep their exact integer range
+    # A stored plan competes in --budget choices like the space's subnets.
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"subnets": [{"subnet": mixed, "top1": 0.9}, {"subnet": "r48-w1.00-q8", "top1": 0.5}]}))
+    result = _invoke(export, "--checkpoint", stored, "--budget", "1G", "--accuracy", acc, "--no-verify",
+                     "-o", tmp_path / "best.onnx")
+    assert result.exit_code == 0 and f"chose {mixed}: most accurate" in result.output, result.output
 
 
 def test_uniform_exports_carry_every_quantizers_bits(setup, tmp_path):

@@ -97,7 +97,7 @@ def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget:
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     from rtfq_deploy.checkpoint import load_checkpoint
-    from rtfq_deploy.costs import space_costs
+    from rtfq_deploy.costs import costs_of
     from rtfq_deploy.export.api import ExportOptions, VerificationFailed, export_subnet
     from rtfq_deploy.fileio import sha256_file, sweep_temporaries
     from rtfq_deploy.budget import parse_count
@@ -116,7 +116,8 @@ def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget:
     plan_doc = read_plan(plan_file) if plan_file else None
     ckpt = load_checkpoint(checkpoint)
     space = ckpt.model.config.space
-    costs = space_costs(ckpt.model) if (budget and not mixed) or buckets else {}  # a walk per (R, W): only to choose
+    # a walk per (R, W), only to choose: the space's subnets and the checkpoint's stored plans
+    costs = costs_of(ckpt.model, ckpt.subnets()) if (budget and not mixed) or buckets else {}
     if bits is not None and bits not in space.bits:
         raise click.UsageError(f"bit-width {bits} is not in the space (valid: {', '.join(map(str, space.bits))})")
 

@@ -21,11 +21,12 @@ def choose(costs: Mapping[SubnetConfig, Costs], budget: float, metric: str = "ma
     """The subnet to export for ``budget`` and a sentence saying why.
 
     With an accuracy table: the most accurate subnet within the budget (ties: the
-    cheaper). Without one: the costliest subnet within the budget.
+    cheaper). Without one: the costliest subnet within the budget. ``costs`` may hold
+    mixed-precision plans too; ``bits`` keeps only the uniform subnets of that bit-width.
     """
     candidates = [c for c in costs if bits is None or c.bits == bits]
     if not candidates:
-        valid = ", ".join(str(b) for b in sorted({c.bits for c in costs}, reverse=True))
+        valid = ", ".join(str(b) for b in sorted({c.bits for c in costs if c.uniform}, reverse=True))
         raise RtfqError(f"bit-width {bits} is not in the space (valid: {valid})")
     cost = {c: getattr(costs[c], metric) for c in candidates}
     within = [c for c in candidates if cost[c] <= budget]
