@@ -161,6 +161,8 @@ def test_images_whose_classes_differ_from_the_models_are_one_line(setup, tmp_pat
                          "CPU; rm -rf /"), "is not an OpenVINO device name")
     _one_line_error(_run("rtfq-bench", "run", str(models), "-o", str(tmp_path / "r.json"), "--sample-time", "nan"),
                     "--sample-time")
+    _one_line_error(_run("rtfq-bench", "run", str(models), "-o", str(tmp_path / "r.json"), "--runtime", "openvino",
+                         "--openvino-device", "NPU7"), "OpenVINO device 'NPU7' is not available here (OpenVINO offers: CPU")
 
 
 def test_help_names_the_runtime_options():

@@ -52,6 +52,21 @@ def version(name: str) -> str | None:
         return None
 
 
+_VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")  # OpenVINO's plugins over other plugins
+
+
+def check_openvino_device(device: str) -> str:
+    """``device`` if OpenVINO offers that plugin here (virtual ones like AUTO:CPU pass),
+    else one RtfqError line naming those it offers."""
+    ov = require("openvino")
+    if device.split(":")[0].upper() in _VIRTUAL_DEVICES:
+        return device
+    available = list(ov.Core().available_devices)
+    if device not in available:
+        raise RtfqError(f"OpenVINO device {device!r} is not available here (OpenVINO offers: {', '.join(available)})")
+    return device
+
+
 @dataclass(frozen=True)
 class Input:
     name: str

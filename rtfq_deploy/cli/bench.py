@@ -99,6 +99,15 @@ def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threa
         raise click.BadParameter(f"{openvino_device[:64]!r} is not an OpenVINO device name", param_hint="--openvino-device")
     for runtime in runtimes:
         require(runtime)  # one line naming the missing package, before anything is measured
+    if "openvino" in runtimes:
+        from rtfq_deploy.bench.runtimes import check_openvino_device
+
+        check_openvino_device(openvino_device)
+    if images is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("PIL") is None:
+            raise click.UsageError("--images needs Pillow (pip install pillow)")
     paths = collect_models(models)
     image_set = None
     if images is not None:
