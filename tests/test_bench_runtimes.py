@@ -183,3 +183,26 @@ def test_metadata_reader_matches_onnx_and_refuses_garbage(setup, tmp_path):
         (tmp_path / f"{i}.onnx").write_bytes(junk)
         with pytest.raises(MetadataError):
             read_metadata(tmp_path / f"{i}.onnx")
+
+
+def test_a_device_with_openvino_only_benchmarks_without_torch_onnx_or_onnxruntime(setup, tmp_path):
+    """torch, onnx and onnxruntime made unimportable (as on a device that installed only
+    OpenVINO): latency, memory and top-1 still measured; no agreement without onnxruntime."""
+    models, images = setup
+    shim = tmp_path / "shim"
+    for name in ("torch", "onnx", "onnxruntime"):
+        (shim / name).mkdir(parents=True)
+        (shim / name / "__init__.py").write_text(f"raise ImportError('No module named {name} (blocked by the test)')\n")
+    env = dict(os.environ, PYTHONPATH=str(shim))
+    exe = Path(sys.executable).parent / "rtfq-bench"
+    out = tmp_path / "r.json"
+    result = subprocess.run([str(exe), "run", str(models / "r32-w0.50-q8.onnx"), "-o", str(out), "--runtime", "openvino",
+                             "--images", str(images), *QUICK], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (row,) = read_results(out)["models"]
+    assert row["ok"] and row["runtime"] == "openvino" and row["subnet"] == "r32-w0.50-q8" and row["macs"] > 0
+    assert 0 <= row["top1"] <= 1 and row["images"] == 6 * CLASSES
+    assert "agreement" not in row  # nothing to compare with: onnxruntime is not there
+    blocked = subprocess.run([str(exe), "run", str(models), "-o", str(tmp_path / "o.json")], capture_output=True,
+                             text=True, env=env, timeout=120)
+    _one_line_error(blocked, "runtime onnxruntime is not installed here")
