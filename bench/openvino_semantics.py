@@ -46,14 +46,14 @@ import onnx
 from onnx import numpy_helper
 
 
-def build_checkpoint(path: Path, classes: int, seed: int, randomise_bn: bool) -> None:
+def build_checkpoint(path: Path, classes: int, seed: int, randomise_bn: bool, arch: str = "tiny_resnet") -> None:
     import torch
 
     from rtfq_deploy.checkpoint import save_checkpoint
     from rtfq_deploy.models import SupernetConfig, build_supernet
 
     torch.manual_seed(seed)
-    model = build_supernet(SupernetConfig("tiny_resnet", num_classes=classes))
+    model = build_supernet(SupernetConfig(arch, num_classes=classes))
     if randomise_bn:  # what training leaves: gammas of either sign, shifts, running statistics
         with torch.no_grad():
             for m in model.modules():
@@ -138,16 +138,19 @@ def int8_signed(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, len(zps)
 
 
-def add_input_clips(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def add_input_clips(model: onnx.ModelProto, every: bool = False) -> tuple[onnx.ModelProto, int]:
     """A full-range integer Clip (an identity) between QuantizeLinear and DequantizeLinear
-    on every input of a residual Add that has none: OpenVINO then keeps that tensor's
-    requantization instead of fusing the add into the producing convolution."""
+    on every input of a residual Add that has none (``every``: on every activation
+    QuantizeLinear that has none): OpenVINO then keeps that tensor's requantization
+    instead of fusing the add into the producing convolution."""
     from onnx import helper
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     inits = _inits(model)
     producers = {o: n for n in model.graph.node for o in n.output}
-    targets = set()
+    consumers = {i for n in model.graph.node for i in n.input if n.op_type == "Clip"}
+    targets = {n.output[0] for n in model.graph.node if every and n.op_type == "QuantizeLinear"
+               and n.output[0] not in consumers and n.input[0] != model.graph.input[0].name}
     for node in model.graph.node:
         if node.op_type == "Add":
             for name in node.input:
@@ -319,6 +322,8 @@ def main() -> None:
     p.add_argument("--subnets", default="r128-w1.00-q8,r128-w1.00-q6,r128-w1.00-q4")
     p.add_argument("--inputs", type=int, default=256)
     p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--arch", default="tiny_resnet", choices=["tiny_resnet", "resnet50"],
+                   help="resnet50: bottleneck blocks with identity shortcuts (subnets like r128-w0.60-q8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid-inputs", action="store_true",
                    help="inputs on the input quantizer's grid (no rounding ties at the input)")
@@ -341,7 +346,7 @@ def main() -> None:
           f"{args.inputs} inputs drawn from N(0, 1) per value" + (", on the input grid" if args.grid_inputs else ""))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        build_checkpoint(folder / "ck.pt", args.classes, args.seed, not args.no_bn_randomise)
+        build_checkpoint(folder / "ck.pt", args.classes, args.seed, not args.no_bn_randomise, args.arch)
         for subnet in args.subnets.split(","):
             export(folder / "ck.pt", subnet, folder / f"{subnet}.onnx")
             model = onnx.load(folder / f"{subnet}.onnx")
@@ -362,6 +367,7 @@ def main() -> None:
                   f"{branches} residual-add inputs without one")
             variants = {"as exported": model, "positive scales": pos, "int8 signed": signed, "both": both,
                         "add-input clips": clipped, "add-input clips, both": add_input_clips(both)[0],
+                        "clips on every tensor": add_input_clips(model, every=True)[0],
                         "no clips (diagnostic)": no_clips(model)}
             print(f"{'variant':30s} {'top-1 agrees':>12s} {'exact rows':>10s} {'max steps':>9s} {'mean steps':>10s}")
             for name, variant in variants.items():
