@@ -2,12 +2,11 @@
 
 Random-weight ResNet-50 subnets; for each shape the uniform 4-bit export, the 8-bit and
 3-bit ones for scale, and ``--plans`` random per-quantizer plans (bits 6/5/4/3/2) within
-+-1% of the 4-bit subnet's BitOPs. Every file is a real `rtfq_deploy` export; each
-measurement is one fresh process holding one session (as on a device), the variants of a
-shape alternate for ``--rounds`` rounds, and ratios are medians of per-round ratios.
++-1% of the 4-bit subnet's BitOPs. Every file is a real `rtfq_deploy` export, measured by
+`rtfq-bench run` (fresh processes, timed until the p50 is stable) ``--rounds`` times over
+all files in turn; ratios are medians of per-round ratios.
 
-    python bench/mixed_latency.py [--subnets r224-w1.00,r160-w0.73] [--plans 3] [--threads 1]
-                                  [--rounds 5] [--runs 20]
+    python bench/mixed_latency.py [--subnets r224-w1.00,r160-w0.73] [--plans 3] [--threads 1] [--rounds 3]
 
 Prints each variant's BitOPs, median latency and its ratio to the uniform 4-bit export.
 """
@@ -15,8 +14,10 @@ Prints each variant's BitOPs, median latency and its ratio to the uniform 4-bit 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import subprocess
 import shutil
 import statistics
 import sys
@@ -25,9 +26,6 @@ from pathlib import Path
 
 import torch
 from tabulate import tabulate
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_latency import measure  # noqa: E402  (one process per measurement)
 
 from rtfq_deploy.costs import plan_costs, walk  # noqa: E402
 from rtfq_deploy.export.lower import lower  # noqa: E402
@@ -65,8 +63,7 @@ def main() -> None:
     parser.add_argument("--subnets", default="r224-w1.00,r160-w0.73")
     parser.add_argument("--plans", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -90,17 +87,21 @@ def main() -> None:
                     f.write(to_onnx(ir, {}).SerializeToString())
                 bitops[name] = plan_costs(model, walked, model.plan(cfg)).bitops
             times: dict[str, list[float]] = {k: [] for k in paths}
-            for _ in range(args.rounds):
+            for i in range(args.rounds):
+                results = os.path.join(workdir, f"{shape}-{i}.json")
+                subprocess.run([str(Path(sys.executable).parent / "rtfq-bench"), "run", *paths.values(), "-o", results,
+                                "--threads", str(args.threads)], check=True, stdout=subprocess.DEVNULL)
+                p50 = {row["path"]: row["latency_p50_ms"] / 1e3 for row in json.load(open(results))["models"]}
                 for name, path in paths.items():
-                    times[name].append(measure(path, args.threads, args.runs))
+                    times[name].append(p50[str(Path(path).resolve())])
             for name, cfg in variants.items():
                 ratio = statistics.median(a / b for a, b in zip(times[name], times["uniform q4"]))
                 rows.append([shape, name, str(cfg), f"{bitops[name] / 1e9:.2f}",
                              f"{statistics.median(times[name]) * 1e3:.2f}", f"{ratio:.3f}"])
     finally:
         shutil.rmtree(workdir)
-    print(f"ResNet-50, random weights, batch 1, {args.threads} thread(s), one process per measurement, "
-          f"{args.rounds} alternating rounds of {args.runs} runs, medians")
+    print(f"ResNet-50, random weights, batch 1, {args.threads} thread(s), onnxruntime, rtfq-bench run over every "
+          f"file, {args.rounds} rounds; medians")
     print(tabulate(rows, headers=["shape", "variant", "subnet", "GBitOPs", "p50 ms", "/ uniform q4"],
                    disable_numparse=True))
 
