@@ -60,10 +60,15 @@ def _reference_outputs(model: Path, images: Path) -> tuple[np.ndarray, np.ndarra
     spec = json.loads(meta["rtfq.input"])
     x = load_folder(images, spec["shape"][2], spec["mean"], spec["std"]).numpy()
     labels = np.repeat(np.arange(CLASSES), 6)
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # as the bench runs it: thread counts can break rounding ties differently
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     ort_logits = np.concatenate([session.run(None, {spec["name"]: x[i:i + 1]})[0] for i in range(len(x))])
     core = ov.Core()
-    compiled = core.compile_model(str(model), "CPU", {"INFERENCE_NUM_THREADS": 1})
+    static = core.read_model(str(model))  # static batch 1, as the bench compiles it (other kernels, other ties)
+    static.reshape({static.inputs[0].get_any_name(): [1, *x.shape[1:]]})
+    compiled = core.compile_model(static, "CPU", {"INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1,
+                                                  "PERFORMANCE_HINT": "LATENCY"})
     ov_logits = np.concatenate([compiled({0: x[i:i + 1]})[0] for i in range(len(x))])
     return ort_logits, ov_logits, labels
 

@@ -52,6 +52,16 @@ class _Emitter:
         self.inits: list[onnx.TensorProto] = []
         self.consts_made: set[str] = set()
         self.saturated: dict[str, str] = {}  # tensor -> its codes before the b-bit Clip
+        # Residual add operands get an integer-side Clip even at 8 bits (then an identity):
+        # OpenVINO fuses an Add into the conv feeding it and skips that operand's
+        # requantization unless something sits between its Q and DQ, and departed from the
+        # QDQ semantics there (48% of codes at the first add); with the Clip its top-1
+        # equals onnxruntime's on every image of all 48 trained demo subnets, at 0.6-2.1%
+        # of onnxruntime's latency (bench/openvino_semantics.py).
+        # A MaxPool output needs none (measured exact), and an 8-bit Clip there would cost
+        # onnxruntime a layout Transpose.
+        self.add_inputs = ({t for op in ir.ops if isinstance(op, AddOp) for t in (op.a, op.b)}
+                           - {op.out for op in ir.ops if isinstance(op, MaxPoolOp)})
 
     def node(self, op: str, inputs: list[str], outputs: list[str], **attrs) -> None:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", **attrs))
@@ -75,18 +85,21 @@ class _Emitter:
     def quantize(self, pre: str, t: str, codes: str | None = None) -> None:
         """float ``pre`` -> codes ``t_q`` (clipped to the exact b-bit range) -> float ``t``."""
         codes = codes or f"{t}_q"
-        saturated = f"{codes}.sat" if self.ir.qparams[t].bits < 8 else codes
+        saturated = f"{codes}.sat" if self.clipped(t) else codes
         self.node("QuantizeLinear", [pre, *self.qconsts(t)], [saturated])
         self.saturated[t] = saturated
         self.clamp(saturated, t, codes)
         if codes == f"{t}_q":
             self.dequantize(codes, t)
 
+    def clipped(self, t: str) -> bool:
+        return self.ir.qparams[t].bits < 8 or t in self.add_inputs
+
     def clamp(self, saturated: str, t: str, codes: str) -> None:
         """Codes as QuantizeLinear saturates them to 8 bits -> ``codes`` in the exact b-bit
-        range of ``t`` (nothing to do at 8 bits)."""
+        range of ``t`` (nothing to do at 8 bits, but for residual add operands)."""
         q: QParams = self.ir.qparams[t]
-        if q.bits < 8:
+        if self.clipped(t):
             lo, hi = (v + _zero_point(q) for v in q.qrange)
             min_, max_ = f"{t}.min", f"{t}.max"
             if min_ not in self.consts_made:
@@ -133,7 +146,7 @@ class _Emitter:
             self.node("Add", [op.a, op.b], [f"{op.out}.pre"])
             self.quantize(f"{op.out}.pre", op.out)
         elif isinstance(op, MaxPoolOp):
-            pooled = f"{op.out}_q.sat" if self.ir.qparams[op.out].bits < 8 else f"{op.out}_q"
+            pooled = f"{op.out}_q.sat" if self.clipped(op.out) else f"{op.out}_q"
             self.node("MaxPool", [self.saturated[op.inp]], [pooled], kernel_shape=[op.kernel] * 2,
                       strides=[op.stride] * 2, pads=[op.padding] * 4)
             self.saturated[op.out] = pooled
