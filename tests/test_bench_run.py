@@ -138,3 +138,16 @@ def test_bench_imports_no_torch_or_onnx():
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_processes_time_a_row_in_several_fresh_processes_and_keep_the_median(models, tmp_path):
+    out = tmp_path / "results.json"
+    result = _run("rtfq-bench", "run", str(models / "r32-w0.50-q4.onnx"), "-o", str(out), "--processes", "3", *QUICK)
+    assert result.returncode == 0, result.stderr
+    data = read_results(out)
+    (row,) = data["models"]
+    p50s = row["process_p50_ms"]
+    assert len(p50s) == 3 and row["latency_p50_ms"] == sorted(p50s)[1]
+    assert data["settings"]["processes"] == 3
+    _one_line_error(_run("rtfq-bench", "run", str(models), "-o", str(tmp_path / "x.json"), "--processes", "0"),
+                    "--processes")

@@ -61,6 +61,9 @@ def bench() -> None:
 @click.option("--sample-time", type=FiniteFloat(0.0, 10.0), default=0.002, show_default=True,
               help="Seconds one timed sample lasts at least: a model faster than this is timed in batches of runs "
                    "(per-run mean of each batch), so small models get stable figures; 0 times every run alone.")
+@click.option("--processes", type=BoundedInt(1, 50), default=1, show_default=True,
+              help="Time each row in N fresh processes and report the one with the median p50 (a small model's "
+                   "p50 varies between processes more than within one).")
 @click.option("--min-runs", type=BoundedInt(1, 10**7), default=30, show_default=True,
               help="Timed samples before the stability test may stop.")
 @click.option("--max-runs", type=BoundedInt(1, 10**7), default=2000, show_default=True,
@@ -78,7 +81,7 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the model rows as JSON instead of a table.")
 def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threads: int, provider: str,
         openvino_device: str, graph_optimization: str, batch_size: int, images: Path | None, warmup: int,
-        sample_time: float, min_runs: int, max_runs: int, min_time: float, max_time: float, cv_target: float,
+        sample_time: float, processes: int, min_runs: int, max_runs: int, min_time: float, max_time: float, cv_target: float,
         timeout: float, seed: int, force: bool, as_json: bool) -> None:
     """Measure MODELS (.onnx files or directories of them) on each --runtime, each in
     fresh processes: session creation (compile) time, latency after warm-up
@@ -121,7 +124,8 @@ def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threa
                             batch_size=batch_size, warmup=warmup, min_runs=min_runs, max_runs=max_runs,
                             min_time_s=min_time, max_time_s=max_time, sample_time_s=sample_time,
                             cv_target=cv_target, seed=seed)
-    settings = BenchSettings(measure=measure, timeout_s=timeout, runtimes=runtimes, images=image_set)
+    settings = BenchSettings(measure=measure, timeout_s=timeout, runtimes=runtimes, images=image_set,
+                             processes=processes)
     with click.progressbar(length=len(paths) * len(runtimes), label="benchmarking", file=sys.stderr,
                            item_show_func=lambda p: p, show_pos=True) as bar:
         def advance(path: Path, row: dict | None) -> None:
