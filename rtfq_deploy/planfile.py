@@ -125,3 +125,15 @@ def load_plans(model: "Supernet", given: Iterable[str | os.PathLike]) -> list[Su
         config = resolve_plan(model, read_plan(p))
         configs.setdefault(str(config), config)
     return list(configs.values())
+
+
+def chosen_subnets(ckpt, subnet_list: str | None, plan_files: Iterable[str | os.PathLike], what: str) -> list[SubnetConfig]:
+    """The subnets a command's ``--subnets`` (ids, or 'all': the space's and the stored plans;
+    by default all, or none when plan files are given) and ``--plans`` name, once each."""
+    plan_files = list(plan_files)
+    text = subnet_list if subnet_list is not None else ("" if plan_files else "all")
+    subnets = ckpt.subnets() if text.strip() == "all" else [ckpt.resolve(s) for s in text.split(",") if s.strip()]
+    subnets += [c for c in load_plans(ckpt.model, plan_files) if c not in subnets]
+    if not subnets:
+        raise RtfqError(f"no subnets to {what} (give --subnets or --plans)")
+    return subnets

@@ -75,6 +75,20 @@ def test_source_only_trains_no_target_terms(setup, tmp_path):
     assert all(r["distill"] == 0 and r["pseudo"] == 0 and r["im"] == 0 for r in rows)
 
 
+def kill_after_logged_step(args: list[str], run: Path, step: int) -> None:
+    """Start rtfq-train with ``args`` and SIGKILL it once ``run``'s metrics log ``step``."""
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "rtfq-train"), *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(setup, tmp_path):
     steps = ["--steps", "8", "--checkpoint-every", "2"]
     whole = _train(setup, tmp_path / "whole", *steps)
@@ -82,16 +96,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(setup, tmp_path):
     run = tmp_path / "killed"
     args = ["--checkpoint", str(setup / "init.pt"), "--source", str(setup / "data" / "source"), "--target",
             str(setup / "data" / "target"), "--out", str(run), *FAST, *steps]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "rtfq-train"), *args], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # kill once the state of step 4 is saved and step 5 is logged
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line)["step"] >= 5 for line in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_logged_step(args, run, 5)  # the state of step 4 is saved by then
     assert not (run / "supernet.pt").exists()
     state = torch.load(run / "state.pt", weights_only=True)  # whole, never half-written
     assert 4 <= state["step"] < 8

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +18,7 @@ from rtfq_deploy.train.mixed import (BitScheduler, DistortionMitigation, MixedRu
                                      unstable_score)
 from rtfq_deploy.train.sampler import step_rng
 from tests.test_cli import _one_line_error, _run
+from tests.test_train import kill_after_logged_step
 
 SPACE = SearchSpace(resolutions=(32, 24), widths=(1.0, 0.5), bits=(6, 4, 2))
 FAST = ["--batch-size", "16", "--lr", "0.002", "--log-every", "1", "--calib-images", "16", "--workers", "0"]
@@ -146,16 +143,7 @@ def test_mixed_training_logs_its_terms_and_resumes_exactly_after_sigkill(setup, 
     record = json.loads((tmp_path / "whole" / "run.json").read_text())["config"]
     assert record["rule"] == "mixed" and record["inplace_distill"] == 0.5 and record["scheduler"] is True
     run = tmp_path / "killed"
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "rtfq-train"), *_args(setup, run, *steps)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # kill once the state of step 4 is saved and step 5 is logged
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line)["step"] >= 5 for line in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_logged_step(_args(setup, run, *steps), run, 5)  # the state of step 4 is saved by then
     state = torch.load(run / "state.pt", weights_only=True)
     assert state["step"] == 4 and state["scheduler"]["frozen"]  # step 3's freeze, needed at steps 4 and 5
     _one_line_error(_run("rtfq-train", "--resume", str(run), "--no-idm"), "drop --no-idm")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import BoundedInt, Command
+from rtfq_deploy.cli.common import BoundedInt, Command, torch_device
 
 
 @click.command(cls=Command)
@@ -30,25 +30,17 @@ def calibrate(checkpoint: Path, data: Path, subnet_list: str | None, plan_files:
     subnet id, in a checkpoint that rtfq eval and rtfq-export then use."""
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists (use --force to overwrite)")
-    import torch
-
     from rtfq_deploy.checkpoint import load_checkpoint, save_checkpoint
     from rtfq_deploy.images import image_files
     from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.errors import RtfqError
     from rtfq_deploy.evaluate import calibrate_subnets, calibration_sample
-    from rtfq_deploy.planfile import load_plans
+    from rtfq_deploy.planfile import chosen_subnets
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
+    dev = torch_device(device)
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.model
-    subnet_list = subnet_list if subnet_list is not None else ("" if plan_files else "all")
-    subnets = ckpt.subnets() if subnet_list.strip() == "all" else \
-        [ckpt.resolve(s) for s in subnet_list.split(",") if s.strip()]
-    subnets += [c for c in load_plans(model, plan_files) if c not in subnets]
-    if not subnets:
-        raise RtfqError("no subnets to calibrate (give --subnets or --plans)")
+    subnets = chosen_subnets(ckpt, subnet_list, plan_files, "calibrate")
     clash = next((c for c in subnets if not c.uniform and ckpt.plans.get(str(c), c) != c), None)
     if clash is not None:
         raise RtfqError(f"{clash}: the checkpoint stores another plan with this id (a digest collision); "
@@ -57,7 +49,6 @@ def calibrate(checkpoint: Path, data: Path, subnet_list: str | None, plan_files:
     if not files:
         raise RtfqError(f"{data}: no images")
     pick = calibration_sample(files, images)
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     click.echo(f"calibrating BatchNorm of {len(subnets)} subnet(s) on {len(pick)} images of {data}", err=True)
     stats = calibrate_subnets(model.to(dev), subnets, pick, ckpt.meta.get("normalization", IMAGENET_NORMALIZATION),
                               device=dev)

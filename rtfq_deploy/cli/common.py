@@ -174,3 +174,12 @@ def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str,
 
 def not_yet(name: str, issue: int) -> None:
     raise click.ClickException(f"{name} is not implemented yet (see issue #{issue})")
+
+
+def torch_device(name: str):
+    """--device auto/cpu/cuda as a torch device; cuda without one is a user error."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import BoundedInt, Command, emit_table
+from rtfq_deploy.cli.common import BoundedInt, Command, emit_table, torch_device
 
 COLUMNS = [
     ("subnet", "subnet", str),
@@ -43,27 +43,19 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str | None, plan_files: tup
     uniform ones by id and mixed-precision ones from their plan files."""
     if output is not None and output.exists() and not force:
         raise click.UsageError(f"{output} exists (use --force to overwrite)")
-    import torch
-
     from rtfq_deploy.checkpoint import load_checkpoint
     from rtfq_deploy.data.folders import scan
     from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.errors import RtfqError
     from rtfq_deploy.evaluate import calibrate_subnets, calibration_sample, evaluate_subnets
     from rtfq_deploy.fileio import sha256_file
-    from rtfq_deploy.planfile import load_plans
+    from rtfq_deploy.planfile import chosen_subnets
     from rtfq_deploy.fileio import atomic_write
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
+    dev = torch_device(device)
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.model
-    subnet_list = subnet_list if subnet_list is not None else ("" if plan_files else "all")
-    subnets = ckpt.subnets() if subnet_list.strip() == "all" else \
-        [ckpt.resolve(s) for s in subnet_list.split(",") if s.strip()]
-    subnets += [c for c in load_plans(model, plan_files) if c not in subnets]
-    if not subnets:
-        raise RtfqError("no subnets to evaluate (give --subnets or --plans)")
+    subnets = chosen_subnets(ckpt, subnet_list, plan_files, "evaluate")
     folder = scan(data, "evaluation")
     classes = ckpt.meta.get("class_names")
     if classes is not None and list(folder.classes) != list(classes):
@@ -72,7 +64,6 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str | None, plan_files: tup
     if len(folder.classes) != model.config.num_classes:
         raise RtfqError(f"{data} has {len(folder.classes)} classes, the supernet {model.config.num_classes}")
     normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     model.to(dev)
     stats = dict(ckpt.bn_stats)
     missing = [c for c in subnets if str(c) not in stats]
