@@ -1,8 +1,7 @@
 """Cost model: MACs, BitOPs, parameters and weight bytes of a subnet.
 
-Costs come from walking the sliced network (a forward pass at the subnet's resolution
-and width with hooks on every conv and linear layer), not from a second formula of
-the architecture. The walk depends only on (resolution, width); bit-widths are then
+Costs come from walking the supernet's integer graph (:mod:`rtfq_deploy.graph`) at the
+subnet's resolution and width, not from a second formula of the architecture. The walk depends only on (resolution, width); bit-widths are then
 read from the bit plan, so one walk serves every bit plan of that shape.
 
 Definitions, per conv/linear layer l of the deployed network:
@@ -22,6 +21,7 @@ from typing import Iterable
 
 import torch
 
+from rtfq_deploy import graph
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.plan import ActiveSubnet, BitPlan
 from rtfq_deploy.space import SubnetConfig
@@ -74,29 +74,31 @@ class Costs:
 
 
 def walk(model: Supernet, resolution: int, width: float) -> list[LayerShape]:
-    """Shapes of every conv/linear layer of the (resolution, width) subnet, in forward order."""
+    """Shapes of every conv/linear layer of the (resolution, width) subnet, in forward
+    order, by propagating (channels, size) along the supernet's integer graph."""
     shapes: list[LayerShape] = []
-
-    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        x = inputs[0]
-        w = module.active_weight(x.shape[1], width)
-        per_output = w[0].numel()  # input channels per group x kernel area
-        shapes.append(LayerShape(names[module], (output.numel() // output.shape[0]) * per_output,
-                                 w.numel(), w.shape[0]))
-
-    names = {module: name for name, module in model.layers()}
-    handles = [m.register_forward_hook(hook) for m in names]
-    net = ActiveSubnet(width, model.float_plan())
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            model(torch.zeros(1, 3, resolution, resolution, device=device), net)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    tensors: dict[str, tuple[int, int]] = {}  # tensor -> (channels, spatial size)
+    for node in model.graph():
+        if isinstance(node, graph.Quantize):
+            tensors[node.out] = (3, resolution)
+        elif isinstance(node, graph.Conv):
+            layer = model.get_submodule(node.layer)
+            c_in, size = tensors[node.inp]
+            w = layer.active_weight(c_in, width)
+            if not node.linear:
+                k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
+                size = graph.out_size(size, k, s, p)
+            per_output = w[0].numel()  # input channels per group x kernel area
+            shapes.append(LayerShape(node.layer, size * size * w.shape[0] * per_output, w.numel(), w.shape[0]))
+            if node.out is not None:
+                tensors[node.out] = (w.shape[0], size)
+        elif isinstance(node, graph.Add):
+            tensors[node.out] = tensors[node.a]
+        elif isinstance(node, graph.MaxPool):
+            c, size = tensors[node.inp]
+            tensors[node.out] = (c, graph.out_size(size, node.kernel, node.stride, node.padding))
+        elif isinstance(node, graph.AvgPool):
+            tensors[node.out] = (tensors[node.inp][0], 1)
     return shapes
 
 

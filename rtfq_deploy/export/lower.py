@@ -19,28 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rtfq_deploy import graph
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from rtfq_deploy.models.base import Supernet
-from rtfq_deploy.models.resnet import BasicBlock, Bottleneck, ResNet
 from rtfq_deploy.plan import ActiveSubnet
-from rtfq_deploy.quant import Quantizer, qrange
+from rtfq_deploy.quant import Encoding, Quantizer
 
 INT32_MAX = np.iinfo(np.int32).max
-
-
-@dataclass(frozen=True)
-class QParams:
-    """How a tensor is carried: ``bits``-bit codes (zero point 0) times ``scale``."""
-
-    scale: float
-    bits: int
-    signed: bool
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        return qrange(self.bits, self.signed)
-
 
 @dataclass
 class QuantizeOp:
@@ -96,7 +82,8 @@ Op = QuantizeOp | ConvOp | AddOp | MaxPoolOp | GlobalAvgPoolOp
 
 @dataclass
 class IntNet:
-    """A static integer network: ops in order, and how every tensor is carried.
+    """A static integer network: ops in order, and how every tensor is carried (its
+    :mod:`encoding <rtfq_deploy.quant.encoding>`).
 
     Tensors absent from ``qparams`` are float (the input image and the logits). An
     unsigned quantized output of a conv or add also applies ReLU: codes saturate at 0.
@@ -107,14 +94,14 @@ class IntNet:
     resolution: int
     num_classes: int
     ops: list[Op] = field(default_factory=list)
-    qparams: dict[str, QParams] = field(default_factory=dict)
+    qparams: dict[str, Encoding] = field(default_factory=dict)
 
 
-def _act(quant: Quantizer, net: ActiveSubnet) -> QParams:
+def _encoding(quant: Quantizer, net: ActiveSubnet) -> Encoding:
     bits = net.bits[quant.name]
     if bits is None:
         raise RtfqError(f"quantizer {quant.name} is float in this bit plan; only integer subnets export")
-    return QParams(float(quant.scale(bits).item()), bits, quant.signed)
+    return quant.encoding(bits)
 
 
 def fold(layer: SlimConv2d | SlimLinear, bn: SlimBatchNorm2d | None, c_in: int, in_scale: float,
@@ -143,58 +130,54 @@ def fold(layer: SlimConv2d | SlimLinear, bn: SlimBatchNorm2d | None, c_in: int, 
 
 
 class _Lowering:
-    """Walks a ResNet supernet in forward order, naming tensors and collecting ops."""
+    """Walks the supernet's integer graph, collecting IR ops; one handler per graph node type."""
 
-    def __init__(self, model: ResNet, net: ActiveSubnet, resolution: int) -> None:
+    def __init__(self, model: Supernet, net: ActiveSubnet, resolution: int) -> None:
         self.model, self.net = model, net
         self.ir = IntNet("input", "logits", resolution, model.config.num_classes)
         self.channels: dict[str, int] = {}
 
-    def quantized(self, quant: Quantizer, channels: int) -> str:
-        """Mark the tensor ``quant`` produces (named by the quantizer's module path)."""
-        self.ir.qparams[quant.name] = _act(quant, self.net)
-        self.channels[quant.name] = channels
-        return quant.name
+    def quantized(self, name: str, channels: int) -> str:
+        """Mark the tensor quantizer ``name`` produces (the tensor is named after it)."""
+        self.ir.qparams[name] = _encoding(self.model.get_submodule(name), self.net)
+        self.channels[name] = channels
+        return name
 
-    def conv(self, inp: str, layer: SlimConv2d, bn: SlimBatchNorm2d, quant: Quantizer) -> str:
-        weight, scale, bias, bits = fold(layer, bn, self.channels[inp], self.ir.qparams[inp].scale, self.net)
-        out = self.quantized(quant, weight.shape[0])
-        self.ir.ops.append(ConvOp(layer.weight_quant.name.removesuffix(".weight_quant"), inp, out, weight, scale,
-                                  bias, bits, layer.stride[0], layer.padding[0]))
-        return out
+    def quantize(self, node: graph.Quantize) -> None:
+        self.ir.ops.append(QuantizeOp(self.ir.input, self.quantized(node.out, 3)))
 
-    def block(self, blk: BasicBlock | Bottleneck, x: str) -> str:
-        if isinstance(blk, Bottleneck):
-            convs = [(blk.conv1, blk.bn1, blk.q1), (blk.conv2, blk.bn2, blk.q2), (blk.conv3, blk.bn3, blk.q_res)]
-        else:
-            convs = [(blk.conv1, blk.bn1, blk.q1), (blk.conv2, blk.bn2, blk.q_res)]
-        out = x
-        for conv, bn, quant in convs:
-            out = self.conv(out, conv, bn, quant)
-        identity = x if blk.downsample is None else self.conv(x, *blk.downsample)
-        result = self.quantized(blk.q_out, self.channels[out])
-        self.ir.ops.append(AddOp(out, identity, result))
-        return result
+    def conv(self, node: graph.Conv) -> None:
+        layer = self.model.get_submodule(node.layer)
+        bn = None if node.bn is None else self.model.get_submodule(node.bn)
+        weight, scale, bias, bits = fold(layer, bn, self.channels[node.inp], self.ir.qparams[node.inp].scale, self.net)
+        out = self.ir.output if node.out is None else self.quantized(node.out, weight.shape[0])
+        stride, padding = (1, 0) if node.linear else (layer.stride[0], layer.padding[0])
+        self.ir.ops.append(ConvOp(node.layer, node.inp, out, weight, scale, bias, bits, stride, padding, node.linear))
+
+    def add(self, node: graph.Add) -> None:
+        self.ir.ops.append(AddOp(node.a, node.b, self.quantized(node.out, self.channels[node.a])))
+
+    def maxpool(self, node: graph.MaxPool) -> None:
+        self.ir.ops.append(MaxPoolOp(node.inp, node.out, node.kernel, node.stride, node.padding))
+        # max keeps the codes: the pooled tensor is carried exactly as its input
+        self.ir.qparams[node.out], self.channels[node.out] = self.ir.qparams[node.inp], self.channels[node.inp]
+
+    def avgpool(self, node: graph.AvgPool) -> None:
+        self.ir.ops.append(GlobalAvgPoolOp(node.inp, self.quantized(node.out, self.channels[node.inp])))
+
+    HANDLERS = {graph.Quantize: quantize, graph.Conv: conv, graph.Add: add, graph.MaxPool: maxpool,
+                graph.AvgPool: avgpool}
 
     def run(self) -> IntNet:
-        m, ir = self.model, self.ir
-        x = self.quantized(m.q_input, 3)
-        ir.ops.append(QuantizeOp(ir.input, x))
-        x = self.conv(x, m.conv1, m.bn1, m.q_stem)
-        ir.ops.append(MaxPoolOp(x, "maxpool", m.maxpool.kernel_size, m.maxpool.stride, m.maxpool.padding))
-        ir.qparams["maxpool"], self.channels["maxpool"] = ir.qparams[x], self.channels[x]  # max keeps the grid
-        x = "maxpool"
-        for _, blk in m.blocks():
-            x = self.block(blk, x)
-        pooled = self.quantized(m.q_pool, self.channels[x])
-        ir.ops.append(GlobalAvgPoolOp(x, pooled))
-        weight, scale, bias, bits = fold(m.fc, None, self.channels[pooled], ir.qparams[pooled].scale, self.net)
-        ir.ops.append(ConvOp("fc", pooled, ir.output, weight, scale, bias, bits, gemm=True))
-        return ir
+        for node in self.model.graph():
+            self.HANDLERS[type(node)](self, node)
+        return self.ir
 
 
 def lower(model: Supernet, net: ActiveSubnet, resolution: int) -> IntNet:
     """The integer network computing ``model(x, net)`` (eval mode) at ``resolution``."""
-    if not isinstance(model, ResNet):
-        raise RtfqError(f"no exporter for architecture {model.config.arch!r}")
+    try:
+        model.graph()
+    except NotImplementedError:
+        raise RtfqError(f"no exporter for architecture {model.config.arch!r}") from None
     return _Lowering(model, net, resolution).run()

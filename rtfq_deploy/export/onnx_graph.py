@@ -28,13 +28,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rtfq_deploy.int4 import int4_tensor
-from rtfq_deploy.export.lower import AddOp, ConvOp, GlobalAvgPoolOp, IntNet, MaxPoolOp, QParams, QuantizeOp
+from rtfq_deploy.export.lower import AddOp, ConvOp, GlobalAvgPoolOp, IntNet, MaxPoolOp, QuantizeOp
+from rtfq_deploy.quant import CdfCodes, Encoding, LinearCodes
 
 OPSET = 21
 IR_VERSION = 10
 
 
-def _zero_point(q: QParams) -> int:
+def _zero_point(q: Encoding) -> int:
     """Every activation rides in uint8: signed codes [-2^(b-1), 2^(b-1)-1] shifted by 128.
 
     The values are exactly those of int8 with zero point 0, but one container type lets
@@ -45,6 +46,9 @@ def _zero_point(q: QParams) -> int:
 
 
 class _Emitter:
+    """Emits one IR op at a time (``OPS``: a handler per op type) and every tensor's
+    quantization in one place (``ENCODINGS``: a handler per encoding)."""
+
     def __init__(self, ir: IntNet, pack_int4: bool) -> None:
         self.ir = ir
         self.pack_int4 = pack_int4
@@ -69,48 +73,66 @@ class _Emitter:
     def const(self, name: str, array: np.ndarray) -> str:
         # Not np.ascontiguousarray: it turns 0-d scales into shape (1,), and onnxruntime
         # fuses QLinearAdd only with scalar (per-tensor) scales.
-        self.inits.append(numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(), name))
+        if name not in self.consts_made:
+            self.inits.append(numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(), name))
+            self.consts_made.add(name)
         return name
 
-    def qconsts(self, t: str) -> tuple[str, str]:
-        """Scale and zero point initializers of tensor ``t`` (made once)."""
-        scale, zp = f"{t}.scale", f"{t}.zp"
-        if scale not in self.consts_made:
-            q = self.ir.qparams[t]
-            self.const(scale, np.array(q.scale, np.float32))
-            self.const(zp, np.array(_zero_point(q), np.uint8))
-            self.consts_made.add(scale)
-        return scale, zp
+    def qconsts(self, t: str, scale: float | None = None, suffix: str = "") -> tuple[str, str]:
+        """Scale and zero point initializers of tensor ``t``'s codes (made once)."""
+        q = self.ir.qparams[t]
+        return (self.const(f"{t}.scale{suffix}", np.array(q.scale if scale is None else scale, np.float32)),
+                self.const(f"{t}.zp", np.array(_zero_point(q), np.uint8)))
 
+    # -- quantization: one handler per encoding -----------------------------------
     def quantize(self, pre: str, t: str, codes: str | None = None) -> None:
-        """float ``pre`` -> codes ``t_q`` (clipped to the exact b-bit range) -> float ``t``."""
+        """float ``pre`` -> codes ``t_q`` (in the exact b-bit range) -> float ``t``."""
         codes = codes or f"{t}_q"
         saturated = f"{codes}.sat" if self.clipped(t) else codes
-        self.node("QuantizeLinear", [pre, *self.qconsts(t)], [saturated])
+        self.ENCODINGS[type(self.ir.qparams[t])](self, pre, t, saturated)
         self.saturated[t] = saturated
         self.clamp(saturated, t, codes)
         if codes == f"{t}_q":
             self.dequantize(codes, t)
 
+    def linear_codes(self, pre: str, t: str, saturated: str) -> None:
+        self.node("QuantizeLinear", [pre, *self.qconsts(t)], [saturated])
+
+    def cdf_codes(self, pre: str, t: str, saturated: str) -> None:
+        """AlignQ: 8-bit pre-codes (what the integer conv writes), then the CDF on them:
+        Q(pre_scale) -> DQ(pre_scale / (sigma sqrt 2)) -> Erf -> Q(1 / levels). The measured
+        cheapest exact form: the conv stays a QLinearConv and the CDF costs three
+        elementwise ops on the codes (a Gather table would add layout Transposes)."""
+        q: CdfCodes = self.ir.qparams[t]
+        pre_codes = f"{t}_q.pre8"
+        self.node("QuantizeLinear", [pre, *self.qconsts(t, q.pre_scale, ".pre")], [pre_codes])
+        self.node("DequantizeLinear", [pre_codes, *self.qconsts(t, q.erf_scale, ".erf")], [f"{t}.u"])
+        self.node("Erf", [f"{t}.u"], [f"{t}.erf"])
+        self.node("QuantizeLinear", [f"{t}.erf", *self.qconsts(t, 1.0 / q.levels, ".levels")], [saturated])
+
+    ENCODINGS = {LinearCodes: linear_codes, CdfCodes: cdf_codes}
+
     def clipped(self, t: str) -> bool:
-        return self.ir.qparams[t].bits < 8 or t in self.add_inputs
+        q = self.ir.qparams[t]
+        if t in self.add_inputs:
+            return True
+        if isinstance(q, CdfCodes):  # unsigned CDF codes never pass 2^k - 1; signed ones reach +2^(k-1)
+            return q.signed
+        return q.bits < 8
 
     def clamp(self, saturated: str, t: str, codes: str) -> None:
         """Codes as QuantizeLinear saturates them to 8 bits -> ``codes`` in the exact b-bit
         range of ``t`` (nothing to do at 8 bits, but for residual add operands)."""
-        q: QParams = self.ir.qparams[t]
+        q = self.ir.qparams[t]
         if self.clipped(t):
             lo, hi = (v + _zero_point(q) for v in q.qrange)
-            min_, max_ = f"{t}.min", f"{t}.max"
-            if min_ not in self.consts_made:
-                self.const(min_, np.array(lo, np.uint8))
-                self.const(max_, np.array(hi, np.uint8))
-                self.consts_made.add(min_)
-            self.node("Clip", [saturated, min_, max_], [codes])
+            self.node("Clip", [saturated, self.const(f"{t}.min", np.array(lo, np.uint8)),
+                               self.const(f"{t}.max", np.array(hi, np.uint8))], [codes])
 
     def dequantize(self, codes: str, t: str) -> None:
         self.node("DequantizeLinear", [codes, *self.qconsts(t)], [t])
 
+    # -- ops: one handler per IR op -------------------------------------------------
     def weight(self, op: ConvOp) -> tuple[str, str]:
         c_out = op.weight.shape[0]
         if self.pack_int4 and op.weight_bits <= 4:
@@ -130,35 +152,42 @@ class _Emitter:
                   [f"{op.name}.bias"], axis=0)
         return f"{op.name}.weight", f"{op.name}.bias"
 
-    def emit(self, op: object) -> None:
-        if isinstance(op, QuantizeOp):
-            self.quantize(op.inp, op.out)
-        elif isinstance(op, ConvOp):
-            w, b = self.weight(op)
-            if op.gemm:
-                self.node("Gemm", [op.inp, w, b], [op.out], transB=1)
-            else:
-                k = op.weight.shape[2]
-                self.node("Conv", [op.inp, w, b], [f"{op.out}.pre"], kernel_shape=[k, k],
-                          strides=[op.stride] * 2, pads=[op.padding] * 4)
-                self.quantize(f"{op.out}.pre", op.out)
-        elif isinstance(op, AddOp):
-            self.node("Add", [op.a, op.b], [f"{op.out}.pre"])
-            self.quantize(f"{op.out}.pre", op.out)
-        elif isinstance(op, MaxPoolOp):
-            pooled = f"{op.out}_q.sat" if self.clipped(op.out) else f"{op.out}_q"
-            self.node("MaxPool", [self.saturated[op.inp]], [pooled], kernel_shape=[op.kernel] * 2,
+    def quantize_input(self, op: QuantizeOp) -> None:
+        self.quantize(op.inp, op.out)
+
+    def conv(self, op: ConvOp) -> None:
+        w, b = self.weight(op)
+        if op.gemm:
+            self.node("Gemm", [op.inp, w, b], [op.out], transB=1)
+        else:
+            k = op.weight.shape[2]
+            self.node("Conv", [op.inp, w, b], [f"{op.out}.pre"], kernel_shape=[k, k],
                       strides=[op.stride] * 2, pads=[op.padding] * 4)
-            self.saturated[op.out] = pooled
-            self.clamp(pooled, op.out, f"{op.out}_q")
-            self.dequantize(f"{op.out}_q", op.out)
-        elif isinstance(op, GlobalAvgPoolOp):
-            self.node("GlobalAveragePool", [op.inp], [f"{op.out}.pre"])
-            self.quantize(f"{op.out}.pre", op.out, codes=f"{op.out}_q4d")
-            self.node("Flatten", [f"{op.out}_q4d"], [f"{op.out}_q"], axis=1)
-            self.dequantize(f"{op.out}_q", op.out)
-        else:  # pragma: no cover - the IR has no other ops
-            raise TypeError(f"cannot emit {type(op).__name__}")
+            self.quantize(f"{op.out}.pre", op.out)
+
+    def add(self, op: AddOp) -> None:
+        self.node("Add", [op.a, op.b], [f"{op.out}.pre"])
+        self.quantize(f"{op.out}.pre", op.out)
+
+    def maxpool(self, op: MaxPoolOp) -> None:
+        # max commutes with the clamp and with any monotone code map: pool the saturated codes
+        pooled = f"{op.out}_q.sat" if self.clipped(op.out) else f"{op.out}_q"
+        self.node("MaxPool", [self.saturated[op.inp]], [pooled], kernel_shape=[op.kernel] * 2,
+                  strides=[op.stride] * 2, pads=[op.padding] * 4)
+        self.saturated[op.out] = pooled
+        self.clamp(pooled, op.out, f"{op.out}_q")
+        self.dequantize(f"{op.out}_q", op.out)
+
+    def avgpool(self, op: GlobalAvgPoolOp) -> None:
+        self.node("GlobalAveragePool", [op.inp], [f"{op.out}.pre"])
+        self.quantize(f"{op.out}.pre", op.out, codes=f"{op.out}_q4d")
+        self.node("Flatten", [f"{op.out}_q4d"], [f"{op.out}_q"], axis=1)
+        self.dequantize(f"{op.out}_q", op.out)
+
+    OPS = {QuantizeOp: quantize_input, ConvOp: conv, AddOp: add, MaxPoolOp: maxpool, GlobalAvgPoolOp: avgpool}
+
+    def emit(self, op: object) -> None:
+        self.OPS[type(op)](self, op)
 
 
 def _drop_unused(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
@@ -201,11 +230,23 @@ def to_float_onnx(ir: IntNet) -> onnx.ModelProto:
         nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", **attrs))
 
     def relu_if_unsigned(pre: str, out: str) -> None:
-        node("Relu" if not ir.qparams[out].signed else "Identity", [pre], [out])
+        q = ir.qparams[out]
+        if isinstance(q, CdfCodes):  # the float transform the CDF codes approximate: alpha erf(x / (sigma sqrt 2))
+            node("Relu" if not q.signed else "Identity", [pre], [f"{out}.relu"])
+            inits.append(numpy_helper.from_array(np.array(q.erf_scale / q.pre_scale, np.float32), f"{out}.cdf_in"))
+            inits.append(numpy_helper.from_array(np.array(q.alpha, np.float32), f"{out}.alpha"))
+            node("Mul", [f"{out}.relu", f"{out}.cdf_in"], [f"{out}.u"])
+            node("Erf", [f"{out}.u"], [f"{out}.erf"])
+            node("Mul", [f"{out}.erf", f"{out}.alpha"], [out])
+        else:
+            node("Relu" if not q.signed else "Identity", [pre], [out])
 
     for op in ir.ops:
         if isinstance(op, QuantizeOp):
-            node("Identity", [op.inp], [op.out])
+            if isinstance(ir.qparams[op.out], CdfCodes):
+                relu_if_unsigned(op.inp, op.out)
+            else:
+                node("Identity", [op.inp], [op.out])
         elif isinstance(op, ConvOp):
             in_scale = np.float64(ir.qparams[op.inp].scale)
             shape = (-1,) + (1,) * (op.weight.ndim - 1)

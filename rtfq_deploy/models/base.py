@@ -8,6 +8,7 @@ from typing import Iterator, Mapping
 
 from torch import Tensor, nn
 
+from rtfq_deploy.graph import IntGraph
 from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from rtfq_deploy.plan import ActiveSubnet, BitPlan, BitPolicy
 from rtfq_deploy.errors import RtfqError
@@ -66,9 +67,8 @@ class Supernet(nn.Module):
     """Base of supernet architectures.
 
     Subclasses build their modules in ``__init__`` through :meth:`make_quantizer` and
-    :meth:`conv`/:meth:`linear`, then call :meth:`finish`. They describe their dataflow
-    in :meth:`layer_inputs` so that costs (BitOPs) and export know which activation
-    quantizer feeds each layer.
+    :meth:`conv`/:meth:`linear`, then call :meth:`finish`. They describe their integer
+    dataflow once, in :meth:`graph`; costs (BitOPs), ``layer_inputs`` and export read it.
     """
 
     def __init__(self, config: SupernetConfig) -> None:
@@ -113,9 +113,13 @@ class Supernet(nn.Module):
             if isinstance(module, Quantizer):
                 yield name, module
 
+    def graph(self) -> IntGraph:
+        """The deployed integer dataflow (see :mod:`rtfq_deploy.graph`), described once."""
+        raise NotImplementedError
+
     def layer_inputs(self) -> dict[str, str]:
         """Layer name -> name of the activation quantizer whose output the layer reads."""
-        raise NotImplementedError
+        return self.graph().layer_inputs()
 
     # -- subnets -------------------------------------------------------------------
     def plan(self, config: SubnetConfig) -> BitPlan:

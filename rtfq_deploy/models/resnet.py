@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from rtfq_deploy.graph import Add, AvgPool, Conv, IntGraph, MaxPool, Node, Quantize
 from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, conv_bn
 from rtfq_deploy.models.base import Supernet, SupernetConfig
 from rtfq_deploy.plan import ActiveSubnet
@@ -51,8 +52,8 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.q_out = sn.make_quantizer(False, None, "body")
 
-    # Relative layer name -> relative quantizer feeding it ("" = the block's input).
-    layer_inputs = {"conv1": "", "conv2": "q1", "downsample.0": ""}
+    # (conv, bn, quantizer writing its output), in order along the residual branch.
+    branch = (("conv1", "bn1", "q1"), ("conv2", "bn2", "q_res"))
 
     def forward(self, x: Tensor, net: ActiveSubnet, x_quant: Quantizer) -> Tensor:
         """``x_quant``: the quantizer that produced ``x`` (its step sets the bias grid in eval)."""
@@ -80,7 +81,7 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.q_out = sn.make_quantizer(False, None, "body")
 
-    layer_inputs = {"conv1": "", "conv2": "q1", "conv3": "q2", "downsample.0": ""}
+    branch = (("conv1", "bn1", "q1"), ("conv2", "bn2", "q2"), ("conv3", "bn3", "q_res"))
 
     def forward(self, x: Tensor, net: ActiveSubnet, x_quant: Quantizer) -> Tensor:
         out = self.q1(self.relu(conv_bn(self.conv1, self.bn1, x, net, x_quant)), net)
@@ -138,17 +139,24 @@ class ResNet(Supernet):
     def blocks(self) -> list[tuple[str, BasicBlock | Bottleneck]]:
         return [(f"layer{i}.{j}", blk) for i in range(1, 5) for j, blk in enumerate(getattr(self, f"layer{i}"))]
 
-    def layer_inputs(self) -> dict[str, str]:
-        inputs = {"conv1": "q_input"}
-        feed = "q_stem"  # maxpool keeps values on the q_stem grid
-        for prefix, blk in self.blocks():
-            for layer, quant in blk.layer_inputs.items():
-                if layer.startswith("downsample") and blk.downsample is None:
-                    continue
-                inputs[f"{prefix}.{layer}"] = feed if quant == "" else f"{prefix}.{quant}"
-            feed = f"{prefix}.q_out"
-        inputs["fc"] = "q_pool"
-        return inputs
+    def graph(self) -> IntGraph:
+        mp = self.maxpool
+        nodes: list[Node] = [Quantize("q_input"), Conv("conv1", "q_input", "q_stem", "bn1"),
+                             MaxPool("q_stem", "maxpool", mp.kernel_size, mp.stride, mp.padding)]
+        x = "maxpool"
+        for p, blk in self.blocks():
+            out = x
+            for conv, bn, quant in blk.branch:
+                nodes.append(Conv(f"{p}.{conv}", out, f"{p}.{quant}", f"{p}.{bn}"))
+                out = f"{p}.{quant}"
+            identity = x
+            if blk.downsample is not None:
+                identity = f"{p}.downsample.2"
+                nodes.append(Conv(f"{p}.downsample.0", x, identity, f"{p}.downsample.1"))
+            nodes.append(Add(out, identity, f"{p}.q_out"))
+            x = f"{p}.q_out"
+        nodes += [AvgPool(x, "q_pool"), Conv("fc", "q_pool", None, linear=True)]
+        return IntGraph(tuple(nodes))
 
     def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # type: ignore[override]
         x = self.q_input(x, net)

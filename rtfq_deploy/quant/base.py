@@ -13,15 +13,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from rtfq_deploy.quant.encoding import Encoding, LinearCodes, qrange
+
 if TYPE_CHECKING:
     from rtfq_deploy.plan import ActiveSubnet
-
-
-def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range of a ``bits``-bit code: [-2^(b-1), 2^(b-1)-1] signed, [0, 2^b-1] unsigned."""
-    if signed:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
 
 
 class Quantizer(nn.Module):
@@ -66,8 +61,13 @@ class Quantizer(nn.Module):
         """Initialise every bit-width's parameters from a sample of the tensor it quantizes."""
         raise NotImplementedError
 
+    def encoding(self, bits: int) -> Encoding:
+        """How the exported graph carries this (activation) tensor at ``bits``."""
+        return LinearCodes(float(self.scale(bits).item()), bits, self.signed)
+
     def to_int(self, x: Tensor, bits: int) -> Tensor:
-        """The integer codes of ``x`` (exact for values :meth:`quantize` produced)."""
+        """The integer codes :meth:`quantize` gives the float tensor ``x`` (the exporter's
+        weight codes); their value is code times :meth:`scale`."""
         qmin, qmax = qrange(bits, self.signed)
         s = self.scale(bits, None if self.channels is None else x.shape[0])
         if self.channels is not None:

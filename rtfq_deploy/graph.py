@@ -1,0 +1,97 @@
+"""The integer dataflow of a supernet, described once.
+
+A supernet lists, in forward order, what its deployed integer network computes: which
+layer reads which quantized tensor, which BatchNorm follows it, which quantizer writes
+its output, where residual adds and pools sit. Tensors are named by the quantizer that
+produces them (a max-pool output keeps its input's codes under its own name). Lowering
+to the integer IR, the cost walk (MACs, BitOPs) and ``layer_inputs`` all read this one
+description, so none of them knows an architecture; ``forward`` stays plain PyTorch and
+the export tests prove the two agree.
+
+Torch-free: plain frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """The float image enters the integer path through quantizer ``out``."""
+
+    out: str
+
+
+@dataclass(frozen=True)
+class Conv:
+    """Layer ``layer`` (a conv, or the classifier when ``linear``) reads tensor ``inp``;
+    BatchNorm ``bn`` (if any) and ReLU (when ``out``'s quantizer is unsigned) follow;
+    quantizer ``out`` writes the result, or ``out=None`` leaves it float (the logits)."""
+
+    layer: str
+    inp: str
+    out: str | None
+    bn: str | None = None
+    linear: bool = False
+
+
+@dataclass(frozen=True)
+class Add:
+    """Residual add of two quantized tensors; ReLU and quantizer ``out`` follow."""
+
+    a: str
+    b: str
+    out: str
+
+
+@dataclass(frozen=True)
+class MaxPool:
+    """Max pooling on the codes of ``inp``; ``out`` is carried exactly as ``inp`` is."""
+
+    inp: str
+    out: str
+    kernel: int
+    stride: int
+    padding: int
+
+
+@dataclass(frozen=True)
+class AvgPool:
+    """Global average pooling of ``inp``, flattened, quantized by ``out``."""
+
+    inp: str
+    out: str
+
+
+Node = Quantize | Conv | Add | MaxPool | AvgPool
+
+
+@dataclass(frozen=True)
+class IntGraph:
+    nodes: tuple[Node, ...]
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def convs(self) -> Iterator[Conv]:
+        return (n for n in self.nodes if isinstance(n, Conv))
+
+    def layer_inputs(self) -> dict[str, str]:
+        """Layer name -> name of the quantized tensor it reads (a pooled tensor resolves to
+        the quantizer whose codes it carries)."""
+        carried = {n.out: self.carrier(n.inp) for n in self.nodes if isinstance(n, MaxPool)}
+        return {c.layer: carried.get(c.inp, c.inp) for c in self.convs()}
+
+    def carrier(self, tensor: str) -> str:
+        """The quantizer whose codes ``tensor`` carries."""
+        for n in self.nodes:
+            if isinstance(n, MaxPool) and n.out == tensor:
+                return self.carrier(n.inp)
+        return tensor
+
+
+def out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Spatial output size of a conv or pool (floor mode, as PyTorch and ONNX compute it)."""
+    return (size + 2 * padding - kernel) // stride + 1

@@ -1,0 +1,85 @@
+"""How a quantized tensor is carried in the deployed graph: its encoding.
+
+A quantizer kind hands the exporter one of these per bit-width (``Quantizer.encoding``);
+the exporter emits each encoding through its own handler and never asks which kind
+produced it. Torch-free: plain numbers.
+
+Every encoding has ``bits``, ``signed`` and ``scale``: the tensor's value is its integer
+code times ``scale``, which is what the next integer kernel multiplies, so conv biases
+live on the grid ``scale(input) x scale(weight)`` whatever the encoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-bit code: [-2^(b-1), 2^(b-1)-1] signed, [0, 2^b-1] unsigned."""
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+@dataclass(frozen=True)
+class LinearCodes:
+    """Uniform codes: code = clamp(round(x / scale)) (LSQ and any uniform quantizer)."""
+
+    scale: float
+    bits: int
+    signed: bool
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return qrange(self.bits, self.signed)
+
+
+PRE_BITS = 8
+
+
+@dataclass(frozen=True)
+class CdfCodes:
+    """AlignQ's codes: the input is first carried as 8-bit uniform codes ``p`` of step
+    ``pre_scale`` (what the integer conv writes), then
+
+        code = clamp(round(levels * erf(p * pre_scale / (sigma * sqrt 2))), k-bit range)
+
+    and the tensor's value is ``code * alpha / levels``. ``levels`` is 2^(k-1) for signed
+    codes (the paper's Eq. 2, clamped to k bits) and 2^k - 1 for unsigned (post-ReLU)
+    ones, whose CDF is the half-normal's, so every code is used.
+    """
+
+    pre_scale: float
+    sigma: float
+    alpha: float
+    bits: int
+    signed: bool
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return qrange(self.bits, self.signed)
+
+    @property
+    def pre_qrange(self) -> tuple[int, int]:
+        return qrange(PRE_BITS, self.signed)
+
+    @property
+    def levels(self) -> int:
+        return cdf_levels(self.bits, self.signed)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.levels
+
+    @property
+    def erf_scale(self) -> float:
+        """Scale taking pre-codes to the erf argument."""
+        return self.pre_scale / (self.sigma * math.sqrt(2.0))
+
+
+def cdf_levels(bits: int, signed: bool) -> int:
+    return 1 << (bits - 1) if signed else (1 << bits) - 1
+
+
+Encoding = LinearCodes | CdfCodes
