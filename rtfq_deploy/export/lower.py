@@ -28,6 +28,7 @@ from rtfq_deploy.quant import Encoding, Quantizer
 
 INT32_MAX = np.iinfo(np.int32).max
 
+
 @dataclass
 class QuantizeOp:
     """The float image entering the integer path."""

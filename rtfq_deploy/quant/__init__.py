@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from rtfq_deploy.quant.base import Quantizer, qrange
+from rtfq_deploy.quant.alignq import AlignQQuantizer
+from rtfq_deploy.quant.base import Quantizer
+from rtfq_deploy.quant.encoding import CdfCodes, Encoding, LinearCodes, qrange
 from rtfq_deploy.quant.lsq import LSQQuantizer
 
-QUANTIZERS: dict[str, type[Quantizer]] = {"lsq": LSQQuantizer}
+QUANTIZERS: dict[str, type[Quantizer]] = {"lsq": LSQQuantizer, "alignq": AlignQQuantizer}
 
 
 def quantizer_class(kind: str) -> type[Quantizer]:
@@ -15,4 +17,5 @@ def quantizer_class(kind: str) -> type[Quantizer]:
         raise ValueError(f"unknown quantizer kind {kind!r} (known: {', '.join(sorted(QUANTIZERS))})") from None
 
 
-__all__ = ["QUANTIZERS", "LSQQuantizer", "Quantizer", "qrange", "quantizer_class"]
+__all__ = ["QUANTIZERS", "AlignQQuantizer", "CdfCodes", "Encoding", "LSQQuantizer", "LinearCodes", "Quantizer", "qrange",
+           "quantizer_class"]

@@ -1,0 +1,193 @@
+"""AlignQ: quantization in the domain of a fitted normal CDF (Chen et al.; Eqs. 1-4).
+
+The tensor is mapped through ``alpha * erf((x - mu) / (sigma sqrt 2))`` (the shifted and
+scaled normal CDF, Eq. 1) and quantized uniformly there (Eq. 2): thresholds are dense
+where values are dense, so codes stay evenly used when a domain shift moves the data
+(Theorem 3.1). The network then computes in the transformed domain; nothing inverts it.
+
+How it is computed, so that the integer export is exact:
+
+- Activations are first carried as 8-bit uniform codes ``p`` of step ``3 sigma / 127``
+  (signed) or ``3 sigma / 255`` (unsigned): that is what an integer conv writes. The
+  k-bit code is then a fixed function of ``p`` (a 256-entry table here, an Erf between a
+  QuantizeLinear and a DequantizeLinear in the exported graph); ``sigma`` is calibrated
+  from data (the paper fixes N(0, 1) after BatchNorm; our quantizers sit after ReLU and
+  residual adds). Post-ReLU tensors use the half-normal CDF, ``(2^k - 1) erf(...)``,
+  which uses every unsigned code (not in the paper).
+- Weights use their own mean and standard deviation (per tensor, of the active slice,
+  as statistics: no gradient through them) and need no pre-quantization: their codes
+  are fixed at export.
+- Gradients: activations pass straight through the rounding, times the CDF's derivative;
+  weights use Eqs. 3-4 (the sigmoid-derivative surrogate of the staircase).
+- At 7-8 bits the CDF step near zero is finer than the 8-bit pre-step, so codes become
+  unreachable: there the quantizer is LSQ (its step sizes are kept for those bits).
+  Note that an LSQ bit-width computes in the original domain, so a supernet whose space
+  mixes 8 with lower bits shares weights across two domains; prefer spaces <= 6 bits.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from rtfq_deploy.quant.encoding import PRE_BITS, CdfCodes, Encoding, cdf_levels, qrange
+from rtfq_deploy.quant.lsq import LSQQuantizer
+
+CDF_MAX_BITS = 6
+PRE_RANGE_SIGMAS = 3.0  # the 8-bit pre-quantization covers 3 sigma (every k <= 6 code is reached within it)
+ALPHA = 1.0  # the transformed domain is [-alpha, alpha] (the paper's choice)
+_MIN_SIGMA = 1e-8
+
+
+def erf_scale(signed: bool) -> float:
+    """Pre-code -> erf argument: p * (3 sigma / qmax8) / (sigma sqrt 2), independent of sigma."""
+    return PRE_RANGE_SIGMAS / (qrange(PRE_BITS, signed)[1] * math.sqrt(2.0))
+
+
+@lru_cache(maxsize=32)
+def _table(bits: int, signed: bool, scale: float) -> Tensor:
+    p = torch.arange(qrange(PRE_BITS, signed)[0], qrange(PRE_BITS, signed)[1] + 1, dtype=torch.float32)
+    return cdf_codes(p, scale, bits, signed)
+
+
+def cdf_codes(p: Tensor, scale: float, bits: int, signed: bool) -> Tensor:
+    """k-bit codes of pre-codes ``p``, in float32 arithmetic as the exported graph computes
+    them: DequantizeLinear (p x scale), Erf, QuantizeLinear (divide by 1/levels, round half
+    to even), then the k-bit clamp."""
+    levels = cdf_levels(bits, signed)
+    e = torch.erf(p.to(torch.float32) * torch.tensor(scale, dtype=torch.float32))
+    codes = torch.round(e / torch.tensor(1.0 / levels, dtype=torch.float32))
+    lo, hi = qrange(bits, signed)
+    return codes.clamp(lo, hi)
+
+
+def code_table(bits: int, signed: bool) -> Tensor:
+    """The k-bit code of every 8-bit pre-code (index 0 = the lowest pre-code)."""
+    return _table(bits, signed, erf_scale(signed))
+
+
+class _CdfActivation(torch.autograd.Function):
+    """Pre-quantize, look the code up, scale; backward: straight through the rounding
+    inside the pre-range, times the CDF's derivative at the pre-quantized value."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, table: Tensor, lo: int, hi: int, unit: float,  # type: ignore[override]
+                scale: float) -> Tensor:
+        v = x / step
+        p = torch.round(v).clamp_(lo, hi)
+        inside = v.ge(lo).logical_and_(v.le(hi))
+        u = p * scale
+        ctx.save_for_backward(inside * (torch.exp(-u * u) * (ALPHA * 2.0 / math.sqrt(math.pi) * scale) / step))
+        return table[(p - lo).long()] * unit
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None, None, None, None, None, None
+
+
+class _CdfWeight(torch.autograd.Function):
+    """Eqs. 2-4: codes of the CDF-transformed weights; the gradient is the sigmoid
+    derivative s(t)(1 - s(t)) at t = (2 (w_q + 0.5)(2^k - 1)) mod 1, times 2 alpha f(w)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, mu: Tensor, sigma: Tensor, bits: int, lo: int, hi: int,  # type: ignore[override]
+                levels: int) -> Tensor:
+        u = (w - mu) / (sigma * math.sqrt(2.0))
+        wq = torch.round(torch.erf(u) * levels).clamp_(lo, hi) / levels * ALPHA
+        t = torch.remainder(2.0 * (wq + 0.5) * ((1 << bits) - 1), 1.0)
+        s = torch.sigmoid(t)
+        pdf2 = torch.exp(-u * u) * (2.0 / math.sqrt(math.pi)) / (sigma * math.sqrt(2.0))  # 2 f(w)
+        ctx.save_for_backward(s * (1 - s) * ALPHA * pdf2)
+        return wq
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None, None, None, None, None, None
+
+
+def _weight_stats(w: Tensor) -> tuple[Tensor, Tensor]:
+    w = w.detach()
+    return w.mean(), w.std(unbiased=False).clamp_min(_MIN_SIGMA)
+
+
+class AlignQQuantizer(LSQQuantizer):
+    """AlignQ at <= 6 bits, LSQ above (see the module docstring)."""
+
+    kind = "alignq"
+
+    def __init__(self, bit_choices: tuple[int, ...], signed: bool, channels: int | None = None,
+                 role: str = "body") -> None:
+        super().__init__(bit_choices, signed, channels, role)
+        if channels is None:
+            self.register_buffer("sigma", torch.ones(()))  # N(0, 1) until calibrated
+
+    def cdf(self, bits: int) -> bool:
+        return bits <= CDF_MAX_BITS
+
+    def init_from(self, x: Tensor) -> None:
+        super().init_from(x)
+        if self.channels is None:
+            with torch.no_grad():
+                x = x.detach()
+                sample = x[x > 0] if not self.signed else x
+                if sample.numel():
+                    self.sigma.copy_(sample.pow(2).mean().sqrt().clamp_min(_MIN_SIGMA))
+
+    def pre_step(self) -> Tensor:
+        return self.sigma.clamp_min(_MIN_SIGMA) * (PRE_RANGE_SIGMAS / qrange(PRE_BITS, self.signed)[1])
+
+    def scale(self, bits: int, channels: int | None = None) -> Tensor:
+        if not self.cdf(bits):
+            return super().scale(bits, channels)
+        unit = ALPHA / cdf_levels(bits, self.signed)
+        if self.channels is None:
+            return self.step.new_tensor(unit)
+        return self.step.new_full((channels or self.channels,), unit)
+
+    def encoding(self, bits: int) -> Encoding:
+        if not self.cdf(bits) or self.channels is not None:
+            return super().encoding(bits)
+        return CdfCodes(float(self.pre_step().item()), erf_scale(self.signed), ALPHA, bits, self.signed)
+
+    def quantize(self, x: Tensor, bits: int) -> Tensor:
+        if not self.cdf(bits):
+            return super().quantize(x, bits)
+        lo, hi = qrange(bits, self.signed)
+        levels = cdf_levels(bits, self.signed)
+        if self.channels is not None:
+            mu, sigma = _weight_stats(x)
+            return _CdfWeight.apply(x, mu, sigma, bits, lo, hi, levels)
+        table = code_table(bits, self.signed).to(device=x.device, dtype=x.dtype)
+        plo, phi = qrange(PRE_BITS, self.signed)
+        return _CdfActivation.apply(x, self.pre_step().to(x.dtype), table, plo, phi, ALPHA / levels,
+                                    erf_scale(self.signed))
+
+    def aligned(self, x: Tensor, bits: int) -> Tensor | None:
+        """The continuous transformed value before the k-bit rounding (ADMM's X), with
+        gradients straight through the pre-quantization; None at LSQ bit-widths."""
+        if not self.cdf(bits) or self.channels is not None:
+            return None
+        plo, phi = qrange(PRE_BITS, self.signed)
+        v = x / self.pre_step().to(x.dtype)
+        p = v + (torch.round(v).clamp(plo, phi) - v).detach()
+        return ALPHA * torch.erf(p * erf_scale(self.signed))
+
+    def to_int(self, x: Tensor, bits: int) -> Tensor:
+        if not self.cdf(bits):
+            return super().to_int(x, bits)
+        if self.channels is None:
+            plo, phi = qrange(PRE_BITS, self.signed)
+            p = torch.round(x.detach() / self.pre_step().to(x.dtype)).clamp(plo, phi)
+            return code_table(bits, self.signed).to(x.device)[(p - plo).long()].to(x.dtype)
+        x = x.detach().to(torch.float64)
+        mu, sigma = _weight_stats(x)
+        lo, hi = qrange(bits, self.signed)
+        return torch.round(torch.erf((x - mu) / (sigma * math.sqrt(2.0))) * cdf_levels(bits, self.signed)).clamp(lo, hi)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", cdf at <= {CDF_MAX_BITS} bits"
