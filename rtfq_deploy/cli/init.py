@@ -11,6 +11,10 @@ from rtfq_deploy.space import (DEFAULT_BITS, DEFAULT_CHANNEL_DIVISOR, DEFAULT_RE
                                MAX_CHANNEL_DIVISOR, MAX_RESOLUTION, MAX_VALUES, format_width)
 
 ARCH_NAMES = ("resnet50", "resnet18", "tiny_resnet")  # kept in step with rtfq_deploy.models.ARCHS by a test
+QUANTIZER_NAMES = ("lsq", "alignq")  # kept in step with rtfq_deploy.quant.QUANTIZERS by a test
+QUANTIZER_HELP = ("lsq: learned step size (uniform). alignq: AlignQ's normal-CDF codes at <= 6 bits; at 7-8 bits "
+                  "AlignQ's codes become unreachable behind the 8-bit pre-quantization, so it is LSQ there "
+                  "(first/last layer and residual operands at the default 8 bits are LSQ); prefer --bits <= 6 with it.")
 
 
 BITS = BoundedInt(2, 8)
@@ -44,12 +48,16 @@ def _bits_or_q(ctx: click.Context, param: click.Parameter, value: str) -> int | 
               help="Bits of the first conv and the classifier (weights and inputs); 'q' follows the subnet.")
 @click.option("--residual-bits", default="8", show_default=True, callback=_bits_or_q,
               help="Bits of the residual add operands; 'q' follows the subnet.")
+@click.option("--quantizer", type=click.Choice(QUANTIZER_NAMES), default="lsq", show_default=True,
+              help="Quantizer kind of weights and activations. " + QUANTIZER_HELP)
+@click.option("--weight-quantizer", type=click.Choice(QUANTIZER_NAMES), help="Weights' kind (overrides --quantizer).")
+@click.option("--act-quantizer", type=click.Choice(QUANTIZER_NAMES), help="Activations' kind (overrides --quantizer).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the weight initialisation.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Checkpoint to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def init(arch: str, pretrained: Path | None, num_classes: int, resolutions: tuple, widths: tuple, bits: tuple,
-         channel_divisor: int, edge_bits: int | None, residual_bits: int | None, seed: int, output: Path,
-         force: bool) -> None:
+         channel_divisor: int, edge_bits: int | None, residual_bits: int | None, quantizer: str,
+         weight_quantizer: str | None, act_quantizer: str | None, seed: int, output: Path, force: bool) -> None:
     """Create a supernet checkpoint (optionally from torchvision ImageNet weights)."""
     import torch
 
@@ -62,7 +70,8 @@ def init(arch: str, pretrained: Path | None, num_classes: int, resolutions: tupl
         raise click.UsageError(f"{output} exists (use --force to overwrite)")
     policy = BitPolicy(edge_bits=edge_bits, residual_bits=residual_bits)
     space = SearchSpace(resolutions, widths, bits, channel_divisor)
-    config = SupernetConfig(arch=arch, num_classes=num_classes, space=space, policy=policy)
+    config = SupernetConfig(arch=arch, num_classes=num_classes, space=space, policy=policy,
+                            weight_quantizer=weight_quantizer or quantizer, act_quantizer=act_quantizer or quantizer)
     state = read_state_dict(pretrained) if pretrained else None
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -73,4 +82,5 @@ def init(arch: str, pretrained: Path | None, num_classes: int, resolutions: tupl
     for note in notes:
         click.echo(note)
     click.echo(f"wrote {output}: {arch}, {num_classes} classes, {len(space)} subnets "
-               f"(R={list(space.resolutions)}, W={[format_width(w) for w in space.widths]}, Q={list(space.bits)})")
+               f"(R={list(space.resolutions)}, W={[format_width(w) for w in space.widths]}, Q={list(space.bits)}, "
+               f"quantizer {config.quantizer})")

@@ -24,7 +24,8 @@ class SupernetConfig:
     num_classes: int = 1000
     space: SearchSpace = field(default_factory=SearchSpace)
     policy: BitPolicy = field(default_factory=BitPolicy)
-    quantizer: str = "lsq"
+    weight_quantizer: str = "lsq"
+    act_quantizer: str = "lsq"
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -32,8 +33,9 @@ class SupernetConfig:
         for bits in self.policy.extra_bits():
             if not 2 <= bits <= 8:
                 raise RtfqError(f"policy bit-widths must be between 2 and 8, got {bits}")
-        if self.quantizer not in QUANTIZERS:
-            raise RtfqError(f"unknown quantizer kind {self.quantizer!r} (known: {', '.join(sorted(QUANTIZERS))})")
+        for kind in (self.weight_quantizer, self.act_quantizer):
+            if kind not in QUANTIZERS:
+                raise RtfqError(f"unknown quantizer kind {kind!r} (known: {', '.join(sorted(QUANTIZERS))})")
 
     @property
     def bit_choices(self) -> tuple[int, ...]:
@@ -49,6 +51,14 @@ class SupernetConfig:
             "quantizer": self.quantizer,
         }
 
+    @property
+    def quantizer(self) -> str:
+        """The kinds as one string: a single name when weights and activations share it
+        (what every reader so far expects; a reader that lacks the kind refuses the file
+        with "unknown quantizer kind"), else ``weights=W,activations=A``."""
+        w, a = self.weight_quantizer, self.act_quantizer
+        return w if w == a else f"weights={w},activations={a}"
+
     @classmethod
     def from_dict(cls, data: Mapping) -> "SupernetConfig":
         return cls(
@@ -56,8 +66,17 @@ class SupernetConfig:
             num_classes=int(data["num_classes"]),
             space=SearchSpace.from_dict(data["space"]),
             policy=BitPolicy.from_dict(data["policy"]),
-            quantizer=str(data["quantizer"]),
+            **_parse_kinds(str(data["quantizer"])),
         )
+
+
+def _parse_kinds(text: str) -> dict[str, str]:
+    if "=" not in text:
+        return {"weight_quantizer": text, "act_quantizer": text}
+    parts = dict(p.partition("=")[::2] for p in text.split(","))
+    if set(parts) != {"weights", "activations"}:
+        raise RtfqError(f"unknown quantizer kind {text!r}")
+    return {"weight_quantizer": parts["weights"], "act_quantizer": parts["activations"]}
 
 
 Layer = SlimConv2d | SlimLinear
@@ -74,11 +93,15 @@ class Supernet(nn.Module):
     def __init__(self, config: SupernetConfig) -> None:
         super().__init__()
         self.config = config
-        self._quantizer_cls = quantizer_class(config.quantizer)
+        self._weight_cls = quantizer_class(config.weight_quantizer)
+        self._act_cls = quantizer_class(config.act_quantizer)
 
     # -- construction helpers -------------------------------------------------------
     def make_quantizer(self, signed: bool, channels: int | None, role: str) -> Quantizer:
-        return self._quantizer_cls(self.config.bit_choices, signed, channels, role)
+        """A weight quantizer (per-channel, ``channels`` set) or an activation one, of the
+        kind the configuration names for that tensor kind."""
+        cls = self._act_cls if channels is None else self._weight_cls
+        return cls(self.config.bit_choices, signed, channels, role)
 
     def conv(self, c_in: int, c_out: int, k: int, **kwargs) -> SlimConv2d:
         return SlimConv2d(c_in, c_out, k, channel_divisor=self.config.space.channel_divisor,

@@ -11,7 +11,6 @@ live on the grid ``scale(input) x scale(weight)`` whatever the encoding.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -43,15 +42,16 @@ class CdfCodes:
     """AlignQ's codes: the input is first carried as 8-bit uniform codes ``p`` of step
     ``pre_scale`` (what the integer conv writes), then
 
-        code = clamp(round(levels * erf(p * pre_scale / (sigma * sqrt 2))), k-bit range)
+        code = clamp(round(levels * erf(p * erf_scale)), k-bit range)
 
+    (``erf_scale`` = pre_scale / (sigma sqrt 2) for the fitted normal's sigma)
     and the tensor's value is ``code * alpha / levels``. ``levels`` is 2^(k-1) for signed
     codes (the paper's Eq. 2, clamped to k bits) and 2^k - 1 for unsigned (post-ReLU)
     ones, whose CDF is the half-normal's, so every code is used.
     """
 
     pre_scale: float
-    sigma: float
+    erf_scale: float
     alpha: float
     bits: int
     signed: bool
@@ -71,11 +71,6 @@ class CdfCodes:
     @property
     def scale(self) -> float:
         return self.alpha / self.levels
-
-    @property
-    def erf_scale(self) -> float:
-        """Scale taking pre-codes to the erf argument."""
-        return self.pre_scale / (self.sigma * math.sqrt(2.0))
 
 
 def cdf_levels(bits: int, signed: bool) -> int:
