@@ -18,7 +18,7 @@ _OVERRIDES = {
     "warmup_steps": "warmup_steps", "step_lr_scale": "step_lr_scale", "rampup_steps": "rampup_steps", "target_start": "target_start", "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "calib_images": "calib_images", "workers": "workers", "device": "device",
     "inplace_distill": "inplace_distill", "idm": "idm", "scheduler_start": "scheduler_start",
-    "scheduler_period": "scheduler_period",
+    "scheduler_period": "scheduler_period", "admm": "admm",
 }
 _LOSS_OVERRIDES = {"w_ce": "ce", "w_distill": "distill", "w_pseudo": "pseudo", "w_im": "im", "threshold": "threshold"}
 
@@ -78,6 +78,9 @@ def _read_recipe(path: Path) -> dict[str, Any]:
               help="Mixed rule: first step of the bit-width scheduler.  [default: steps / 10]")
 @click.option("--scheduler-period", type=_bounded(SETTINGS["scheduler_period"]),
               help="Mixed rule: steps between the scheduler's updates.  [default: steps / 30]")
+@click.option("--admm", metavar="MU,RHO",
+              help="AlignQ supernets: ADMM correlation preservation of the aligned activations with penalties "
+                   "MU >= 0 and RHO > 0 (the paper's code: 0.2,0.3).  [default: off]")
 @click.option("--w-ce", type=_bounded(LOSSES["ce"]), help="Weight of the source cross-entropy.  [default: 1]")
 @click.option("--w-distill", type=_bounded(LOSSES["distill"]), help="Weight of distillation from the EMA teacher.  [default: 1]")
 @click.option("--w-pseudo", type=_bounded(LOSSES["pseudo"]), help="Weight of the target pseudo-label loss.  [default: 0.3]")
@@ -150,7 +153,7 @@ def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, targ
         done = row["step"] + 1
         eta = (total - done) * batch / max(row["images_per_s"], 1e-9)
         parts = [f"step {done}/{total}", f"loss {row['loss']:.3f}", f"ce {row['ce']:.3f}"]
-        parts += [f"{k} {row[k]:.3f}" for k in ("distill", "inplace", "idm", "pseudo", "im") if row.get(k)]
+        parts += [f"{k} {row[k]:.3f}" for k in ("distill", "inplace", "idm", "admm", "pseudo", "im") if row.get(k)]
         if "pseudo_rate" in row:
             parts.append(f"confident {row['pseudo_rate']:.0%}")
         parts += [f"src-acc {row['source_acc']:.2f}", f"{row['images_per_s']:.0f} img/s (data {row['data_share']:.0%})", f"eta {eta / 60:.1f} min"]

@@ -25,9 +25,10 @@ divide by a zero standard deviation wherever a feature is constant over the batc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -236,3 +237,25 @@ def parse_admm(text: str) -> tuple[float, float]:
         except ValueError:
             raise ValueError(f"ADMM {name} is not a number: {field.strip()!r} in {text!r}") from None
     return _check_penalties(*values)
+
+
+@contextlib.contextmanager
+def capture(model: torch.nn.Module) -> Iterator[dict[str, Tensor]]:
+    """D of every quantizer that aligns its input (``aligned`` gives X, its output is
+    Q(X)) during the forward passes inside the block, keyed by quantizer name; quantizers
+    at bit-widths without an aligned form (LSQ, AlignQ at 8 bits) give none."""
+    ds: dict[str, Tensor] = {}
+
+    def hook(quant: torch.nn.Module, args: tuple, out: Tensor) -> None:
+        x, net = args
+        z = quant.aligned(x, net.bits[quant.name])  # type: ignore[operator]
+        if z is not None:
+            ds[quant.name] = discrepancy(z, out)  # type: ignore[index]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if callable(getattr(m, "aligned", None)) and getattr(m, "channels", 0) is None]
+    try:
+        yield ds
+    finally:
+        for h in handles:
+            h.remove()

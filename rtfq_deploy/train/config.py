@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -15,6 +16,27 @@ from rtfq_deploy.train.sampler import RULES
 
 
 ADAM_STEP_LR_SCALE = 0.05
+
+
+MAX_ADMM = 1000.0
+
+
+def _check_admm(value: Any) -> tuple[float, float]:
+    """(mu, rho): two finite numbers, 0 <= mu <= 1000, 0 < rho <= 1000 (from the CLI or run.json)."""
+    if isinstance(value, str):
+        from rtfq_deploy.train.admm import parse_admm
+
+        try:
+            value = parse_admm(value)
+        except ValueError as e:
+            raise RtfqError(f"--admm: {e}") from None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise RtfqError(f"--admm must be two numbers MU,RHO, got {value!r}"[:300])
+    mu, rho = (float(v) for v in value)
+    if not (math.isfinite(mu) and math.isfinite(rho) and 0.0 <= mu <= MAX_ADMM and 0.0 < rho <= MAX_ADMM):
+        raise RtfqError(f"--admm MU,RHO needs 0 <= MU <= {MAX_ADMM:g} and 0 < RHO <= {MAX_ADMM:g}, got {mu},{rho}")
+    return mu, rho
 
 
 @dataclass(frozen=True)
@@ -52,6 +74,8 @@ class TrainConfig:
     scheduler: bool = True  # the bit-width scheduler (mixed rule)
     scheduler_start: int | None = None  # None: steps // 10
     scheduler_period: int | None = None  # None: max(1, steps // 30)
+    # AlignQ's ADMM correlation preservation (mu, rho; see rtfq_deploy.train.admm), or None.
+    admm: tuple[float, float] | None = None
     losses: LossWeights = field(default_factory=LossWeights)
     seed: int = 0
     checkpoint_every: int = 500
@@ -71,6 +95,8 @@ class TrainConfig:
             raise RtfqError("'losses' must be an object of loss weights")
         if self.batch_size % 2:
             raise RtfqError(f"--batch-size must be even (half source, half target), got {self.batch_size}")
+        if self.admm is not None:
+            object.__setattr__(self, "admm", _check_admm(self.admm))
         if not isinstance(self.scheduler, bool):
             raise RtfqError(f"'scheduler' must be true or false, got {self.scheduler!r}"[:300])
         for name, value in (("inplace_distill", 0.5 if self.rule == "mixed" else 0.0),

@@ -52,6 +52,7 @@ from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.quant.base import Quantizer
 from rtfq_deploy.train.config import TrainConfig
 from rtfq_deploy.train.losses import distillation, information_maximization, pseudo_label_loss, pseudo_labels
+from rtfq_deploy.train.admm import CorrelationADMM, capture as admm_capture
 from rtfq_deploy.train.mixed import BitScheduler, DistortionMitigation, MixedRule, free_quantizers
 from rtfq_deploy.train.sampler import make_rule, step_rng
 
@@ -140,21 +141,29 @@ def rampup(cfg: TrainConfig, step: int) -> float:
 def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supernet, subnets: list,
                 xs: Tensor, ys: Tensor, xt: Tensor, teacher_logits: Tensor | None, cfg: TrainConfig,
                 backward: Callable[[Tensor, bool], None], target_scale: float = 1.0,
-                idm: DistortionMitigation | None = None) -> dict[str, float]:
+                idm: DistortionMitigation | None = None, admm: CorrelationADMM | None = None) -> dict[str, float]:
     """Run every sampled subnet, backpropagating each as it goes (so only one subnet's
-    graph is alive at a time); returns the summed loss terms for logging."""
+    graph is alive at a time); returns the summed loss terms for logging. With ``admm``,
+    every source pass adds AlignQ's correlation term, and the step's mean D then takes
+    one ADMM step (Eqs. 11-12)."""
     w = cfg.losses
     totals = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "pseudo": 0.0, "im": 0.0}
     labels = mask = top_logits = None
     reference: dict[str, Tensor] = {}
+    step_ds: dict[str, list[Tensor]] = {}
     for i, sub in enumerate(subnets):
         net = model.active(sub)
         aligned = set() if idm is None else idm.everything if i == 0 else idm.targets(sub, subnets[0])
-        with (idm.capture(aligned) if aligned else contextlib.nullcontext({})) as outputs:
+        with (idm.capture(aligned) if aligned else contextlib.nullcontext({})) as outputs, \
+                (admm_capture(model) if admm is not None else contextlib.nullcontext({})) as ds:
             logits_s = forward(resize_to(xs, sub.resolution), net)
         terms = {"ce": F.cross_entropy(logits_s, ys)}
         weights = {"ce": w.ce, "distill": w.distill * target_scale, "pseudo": w.pseudo * target_scale,
-                   "im": w.im * target_scale, "idm": cfg.idm, "inplace": w.ce * cfg.inplace_distill}
+                   "im": w.im * target_scale, "idm": cfg.idm, "inplace": w.ce * cfg.inplace_distill, "admm": 1.0}
+        if ds:
+            terms["admm"] = admm.loss(ds)
+            for name, d in ds.items():
+                step_ds.setdefault(name, []).append(d.detach())
         if i == 0:
             totals["source_acc"] = float((logits_s.argmax(1) == ys).float().mean())
             top_logits = logits_s.detach()
@@ -183,6 +192,8 @@ def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supern
         totals["loss"] += float(loss.detach())
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + float(v.detach())
+    if admm is not None and step_ds:
+        admm.update({name: torch.stack(d).mean(0) for name, d in step_ds.items()})
     return totals
 
 
@@ -264,7 +275,7 @@ class Run:
 
     # -- state -----------------------------------------------------------------
     def _save_state(self, step: int, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer,
-                    scheduler: BitScheduler | None = None) -> None:
+                    scheduler: BitScheduler | None = None, admm: CorrelationADMM | None = None) -> None:
         """Save, unless a weight went non-finite: a NaN state would poison every resume."""
         bad = _first_non_finite(student) or _first_non_finite(teacher)
         if bad is not None:
@@ -278,11 +289,13 @@ class Run:
                  "optimizer": _to_cpu(opt.state_dict())}
         if scheduler is not None:
             state["scheduler"] = scheduler.state()
+        if admm is not None:
+            state["admm"] = admm.state()
         with atomic_write(self.run_dir / "state.pt", overwrite=True) as f:
             torch.save(state, f)
 
     def _load_state(self, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer,
-                    scheduler: BitScheduler | None = None) -> int:
+                    scheduler: BitScheduler | None = None, admm: CorrelationADMM | None = None) -> int:
         path = self.run_dir / "state.pt"
         if not path.exists():
             return 0
@@ -298,6 +311,8 @@ class Run:
             opt.load_state_dict(state["optimizer"])
             if scheduler is not None and step > 0:
                 scheduler.load(state["scheduler"])
+            if admm is not None and step > 0:
+                admm.load(state["admm"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise RtfqError(f"{path}: damaged training state ({first}); remove it to restart from step 0") from None
@@ -340,7 +355,8 @@ class Run:
         teacher = copy.deepcopy(student).requires_grad_(False)
         opt = make_optimizer(student, cfg)
         rule, scheduler, idm = self._rule(student)
-        start = self._load_state(student, teacher, opt, scheduler)
+        admm = self._admm(student)
+        start = self._load_state(student, teacher, opt, scheduler, admm)
         self._write_record()
         if start == 0:
             self._init_steps(student, src_stream, tgt_stream, normalization)
@@ -376,7 +392,7 @@ class Run:
                         teacher_logits = teacher(xt, teacher.active(maxnet))
                 opt.zero_grad(set_to_none=True)
                 totals = step_losses(forward_model, student, rule(cfg.seed, step), xs, ys, xt, teacher_logits, cfg,
-                                     self._backward(forward_model), rampup(cfg, step), idm)
+                                     self._backward(forward_model), rampup(cfg, step), idm, admm)
                 if not math.isfinite(totals["loss"]):
                     raise Diverged(f"training diverged at step {step + 1}: the loss is {totals['loss']}; nothing past "
                                    f"the last saved state was kept (lower --lr or the loss weights)")
@@ -394,10 +410,10 @@ class Run:
                         progress(row)
                     t0, images, data_s = time.perf_counter(), 0, 0.0
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    self._save_state(done, student, teacher, opt, scheduler)
+                    self._save_state(done, student, teacher, opt, scheduler, admm)
             if dist.world > 1:
                 _check_ranks_agree(student)
-            self._save_state(cfg.steps, student, teacher, opt, scheduler)
+            self._save_state(cfg.steps, student, teacher, opt, scheduler, admm)
         finally:
             if metrics is not None:
                 metrics.close()
@@ -415,6 +431,14 @@ class Run:
         idm = DistortionMitigation(model, space.bits[-1]) if cfg.idm > 0 else None
         return (lambda seed, step: mixed(step_rng(seed, step), scheduler.frozen if scheduler else frozenset()),
                 scheduler, idm)
+
+    def _admm(self, model: Supernet) -> CorrelationADMM | None:
+        if self.cfg.admm is None:
+            return None
+        if not any(callable(getattr(q, "aligned", None)) and q.channels is None for _, q in model.quantizers()):
+            raise RtfqError(f"--admm preserves correlations of AlignQ activations, and this supernet's activations "
+                            f"are {model.config.act_quantizer} (create it with rtfq init --act-quantizer alignq)")
+        return CorrelationADMM(*self.cfg.admm)
 
     def _backward(self, forward_model: nn.Module) -> Callable[[Tensor, bool], None]:
         def backward(loss: Tensor, last: bool) -> None:

@@ -1,0 +1,129 @@
+"""AlignQ against LSQ under domain shift, at 4 and 2 bits, over several data seeds.
+
+For every seed: the strong-shift synthetic data (`rtfq data synth --shift strong`), then
+three tiny_resnet supernets with the space R 64/56/48/40 x W 1.00/0.86/0.73/0.60 x Q 4/2
+(32 subnets), all trained with the strong shift's CPU recipe (RTF-Q: SandwichQ, EMA
+teacher, target terms) from the same initial weights (same seed):
+
+  lsq            LSQ weights and activations (this project's RTF-Q)
+  alignq         AlignQ weights and activations (CDF codes at both bit-widths)
+  alignq-admm    AlignQ plus ADMM correlation preservation, --admm 0.2,0.3 (the paper's code)
+
+Each is evaluated on the seed's held-out target images (every subnet). The script prints
+mean +- std over seeds of the mean target top-1 at q4 and at q2, then AlignQ minus LSQ
+and ADMM's gain per seed, and writes OUT/alignq_ablation.json. Finished runs are reused
+(only their accuracy tables are needed, kept in train/ablation/alignq/), so
+
+    python train/alignq_ablation.py --out train/ablation/alignq
+
+reprints the table and trains only what is missing (9 runs, about 35 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from uda_ablation import mean_std, recipe_steps, scaled, sh, tool  # noqa: E402
+
+RECIPE = "synth_strong_cpu"
+SPACE = ["--resolutions", "64,56,48,40", "--widths", "1.0,0.86,0.73,0.6", "--bits", "4,2"]
+BITS = (4, 2)
+RUNS: dict[str, tuple[str, list[str]]] = {  # name -> (quantizer kind, rtfq-train options)
+    "lsq": ("lsq", []),
+    "alignq": ("alignq", []),
+    "alignq-admm": ("alignq", ["--admm", "0.2,0.3"]),
+}
+
+
+def prepare(out: Path, seed: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "data").exists():
+        sh(tool("rtfq"), "data", "synth", str(out / "data"), "--shift", "strong", "--seed", str(seed))
+    for kind in {k for k, _ in RUNS.values()}:
+        init = out / f"init-{kind}.pt"
+        if not init.exists():
+            sh(tool("rtfq"), "init", "--arch", "tiny_resnet", "--num-classes", "16", *SPACE, "--quantizer", kind,
+               "--seed", str(seed), "-o", str(init))
+
+
+def one(out: Path, seed: int, name: str, steps: dict[str, int], override: int | None, threads: int) -> dict:
+    run, acc = out / name, out / f"{name}.acc.json"
+    if not acc.exists():
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        kind, options = RUNS[name]
+        started = time.monotonic()
+        train = ["--resume", str(run)] if (run / "run.json").exists() else [
+            "--checkpoint", str(out / f"init-{kind}.pt"), "--source", str(out / "data/source"),
+            "--target", str(out / "data/target"), "--out", str(run), "--recipe", RECIPE, "--seed", str(seed),
+            *options, *scaled(steps, 1.0, override)]
+        sh(tool("rtfq-train"), *train, env=env, log=out / f"{name}.log")
+        train_s = time.monotonic() - started
+        sh(tool("rtfq"), "eval", "--checkpoint", str(run / "supernet.pt"), "--data", str(out / "data/target_test"),
+           "-o", str(acc), env=env)
+        table = json.loads(acc.read_text())
+        table["train_seconds"] = train_s
+        acc.write_text(json.dumps(table, indent=2))
+        print(f"seed {seed} {name}: trained in {train_s:.0f} s", flush=True)
+    table = json.loads(acc.read_text())
+    top1 = {r["subnet"]: r["top1"] for r in table["subnets"]}
+    return {f"q{q}": statistics.fmean(v for k, v in top1.items() if k.endswith(f"-q{q}")) for q in BITS}
+
+
+def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, out: Path) -> None:
+    print(f"\nMean target top-1 over the 16 subnets of each bit-width, held-out target images, "
+          f"seeds {','.join(map(str, seeds))} (mean +- std); wall {wall / 60:.1f} min")
+    print(f"{'run':<14}" + "".join(f"{f'q{q}':>16}" for q in BITS))
+    for name, per_seed in results.items():
+        print(f"{name:<14}" + "".join(f"{mean_std([per_seed[s][f'q{q}'] for s in seeds]):>16}" for q in BITS))
+    pairs = [("alignq", "lsq", "AlignQ - LSQ"), ("alignq-admm", "lsq", "AlignQ+ADMM - LSQ"),
+             ("alignq-admm", "alignq", "ADMM's gain")]
+    for a, b, label in pairs:
+        if a in results and b in results:
+            for q in BITS:
+                diffs = [results[a][s][f"q{q}"] - results[b][s][f"q{q}"] for s in seeds]
+                print(f"{label:<18} q{q}: {mean_std(diffs)}  per seed " + ", ".join(f"{d:+.3f}" for d in diffs))
+    (out / "alignq_ablation.json").write_text(json.dumps(
+        {"seeds": seeds, "results": {n: {str(s): v for s, v in r.items()} for n, r in results.items()}}, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
+    ap.add_argument("--steps", type=int, help="override the recipe's steps (every phase scaled alike)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained at a time (one thread each)")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or not names:
+        sys.exit(f"unknown runs: {', '.join(unknown)} (known: {', '.join(RUNS)})")
+    if args.steps is not None and not 1 <= args.steps <= 1_000_000:
+        sys.exit("--steps must be between 1 and 1000000")
+    if not 1 <= args.jobs <= 16:
+        sys.exit("--jobs must be between 1 and 16")
+    steps = recipe_steps(RECIPE)
+    started = time.monotonic()
+    for seed in seeds:
+        prepare(args.out / f"seed{seed}", seed)
+    jobs = [(seed, name) for seed in seeds for name in names]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        done = list(pool.map(lambda j: one(args.out / f"seed{j[0]}", j[0], j[1], steps, args.steps,
+                                           max(1, 2 // args.jobs)), jobs))
+    results: dict[str, dict[int, dict]] = {n: {} for n in names}
+    for (seed, name), figures in zip(jobs, done):
+        results[name][seed] = figures
+    report(results, seeds, time.monotonic() - started, args.out)
+
+
+if __name__ == "__main__":
+    main()
