@@ -22,6 +22,8 @@ def _describe(result) -> str:
                      f"{r.max_diff_input_steps:.2f} classifier-input steps), reference evaluator within "
                      f"{r.reference_max_diff_steps:.2f} steps, "
                      f"integer kernels only")
+        if r.cdf_code_mismatches:
+            parts.append(f"all 256 codes of {len(r.cdf_code_mismatches)} CDF quantizers equal PyTorch's")
         if r.float32_top1_agreement is not None:
             parts.append(f"within this network's own float32 sensitivity (float32 evaluation vs float64: top-1 "
                          f"{r.float32_top1_agreement:.3f}, {r.float32_max_diff_steps:.2f} steps)")

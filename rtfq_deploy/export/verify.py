@@ -14,7 +14,7 @@ import copy
 import os
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -52,6 +52,9 @@ class VerifyReport:
     float32_top1_agreement: float | None = None
     float32_max_diff_steps: float | None = None
     float32_beyond_bar: int | None = None
+    # CDF (AlignQ) tensors: every one of the 256 pre-codes mapped by onnxruntime and by the
+    # PyTorch quantizer; tensor -> number of pre-codes whose k-bit codes differ.
+    cdf_code_mismatches: dict[str, int] = field(default_factory=dict)
 
     @property
     def exact(self) -> bool:
@@ -82,7 +85,8 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return (self.exact or self.within_float_sensitivity) and self.reference_agrees and not self.float_kernels
+        return ((self.exact or self.within_float_sensitivity) and self.reference_agrees and not self.float_kernels
+                and not any(self.cdf_code_mismatches.values()))
 
     def problems(self) -> list[str]:
         out = []
@@ -95,6 +99,10 @@ class VerifyReport:
         if not self.reference_agrees:
             out.append(f"the ONNX reference evaluator disagrees with onnxruntime (top-1 match "
                        f"{self.reference_top1_match}, {self.reference_max_diff_steps:.2f} output steps)")
+        bad = {t: n for t, n in self.cdf_code_mismatches.items() if n}
+        if bad:
+            out.append("CDF codes differ between onnxruntime and PyTorch: "
+                       + ", ".join(f"{t} ({n} of 256 pre-codes)" for t, n in sorted(bad.items())))
         if self.float_kernels:
             out.append(f"float kernels left after optimisation: {', '.join(self.float_kernels)}")
         return out
@@ -138,6 +146,36 @@ def torch_logits(model: Supernet, net: ActiveSubnet, x: torch.Tensor, batch: int
     finally:
         for h in handles:
             h.remove()
+
+
+def cdf_code_mismatches(model: Supernet, ir: IntNet) -> dict[str, int]:
+    """For every CDF-coded tensor, run its exported code chain (the emitter's own nodes) on
+    all 256 pre-codes in onnxruntime and count the k-bit codes that differ from the PyTorch
+    quantizer's (its ``to_int``): the whole input domain, so nothing is left to sampling."""
+    from onnx import TensorProto, helper
+
+    from rtfq_deploy.export.lower import IntNet as _IntNet
+    from rtfq_deploy.export.onnx_graph import IR_VERSION, OPSET, _Emitter, _zero_point
+    from rtfq_deploy.quant import CdfCodes
+
+    out: dict[str, int] = {}
+    for t, enc in ir.qparams.items():
+        if not isinstance(enc, CdfCodes) or t not in dict(model.quantizers()):
+            continue
+        lo, hi = enc.pre_qrange
+        pre = np.arange(lo, hi + 1, dtype=np.float32) * np.float32(enc.pre_scale)
+        emitter = _Emitter(_IntNet("x", "codes", 1, 1, qparams={t: enc}), pack_int4=False)
+        emitter.quantize("x", t, codes="codes")
+        graph = helper.make_graph(emitter.nodes, "cdf_codes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(pre)])],
+                                  [helper.make_tensor_value_info("codes", TensorProto.UINT8, [len(pre)])], emitter.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        m.ir_version = IR_VERSION
+        got = ort_session(m.SerializeToString()).run(None, {"x": pre})[0].astype(np.int64) - _zero_point(enc)
+        quant = model.get_submodule(t)
+        with torch.no_grad():
+            want = quant.to_int(torch.from_numpy(pre).to(quant.sigma), enc.bits).cpu().numpy().astype(np.int64)
+        out[t] = int((got != want).sum())
+    return out
 
 
 def ort_session(model_bytes: bytes, threads: int = 1, optimized_path: str | None = None):
@@ -184,6 +222,7 @@ def verify(model: Supernet, net: ActiveSubnet, ir: IntNet, onnx_model: onnx.Mode
         reference_max_diff_steps=float(np.abs(ref - got[:1]).max() / step),
         optimized_ops=dict(sorted(ops.items())),
         float_kernels=sorted(op for op in ops if op in FLOAT_KERNELS),
+        cdf_code_mismatches=cdf_code_mismatches(model, ir),
     )
     if not (report.exact and report.reference_top1_match and report.reference_max_diff_steps <= MAX_OUTPUT_STEPS):
         # How far float32 arithmetic alone moves this network, measured on the PyTorch
