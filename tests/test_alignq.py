@@ -1,0 +1,217 @@
+"""AlignQ: the CDF quantizer's math, its exact export, training with ADMM, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from rtfq_deploy.calibrate import calibrate_bn, init_activation_steps
+from rtfq_deploy.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from rtfq_deploy.data.synth import SynthConfig, generate
+from rtfq_deploy.export.api import build_model
+from rtfq_deploy.export.lower import lower
+from rtfq_deploy.export.verify import cdf_code_mismatches, verify
+from rtfq_deploy.layers import SlimBatchNorm2d
+from rtfq_deploy.models import SupernetConfig, build_supernet
+from rtfq_deploy.plan import ActiveSubnet
+from rtfq_deploy.quant import QUANTIZERS, AlignQQuantizer, CdfCodes, LinearCodes, LSQQuantizer
+from rtfq_deploy.quant.alignq import CDF_MAX_BITS, code_table
+from rtfq_deploy.space import SearchSpace, SubnetConfig
+from tests.test_cli import _one_line_error, _run
+from tests.test_train import kill_after_logged_step
+
+SPACE = SearchSpace(resolutions=(64, 48), widths=(1.0, 0.6), bits=(6, 4, 2))
+
+
+def _entropy(codes: torch.Tensor) -> float:
+    counts = torch.unique(codes, return_counts=True)[1].double()
+    p = counts / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
+def test_codes_of_a_matching_gaussian_carry_almost_k_bits(signed, bits):
+    """Theorem 3.1 through the 8-bit pre-quantization: N(0, s^2) (or its half-normal after
+    ReLU) calibrated on one sample, coded on another, uses the k-bit codes nearly evenly."""
+    g = torch.Generator().manual_seed(bits)
+    x = 1.7 * torch.randn(200_000, generator=g)
+    x = x if signed else x.abs()
+    q = AlignQQuantizer((8, 6, 4, 3, 2), signed)
+    q.init_from(x[:20_000])
+    codes = q.to_int(x[20_000:], bits)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    assert codes.min() >= lo and codes.max() <= hi
+    assert len(torch.unique(codes)) == 1 << bits  # every code reached
+    assert _entropy(codes) >= bits - 0.1
+    # an LSQ quantizer initialised on the same sample uses them far less evenly at low bits
+    if bits <= 3:
+        lsq = LSQQuantizer((8, 6, 4, 3, 2), signed)
+        lsq.init_from(x[:20_000].reshape(1, -1))
+        assert _entropy(lsq.to_int(x[20_000:], bits)) < _entropy(codes)
+
+
+def test_quantize_gives_the_codes_times_one_scale_and_the_cdf_gradient():
+    q = AlignQQuantizer((8, 4), False)
+    q.init_from(torch.randn(4096).relu())
+    x = (torch.randn(1000).relu() * 1.3).requires_grad_()
+    y = q.quantize(x, 4)
+    torch.testing.assert_close(y.detach(), q.to_int(x, 4) * q.scale(4))
+    assert q.encoding(4) == CdfCodes(float(q.pre_step()), q.encoding(4).erf_scale, 1.0, 4, False)
+    y.sum().backward()
+    # straight through the rounding, times d/dx alpha erf(p / (sigma sqrt 2)) at the pre-quantized p
+    p = torch.round(x.detach() / q.pre_step()).clamp(0, 255) * q.pre_step()
+    inside = (x.detach() / q.pre_step() <= 255).float()
+    expected = inside * 2 / math.sqrt(math.pi) * torch.exp(-(p / (q.sigma * math.sqrt(2))) ** 2) / (q.sigma * math.sqrt(2))
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-6)
+    # at 8 bits it is LSQ: uniform codes on its own step
+    assert isinstance(q.encoding(8), LinearCodes) and CDF_MAX_BITS == 6
+
+
+def test_weight_gradient_is_eqs_3_and_4():
+    q = AlignQQuantizer((4,), True, channels=8)
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    y = q.quantize(w, 4)
+    mu, sigma = w.detach().mean(), w.detach().std(unbiased=False)
+    u = (w.detach() - mu) / (sigma * math.sqrt(2))
+    torch.testing.assert_close(y.detach(), torch.round(torch.erf(u) * 8).clamp(-8, 7) / 8)
+    torch.testing.assert_close(q.to_int(w, 4).float(), (y.detach() * 8).float())
+    y.backward(torch.ones_like(y))
+    t = torch.remainder(2 * (y.detach() + 0.5) * 15, 1.0)
+    s = torch.sigmoid(t)
+    f = torch.exp(-u * u) / (sigma * math.sqrt(2 * math.pi))
+    torch.testing.assert_close(w.grad, s * (1 - s) * 2 * f)
+
+
+def _prepared(weight: str, act: str, bits: int, arch: str = "tiny_resnet") -> tuple[Checkpoint, SubnetConfig]:
+    torch.manual_seed(0)
+    model = build_supernet(SupernetConfig(arch, num_classes=10, space=SPACE, weight_quantizer=weight,
+                                          act_quantizer=act))
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, SlimBatchNorm2d)):
+            bn.weight.copy_(torch.randn_like(bn.weight))
+            bn.weight[1] = 0.0
+            bn.bias.normal_(0.0, 0.5)
+    images = torch.randn(16, 3, 64, 64)
+    init_activation_steps(model, ActiveSubnet(1.0, model.float_plan()), images)
+    cfg = SubnetConfig(64, 0.6, bits)
+    return Checkpoint(model.eval(), {str(cfg): calibrate_bn(model, model.active(cfg), [images])}, {}), cfg
+
+
+@pytest.mark.parametrize("weight,act,bits", [("alignq", "alignq", 6), ("alignq", "alignq", 4),
+                                             ("alignq", "alignq", 2), ("lsq", "alignq", 4), ("alignq", "lsq", 2)])
+def test_alignq_exports_exactly_on_integer_kernels(weight, act, bits):
+    ckpt, cfg = _prepared(weight, act, bits)
+    model, ir, net, _ = build_model(ckpt, cfg, "0" * 64)
+    onnx.checker.check_model(model, full_check=True)
+    report = verify(ckpt.model, net, ir, model, torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    assert report.passed, report.problems()
+    assert report.top1_agreement == 1.0 and report.reference_top1_match
+    cdf = [t for t, q in ir.qparams.items() if isinstance(q, CdfCodes) and t != "maxpool"]  # the pool shares q_stem's
+    assert len(cdf) == (9 if act == "alignq" else 0)  # q_stem and each block's q1 and q_out (tiny_resnet)
+    assert set(report.cdf_code_mismatches) == set(cdf) and not any(report.cdf_code_mismatches.values())
+    ops = report.optimized_ops
+    assert ops.get("Erf", 0) == len(cdf) and ops["QLinearConv"] == 12 and not report.float_kernels
+
+
+def test_the_code_check_catches_a_wrong_cdf_chain():
+    ckpt, cfg = _prepared("lsq", "alignq", 4)
+    ir = lower(ckpt.model, ckpt.model.active(cfg, ckpt.bn_stats[str(cfg)]), cfg.resolution)
+    assert not any(cdf_code_mismatches(ckpt.model, ir).values())
+    t = "layer1.0.q1"
+    q = ir.qparams[t]
+    ir.qparams[t] = CdfCodes(q.pre_scale, q.erf_scale * 1.05, q.alpha, q.bits, q.signed)
+    assert cdf_code_mismatches(ckpt.model, ir)[t] > 0
+
+
+def test_code_table_is_monotone_and_uses_every_code():
+    for signed in (True, False):
+        for bits in range(2, CDF_MAX_BITS + 1):
+            table = code_table(bits, signed)
+            assert len(table) == 256 and bool((table[1:] >= table[:-1]).all())
+            assert len(torch.unique(table)) == 1 << bits
+
+
+def test_checkpoint_keeps_the_kinds_and_an_older_reader_refuses_it(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    config = SupernetConfig("tiny_resnet", num_classes=4, space=SPACE, weight_quantizer="lsq", act_quantizer="alignq")
+    model = build_supernet(config)
+    with torch.no_grad():
+        model.get_submodule("layer1.0.q1").sigma.fill_(2.5)
+    save_checkpoint(tmp_path / "a.pt", model)
+    back = load_checkpoint(tmp_path / "a.pt")
+    assert back.model.config == config and back.model.config.quantizer == "weights=lsq,activations=alignq"
+    assert float(back.model.get_submodule("layer1.0.q1").sigma) == 2.5
+    assert isinstance(back.model.get_submodule("conv1.weight_quant"), LSQQuantizer)
+    assert not isinstance(back.model.get_submodule("conv1.weight_quant"), AlignQQuantizer)
+    assert SupernetConfig.from_dict({**config.to_dict(), "quantizer": "lsq"}).act_quantizer == "lsq"  # old files
+    # a reader that knows only LSQ (every version before this one) refuses the file with one line
+    both = build_supernet(SupernetConfig("tiny_resnet", num_classes=4, space=SPACE, weight_quantizer="alignq",
+                                         act_quantizer="alignq"))
+    save_checkpoint(tmp_path / "b.pt", both)
+    monkeypatch.delitem(QUANTIZERS, "alignq")
+    with pytest.raises(CheckpointError, match="unknown quantizer kind 'alignq'"):
+        load_checkpoint(tmp_path / "b.pt")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("alignq")
+    generate(root / "data", SynthConfig(classes=3, per_class=8, test_per_class=4, size=32, seed=0))
+    torch.manual_seed(0)
+    space = SearchSpace(resolutions=(32, 24), widths=(1.0, 0.5), bits=(4, 2))
+    save_checkpoint(root / "init.pt", build_supernet(SupernetConfig("tiny_resnet", num_classes=3, space=space,
+                                                                    weight_quantizer="alignq", act_quantizer="alignq")))
+    save_checkpoint(root / "lsq.pt", build_supernet(SupernetConfig("tiny_resnet", num_classes=3, space=space)))
+    return root
+
+
+def _args(setup: Path, out: Path, *extra: str, init: str = "init.pt") -> list[str]:
+    return ["--checkpoint", str(setup / init), "--source", str(setup / "data" / "source"),
+            "--target", str(setup / "data" / "target"), "--out", str(out), "--batch-size", "16", "--lr", "0.002",
+            "--log-every", "1", "--calib-images", "16", "--workers", "0", *extra]
+
+
+def test_admm_training_resumes_exactly_after_sigkill_then_exports(setup, tmp_path):
+    steps = ["--steps", "6", "--checkpoint-every", "3", "--admm", "0.2,0.3"]
+    whole = _run("rtfq-train", *_args(setup, tmp_path / "whole", *steps))
+    assert whole.returncode == 0, whole.stderr
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["admm"] > 0 for r in rows) and "admm" in whole.stderr
+    assert json.loads((tmp_path / "whole" / "run.json").read_text())["config"]["admm"] == [0.2, 0.3]
+    run = tmp_path / "killed"
+    kill_after_logged_step(_args(setup, run, *steps), run, 4)  # the state of step 3 is saved by then
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["step"] == 3 and state["admm"]["gamma"] and state["admm"]["d_tilde"]
+    resumed = _run("rtfq-train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(tmp_path / "whole" / "supernet.pt"), load_checkpoint(run / "supernet.pt")
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
+    # and without the ADMM state the resumed run would differ: Gamma is not zero
+    assert any(float(g.abs().max()) > 0 for g in state["admm"]["gamma"].values())
+    out = tmp_path / "m.onnx"
+    result = _run("rtfq-export", "--checkpoint", str(run / "supernet.pt"), "--subnet", "r32-w0.50-q2", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "CDF quantizers equal PyTorch's" in result.stdout
+    assert sum(n.op_type == "Erf" for n in onnx.load(out).graph.node) == 9
+
+
+def test_bad_admm_and_kinds_get_one_line(setup, tmp_path):
+    for bad in ("nan,1", "1", "1,2,3", "-1,1", "1,0", "inf,1", "a,b", "", "1e9,1"):
+        _one_line_error(_run("rtfq-train", *_args(setup, tmp_path / "bad", "--steps", "1", "--admm", bad)), "--admm")
+        assert not (tmp_path / "bad").exists()
+    _one_line_error(_run("rtfq-train", *_args(setup, tmp_path / "lsq", "--steps", "1", "--admm", "0.2,0.3",
+                                              init="lsq.pt")), "AlignQ")
+    _one_line_error(_run("rtfq", "init", "--arch", "tiny_resnet", "--quantizer", "cdfq", "-o", str(tmp_path / "x.pt")),
+                    "cdfq")
+    assert not (tmp_path / "x.pt").exists()
+    ok = _run("rtfq", "init", "--arch", "tiny_resnet", "--bits", "4,2", "--act-quantizer", "alignq", "-o",
+              str(tmp_path / "y.pt"))
+    assert ok.returncode == 0 and "weights=lsq,activations=alignq" in ok.stdout
+    assert "unreachable" in _run("rtfq", "init", "--help").stdout
