@@ -215,3 +215,22 @@ def test_bad_admm_and_kinds_get_one_line(setup, tmp_path):
               str(tmp_path / "y.pt"))
     assert ok.returncode == 0 and "weights=lsq,activations=alignq" in ok.stdout
     assert "unreachable" in _run("rtfq", "init", "--help").stdout
+
+
+def test_mixed_rule_training_and_a_per_layer_plan_export_with_alignq(setup, tmp_path):
+    run = tmp_path / "mixed"
+    result = _run("rtfq-train", *_args(setup, run, "--steps", "2", "--rule", "mixed", "--admm", "0.2,0.3"))
+    assert result.returncode == 0, result.stderr
+    plan = tmp_path / "plan.json"
+    made = _run("rtfq", "plan", "--checkpoint", str(run / "supernet.pt"), "--subnet", "r32-w0.50-q4",
+                "--set", "layer2.*=2", "-o", str(plan))
+    assert made.returncode == 0, made.stderr
+    bits = json.loads(plan.read_text())["bits"]
+    assert bits["layer2.0.q1"] == 2 and bits["layer1.0.q1"] == 4
+    out = tmp_path / "p.onnx"
+    exported = _run("rtfq-export", "--checkpoint", str(run / "supernet.pt"), "--plan", str(plan), "--calib",
+                    str(setup / "data" / "target"), "-o", str(out))
+    assert exported.returncode == 0, exported.stderr
+    assert "CDF quantizers equal PyTorch's" in exported.stdout
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert json.loads(meta["rtfq.bits"]) == bits

@@ -177,6 +177,12 @@ class AlignQQuantizer(LSQQuantizer):
         p = v + (torch.round(v).clamp(plo, phi) - v).detach()
         return ALPHA * torch.erf(p * erf_scale(self.signed))
 
+    def unrounded(self, x: Tensor, bits: int) -> Tensor:
+        if not self.cdf(bits) or self.channels is None:
+            return super().unrounded(x, bits)
+        mu, sigma = _weight_stats(x)
+        return torch.erf((x - mu) / (sigma * math.sqrt(2.0))) * cdf_levels(bits, self.signed)
+
     def to_int(self, x: Tensor, bits: int) -> Tensor:
         if not self.cdf(bits):
             return super().to_int(x, bits)
@@ -184,10 +190,8 @@ class AlignQQuantizer(LSQQuantizer):
             plo, phi = qrange(PRE_BITS, self.signed)
             p = torch.round(x.detach() / self.pre_step().to(x.dtype)).clamp(plo, phi)
             return code_table(bits, self.signed).to(x.device)[(p - plo).long()].to(x.dtype)
-        x = x.detach().to(torch.float64)
-        mu, sigma = _weight_stats(x)
         lo, hi = qrange(bits, self.signed)
-        return torch.round(torch.erf((x - mu) / (sigma * math.sqrt(2.0))) * cdf_levels(bits, self.signed)).clamp(lo, hi)
+        return torch.round(self.unrounded(x.detach().to(torch.float64), bits)).clamp(lo, hi)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", cdf at <= {CDF_MAX_BITS} bits"

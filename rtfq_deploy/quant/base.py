@@ -65,14 +65,19 @@ class Quantizer(nn.Module):
         """How the exported graph carries this (activation) tensor at ``bits``."""
         return LinearCodes(float(self.scale(bits).item()), bits, self.signed)
 
+    def unrounded(self, x: Tensor, bits: int) -> Tensor:
+        """The code value of ``x`` before rounding and clamping: ``to_int`` is its clamped
+        rounding (how close weights sit to a rounding boundary, whatever the kind)."""
+        s = self.scale(bits, None if self.channels is None else x.shape[0])
+        if self.channels is not None:
+            s = s.reshape((-1,) + (1,) * (x.dim() - 1))
+        return x / s.clamp_min(1e-8)
+
     def to_int(self, x: Tensor, bits: int) -> Tensor:
         """The integer codes :meth:`quantize` gives the float tensor ``x`` (the exporter's
         weight codes); their value is code times :meth:`scale`."""
         qmin, qmax = qrange(bits, self.signed)
-        s = self.scale(bits, None if self.channels is None else x.shape[0])
-        if self.channels is not None:
-            s = s.reshape((-1,) + (1,) * (x.dim() - 1))
-        return torch.clamp(torch.round(x / s.clamp_min(1e-8)), qmin, qmax)
+        return torch.clamp(torch.round(self.unrounded(x, bits)), qmin, qmax)
 
     def extra_repr(self) -> str:
         sign = "signed" if self.signed else "unsigned"

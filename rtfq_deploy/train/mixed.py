@@ -83,13 +83,15 @@ class MixedRule:
 
 def unstable_score(weight: Tensor, quant, bits_choices: tuple[int, ...], eps: float = EPSILON) -> float:
     """Eq. 6: the share of weights within eps of a rounding boundary, summed over the
-    candidates with weight 1/2^(b-1) (low bit-widths count most)."""
+    candidates with weight 1/2^(b-1) (low bit-widths count most). Measured in code units
+    (``quant.unrounded``), so it means the same for every quantizer kind; a clamped weight
+    counts as unstable, as its error exceeds half a step."""
     score = 0.0
     with torch.no_grad():
         for b in bits_choices:
-            step = quant.scale(b, weight.shape[0]).reshape((-1,) + (1,) * (weight.dim() - 1)).clamp_min(1e-12)
-            error = (weight - quant.quantize(weight, b)).abs()
-            score += float((error > (1.0 - eps) * step / 2).float().mean()) / 2 ** (b - 1)
+            v = quant.unrounded(weight, b)
+            error = (v - quant.to_int(weight, b).to(v.dtype)).abs()
+            score += float((error > (1.0 - eps) / 2).float().mean()) / 2 ** (b - 1)
     return score
 
 
