@@ -19,11 +19,10 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-import torch
 
 from rtfq_deploy import graph
 from rtfq_deploy.models.base import Supernet
-from rtfq_deploy.plan import ActiveSubnet, BitPlan
+from rtfq_deploy.plan import BitPlan
 from rtfq_deploy.space import SubnetConfig
 
 FLOAT_BITS = 32

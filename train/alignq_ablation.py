@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_ablation import mean_std, recipe_steps, scaled, sh, tool  # noqa: E402
+from uda_ablation import mean_std, recipe_steps, scaled, sh, tool, train_and_eval  # noqa: E402
 
 RECIPE = "synth_strong_cpu"
 SPACE = ["--resolutions", "64,56,48,40", "--widths", "1.0,0.86,0.73,0.6", "--bits", "4,2"]
@@ -55,24 +54,9 @@ def prepare(out: Path, seed: int) -> None:
 
 
 def one(out: Path, seed: int, name: str, steps: dict[str, int], override: int | None, threads: int) -> dict:
-    run, acc = out / name, out / f"{name}.acc.json"
-    if not acc.exists():
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        kind, options = RUNS[name]
-        started = time.monotonic()
-        train = ["--resume", str(run)] if (run / "run.json").exists() else [
-            "--checkpoint", str(out / f"init-{kind}.pt"), "--source", str(out / "data/source"),
-            "--target", str(out / "data/target"), "--out", str(run), "--recipe", RECIPE, "--seed", str(seed),
-            *options, *scaled(steps, 1.0, override)]
-        sh(tool("rtfq-train"), *train, env=env, log=out / f"{name}.log")
-        train_s = time.monotonic() - started
-        sh(tool("rtfq"), "eval", "--checkpoint", str(run / "supernet.pt"), "--data", str(out / "data/target_test"),
-           "-o", str(acc), env=env)
-        table = json.loads(acc.read_text())
-        table["train_seconds"] = train_s
-        acc.write_text(json.dumps(table, indent=2))
-        print(f"seed {seed} {name}: trained in {train_s:.0f} s", flush=True)
-    table = json.loads(acc.read_text())
+    kind, options = RUNS[name]
+    table = train_and_eval(out, seed, name, lambda: ["--checkpoint", str(out / f"init-{kind}.pt"), "--recipe", RECIPE,
+                                                     *options, *scaled(steps, 1.0, override)], threads)
     top1 = {r["subnet"]: r["top1"] for r in table["subnets"]}
     return {f"q{q}": statistics.fmean(v for k, v in top1.items() if k.endswith(f"-q{q}")) for q in BITS}
 

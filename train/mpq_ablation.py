@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_ablation import _positive, _seeds, mean_std, sh, tool  # noqa: E402  (same folder)
+from uda_ablation import _positive, _seeds, mean_std, sh, tool, train_and_eval  # noqa: E402  (same folder)
 
 BITS = (6, 5, 4, 3, 2)
 SPACE = ["--resolutions", "64", "--widths", "1.0"]
@@ -63,25 +63,10 @@ def prepare(out: Path, seed: int, bits: tuple[int, ...]) -> Path:
 
 
 def train_one(out: Path, seed: int, name: str, threads: int) -> dict:
-    run, acc = out / name, out / f"{name}.acc.json"
-    if not acc.exists():
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        options, bits = RUNS[name]
-        init = prepare(out, seed, bits)
-        started = time.monotonic()
-        train = ["--resume", str(run)] if (run / "run.json").exists() else [
-            "--checkpoint", str(init), "--source", str(out / "data/source"), "--target", str(out / "data/target"),
-            "--out", str(run), "--recipe", RECIPE, "--seed", str(seed), "--rule", "mixed", "--n-random", "3",
-            *options]
-        sh(tool("rtfq-train"), *train, env=env, log=out / f"{name}.log")
-        train_s = time.monotonic() - started
-        sh(tool("rtfq"), "eval", "--checkpoint", str(run / "supernet.pt"), "--data", str(out / "data/target_test"),
-           "-o", str(acc), env=env)
-        table = json.loads(acc.read_text())
-        table["train_seconds"] = train_s
-        acc.write_text(json.dumps(table, indent=2))
-        print(f"seed {seed} {name}: trained in {train_s:.0f} s", flush=True)
-    table = json.loads(acc.read_text())
+    options, bits = RUNS[name]
+    table = train_and_eval(out, seed, name, lambda: [
+        "--checkpoint", str(prepare(out, seed, bits)), "--recipe", RECIPE, "--rule", "mixed", "--n-random", "3",
+        *options], threads)
     return {"top1": {r["subnet"]: r["top1"] for r in table["subnets"]}, "train_seconds": table["train_seconds"],
             "bitops": {r["subnet"]: r["bitops"] for r in table["subnets"]}}
 

@@ -39,6 +39,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 RECIPES = {"mild": "synth_cpu", "strong": "synth_strong_cpu"}
 CLASSES = {"mild": 10, "strong": 16}
@@ -101,17 +102,18 @@ def prepare(out: Path, seed: int, shift: str) -> None:
            "--seed", str(seed), "-o", str(init))
 
 
-def one(out: Path, seed: int, name: str, recipe: str, steps: dict[str, int], override: int | None,
-        threads: int) -> dict:
+def train_and_eval(out: Path, seed: int, name: str, args: Callable[[], list[str]], threads: int) -> dict:
+    """Train OUT/NAME (``args()``: the checkpoint, recipe and options; called only when the
+    run is missing; an interrupted run is resumed), then evaluate every subnet on the
+    seed's held-out target images. The accuracy table OUT/NAME.acc.json, with the training
+    time, is all that is kept and what a later call reuses."""
     run, acc = out / name, out / f"{name}.acc.json"
     if not acc.exists():
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        options, share = RUNS[name]
         started = time.monotonic()
         train = ["--resume", str(run)] if (run / "run.json").exists() else [
-            "--checkpoint", str(out / "init.pt"), "--source", str(out / "data/source"),
-            "--target", str(out / "data/target"), "--out", str(run), "--recipe", recipe, "--seed", str(seed),
-            *options, *scaled(steps, share, override)]
+            "--source", str(out / "data/source"), "--target", str(out / "data/target"), "--out", str(run),
+            "--seed", str(seed), *args()]
         sh(tool("rtfq-train"), *train, env=env, log=out / f"{name}.log")
         train_s = time.monotonic() - started
         sh(tool("rtfq"), "eval", "--checkpoint", str(run / "supernet.pt"), "--data", str(out / "data/target_test"),
@@ -120,7 +122,14 @@ def one(out: Path, seed: int, name: str, recipe: str, steps: dict[str, int], ove
         table["train_seconds"] = train_s
         acc.write_text(json.dumps(table, indent=2))
         print(f"seed {seed} {name}: trained in {train_s:.0f} s", flush=True)
-    table = json.loads(acc.read_text())
+    return json.loads(acc.read_text())
+
+
+def one(out: Path, seed: int, name: str, recipe: str, steps: dict[str, int], override: int | None,
+        threads: int) -> dict:
+    options, share = RUNS[name]
+    table = train_and_eval(out, seed, name, lambda: ["--checkpoint", str(out / "init.pt"), "--recipe", recipe,
+                                                     *options, *scaled(steps, share, override)], threads)
     return {"top1": {r["subnet"]: r["top1"] for r in table["subnets"]}, "train_seconds": table["train_seconds"]}
 
 
