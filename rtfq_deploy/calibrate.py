@@ -86,8 +86,8 @@ def calibrate_bn(model: Supernet, net: ActiveSubnet, batches: Iterable[Tensor]) 
 
 
 def init_activation_steps(model: Supernet, net: ActiveSubnet, batch: Tensor) -> None:
-    """LSQ initialisation of every activation quantizer's steps (all bit-widths) from one
-    batch, as seen by the given subnet (typically the float maxnet)."""
+    """Data initialisation of every activation quantizer (all bit-widths: LSQ's steps,
+    AlignQ's sigma) from one batch, as seen by the given subnet (typically the float maxnet)."""
     seen: set[str] = set()
 
     def hook(quant, inputs: tuple) -> None:

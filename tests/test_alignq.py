@@ -199,7 +199,9 @@ def test_admm_training_resumes_exactly_after_sigkill_then_exports(setup, tmp_pat
     result = _run("rtfq-export", "--checkpoint", str(run / "supernet.pt"), "--subnet", "r32-w0.50-q2", "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert "CDF quantizers equal PyTorch's" in result.stdout
-    assert sum(n.op_type == "Erf" for n in onnx.load(out).graph.node) == 9
+    exported = onnx.load(out)
+    assert sum(n.op_type == "Erf" for n in exported.graph.node) == 9
+    assert {p.key: p.value for p in exported.metadata_props}["rtfq.quantizer"] == "alignq"
 
 
 def test_bad_admm_and_kinds_get_one_line(setup, tmp_path):

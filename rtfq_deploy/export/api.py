@@ -86,6 +86,7 @@ def build_model(ckpt: Checkpoint, config: SubnetConfig, checkpoint_sha256: str, 
         "rtfq.weights": "int4-packed" if pack_int4 else "int8",
         "rtfq.checkpoint_sha256": checkpoint_sha256,
         "rtfq.arch": model.config.arch,
+        "rtfq.quantizer": model.config.quantizer,
         "rtfq.toolkit_version": __version__,
     }
     onnx_model = to_onnx(ir, metadata, pack_int4=pack_int4)
