@@ -127,9 +127,9 @@ def classifier_input_step(ir: IntNet) -> float:
 
 
 def torch_logits(model: Supernet, net: ActiveSubnet, x: torch.Tensor, batch: int = 32,
-                 jitter: float = 0.0) -> np.ndarray:
-    """The subnet's logits in float64 (eval mode); with ``jitter``, every quantizer input
-    is multiplied by 1 + U(-jitter, jitter) (fixed seed) first."""
+                 jitter: float = 0.0, bias: float = 0.0) -> np.ndarray:
+    """The subnet's logits in float64 (eval mode); with ``jitter`` or ``bias``, every
+    quantizer input is multiplied by 1 + bias + U(-jitter, jitter) (fixed seed) first."""
     m64 = copy.deepcopy(model).double().eval()
     stats = None if net.bn_stats is None else {k: (a.double(), b.double()) for k, (a, b) in net.bn_stats.items()}
     net64 = ActiveSubnet(net.width, net.bits, stats)
@@ -137,9 +137,9 @@ def torch_logits(model: Supernet, net: ActiveSubnet, x: torch.Tensor, batch: int
 
     def noisy(module, args):
         x, *rest = args
-        return (x * (1 + jitter * (2 * torch.rand(x.shape, generator=g, dtype=x.dtype) - 1)), *rest)
+        return (x * (1 + bias + jitter * (2 * torch.rand(x.shape, generator=g, dtype=x.dtype) - 1)), *rest)
 
-    handles = [q.register_forward_pre_hook(noisy) for _, q in m64.quantizers()] if jitter else []
+    handles = [q.register_forward_pre_hook(noisy) for _, q in m64.quantizers()] if jitter or bias else []
     try:
         with torch.no_grad():
             return torch.cat([m64(c.double(), net64) for c in x.split(batch)]).numpy()
@@ -232,7 +232,11 @@ def verify(model: Supernet, net: ActiveSubnet, ir: IntNet, onnx_model: onnx.Mode
         # baseline, so skipping it never turns a failure into a pass). A value within float
         # rounding of a .5 tie takes either code in any float32 runtime (onnxruntime's
         # requantization is float32), and deep trained networks carry such a flip to the
-        # logits; the integer kernels are judged against that.
+        # logits; the integer kernels are judged against that. Random jitter takes each tie
+        # either way at random, but a runtime takes a tie the same way every time, and
+        # training can pin a learned step exactly at a tie of a discrete-valued input (an
+        # AlignQ supernet's pooled codes: its classifier-input step sat at 0.9 of them), so
+        # the same noise is also applied in one direction, up and down.
         def baseline(runs: list[np.ndarray]) -> None:
             top1s, worsts, beyonds = zip(*(compare(o) for o in runs))
             report.float32_top1_agreement = min(top1s)
@@ -244,5 +248,8 @@ def verify(model: Supernet, net: ActiveSubnet, ir: IntNet, onnx_model: onnx.Mode
         baseline(runs)
         if not (report.within_float_sensitivity and report.reference_agrees):
             runs.append(torch_logits(model, net, inputs, jitter=FLOAT32_JITTER))
+            baseline(runs)
+        if not (report.within_float_sensitivity and report.reference_agrees):
+            runs += [torch_logits(model, net, inputs, bias=b) for b in (FLOAT32_JITTER, -FLOAT32_JITTER)]
             baseline(runs)
     return report
