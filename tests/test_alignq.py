@@ -236,3 +236,32 @@ def test_mixed_rule_training_and_a_per_layer_plan_export_with_alignq(setup, tmp_
     assert "CDF quantizers equal PyTorch's" in exported.stdout
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert json.loads(meta["rtfq.bits"]) == bits
+
+
+class _Pow2(LSQQuantizer):
+    """A made-up kind (power-of-two steps), defined here only: the test that a new kind
+    needs nothing outside its own class to train, cost and export exactly."""
+
+    kind = "pow2"
+
+    def scale(self, bits, channels=None):
+        step = super().scale(bits, channels)
+        return torch.exp2(torch.round(torch.log2(step.clamp_min(1e-8))))
+
+    def quantize(self, x, bits):
+        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if self.signed else (0, (1 << bits) - 1)
+        s = self.scale(bits, None if self.channels is None else x.shape[0])
+        if self.channels is not None:
+            s = s.reshape((-1,) + (1,) * (x.dim() - 1))
+        v = x / s
+        return (v + (torch.round(v).clamp(lo, hi) - v).detach()) * s
+
+
+def test_a_new_quantizer_kind_exports_without_touching_the_exporter(monkeypatch):
+    monkeypatch.setitem(QUANTIZERS, "pow2", _Pow2)
+    ckpt, cfg = _prepared("pow2", "pow2", 4)
+    model, ir, net, _ = build_model(ckpt, cfg, "0" * 64)
+    report = verify(ckpt.model, net, ir, model, torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
+    assert report.passed, report.problems()
+    scales = [q.scale for t, q in ir.qparams.items() if isinstance(q, LinearCodes)]
+    assert scales and all(math.log2(s) == round(math.log2(s)) for s in scales)
