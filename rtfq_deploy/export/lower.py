@@ -6,8 +6,8 @@ tensor the integer code it is carried in. It knows nothing of ONNX (see
 
 BatchNorm folding keeps the trained integers: a conv's weights are quantized per output
 channel before BatchNorm, so BN's per-channel factor gamma / sqrt(var + eps) moves into
-the weight scale and the shift into the bias; the integer weights are the ones LSQ
-produced, never re-quantized. A negative gamma gives a negative scale (onnxruntime's
+the weight scale and the shift into the bias; the integer weights are the ones the
+quantizer produced (``to_int``), never re-quantized. A negative gamma gives a negative scale (onnxruntime's
 integer kernels and the ONNX reference agree on it), so codes are never negated and the
 -2^(b-1) code cannot overflow; a zero gamma gives zero weights.
 """
