@@ -265,3 +265,25 @@ def test_a_new_quantizer_kind_exports_without_touching_the_exporter(monkeypatch)
     assert report.passed, report.problems()
     scales = [q.scale for t, q in ir.qparams.items() if isinstance(q, LinearCodes)]
     assert scales and all(math.log2(s) == round(math.log2(s)) for s in scales)
+
+
+def test_ties_pinned_by_a_learned_step_are_compared_either_way_and_bugs_still_fail():
+    """A trained AlignQ supernet's classifier-input step sat at 1/15 / 0.9 (one float32 ulp
+    off), so the pooled 4-bit CDF codes (multiples of 1/60) landed on rounding ties, which
+    float32 runtimes take one way every time. The same step here: verify names the tensor,
+    passes the file, and still fails a 10% scale error."""
+    ckpt, cfg = _prepared("lsq", "alignq", 4)
+    q_pool = ckpt.model.get_submodule("q_pool")
+    with torch.no_grad():
+        q_pool.step[q_pool.bit_index(8)] = 0.07407408207654953
+    onnx_model, ir, net, _ = build_model(ckpt, cfg, "0" * 64)
+    inputs = torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    from rtfq_deploy.export.verify import pinned_ties
+    assert "q_pool" in pinned_ties(ckpt.model, net, inputs)
+    report = verify(ckpt.model, net, ir, onnx_model, inputs)
+    assert report.passed and report.pinned_ties in ([], ["q_pool"]), report.problems()  # [] where already exact
+    conv = next(op for op in ir.ops if getattr(op, "name", "") == "layer2.0.conv1")
+    conv.scale = conv.scale * 1.1  # an exporter bug
+    from rtfq_deploy.export.onnx_graph import to_onnx
+    broken = verify(ckpt.model, net, ir, to_onnx(ir, {}), inputs)
+    assert not broken.passed

@@ -22,6 +22,8 @@ def _describe(result) -> str:
                      f"{r.max_diff_input_steps:.2f} classifier-input steps), reference evaluator within "
                      f"{r.reference_max_diff_steps:.2f} steps, "
                      f"integer kernels only")
+        if r.pinned_ties:
+            parts.append(f"rounding ties pinned by training at {', '.join(r.pinned_ties)} compared either way")
         if r.cdf_code_mismatches:
             parts.append(f"all 256 codes of {len(r.cdf_code_mismatches)} CDF quantizers equal PyTorch's")
         if r.float32_top1_agreement is not None:

@@ -178,8 +178,12 @@ class AlignQQuantizer(LSQQuantizer):
         return ALPHA * torch.erf(p * erf_scale(self.signed))
 
     def unrounded(self, x: Tensor, bits: int) -> Tensor:
-        if not self.cdf(bits) or self.channels is None:
+        """Weights: levels x the CDF value; activations: the 8-bit pre-code before its
+        rounding (the rounding that decides everything after it)."""
+        if not self.cdf(bits):
             return super().unrounded(x, bits)
+        if self.channels is None:
+            return x / self.pre_step().to(x.dtype)
         mu, sigma = _weight_stats(x)
         return torch.erf((x - mu) / (sigma * math.sqrt(2.0))) * cdf_levels(bits, self.signed)
 
