@@ -8,6 +8,8 @@ teacher, target terms) from the same initial weights (same seed):
   lsq            LSQ weights and activations (this project's RTF-Q)
   alignq         AlignQ weights and activations (CDF codes at both bit-widths)
   alignq-admm    AlignQ plus ADMM correlation preservation, --admm 0.2,0.3 (the paper's code)
+  alignq-w       AlignQ weights, LSQ activations  } which side of AlignQ costs
+  alignq-a       LSQ weights, AlignQ activations  } (diagnostic rows, run on request)
 
 Each is evaluated on the seed's held-out target images (every subnet). The script prints
 mean +- std over seeds of the mean target top-1 at q4 and at q2, then AlignQ minus LSQ
@@ -16,7 +18,9 @@ and ADMM's gain per seed, and writes OUT/alignq_ablation.json. Finished runs are
 
     python train/alignq_ablation.py --out train/ablation/alignq
 
-reprints the table and trains only what is missing (9 runs, about 35 min on 2 cores).
+reprints the table and trains only what is missing (9 runs, 50 min on this 2-core machine,
+two at a time). The diagnostic rows: `--seeds 1 --runs alignq-w,alignq-a`, then
+`--runs lsq,alignq,alignq-admm,alignq-w,alignq-a --report-only` reports everything kept.
 """
 
 from __future__ import annotations
@@ -35,28 +39,31 @@ from uda_ablation import mean_std, recipe_steps, scaled, sh, tool, train_and_eva
 RECIPE = "synth_strong_cpu"
 SPACE = ["--resolutions", "64,56,48,40", "--widths", "1.0,0.86,0.73,0.6", "--bits", "4,2"]
 BITS = (4, 2)
-RUNS: dict[str, tuple[str, list[str]]] = {  # name -> (quantizer kind, rtfq-train options)
-    "lsq": ("lsq", []),
-    "alignq": ("alignq", []),
-    "alignq-admm": ("alignq", ["--admm", "0.2,0.3"]),
+RUNS: dict[str, tuple[str, str, list[str]]] = {  # name -> (weights' kind, activations' kind, rtfq-train options)
+    "lsq": ("lsq", "lsq", []),
+    "alignq": ("alignq", "alignq", []),
+    "alignq-admm": ("alignq", "alignq", ["--admm", "0.2,0.3"]),
+    "alignq-w": ("alignq", "lsq", []),
+    "alignq-a": ("lsq", "alignq", []),
 }
+DEFAULT_RUNS = ("lsq", "alignq", "alignq-admm")
 
 
 def prepare(out: Path, seed: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "data").exists():
         sh(tool("rtfq"), "data", "synth", str(out / "data"), "--shift", "strong", "--seed", str(seed))
-    for kind in {k for k, _ in RUNS.values()}:
-        init = out / f"init-{kind}.pt"
+    for weights, acts, _ in RUNS.values():
+        init = out / f"init-{weights}-{acts}.pt"
         if not init.exists():
-            sh(tool("rtfq"), "init", "--arch", "tiny_resnet", "--num-classes", "16", *SPACE, "--quantizer", kind,
-               "--seed", str(seed), "-o", str(init))
+            sh(tool("rtfq"), "init", "--arch", "tiny_resnet", "--num-classes", "16", *SPACE, "--weight-quantizer",
+               weights, "--act-quantizer", acts, "--seed", str(seed), "-o", str(init))
 
 
 def one(out: Path, seed: int, name: str, steps: dict[str, int], override: int | None, threads: int) -> dict:
-    kind, options = RUNS[name]
-    table = train_and_eval(out, seed, name, lambda: ["--checkpoint", str(out / f"init-{kind}.pt"), "--recipe", RECIPE,
-                                                     *options, *scaled(steps, 1.0, override)], threads)
+    weights, acts, options = RUNS[name]
+    table = train_and_eval(out, seed, name, lambda: ["--checkpoint", str(out / f"init-{weights}-{acts}.pt"), "--recipe",
+                                                     RECIPE, *options, *scaled(steps, 1.0, override)], threads)
     top1 = {r["subnet"]: r["top1"] for r in table["subnets"]}
     return {f"q{q}": statistics.fmean(v for k, v in top1.items() if k.endswith(f"-q{q}")) for q in BITS}
 
@@ -66,13 +73,17 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, o
           f"seeds {','.join(map(str, seeds))} (mean +- std); wall {wall / 60:.1f} min")
     print(f"{'run':<14}" + "".join(f"{f'q{q}':>16}" for q in BITS))
     for name, per_seed in results.items():
-        print(f"{name:<14}" + "".join(f"{mean_std([per_seed[s][f'q{q}'] for s in seeds]):>16}" for q in BITS))
+        done = [s for s in seeds if s in per_seed]
+        print(f"{name:<14}" + "".join(f"{mean_std([per_seed[s][f'q{q}'] for s in done]):>16}" for q in BITS)
+              + ("" if done == seeds else f"   (seeds {','.join(map(str, done))})"))
     pairs = [("alignq", "lsq", "AlignQ - LSQ"), ("alignq-admm", "lsq", "AlignQ+ADMM - LSQ"),
-             ("alignq-admm", "alignq", "ADMM's gain")]
+             ("alignq-admm", "alignq", "ADMM's gain"), ("alignq-w", "lsq", "AlignQ weights"),
+             ("alignq-a", "lsq", "AlignQ activations")]
     for a, b, label in pairs:
-        if a in results and b in results:
+        done = [s for s in seeds if s in results.get(a, {}) and s in results.get(b, {})]
+        if done:
             for q in BITS:
-                diffs = [results[a][s][f"q{q}"] - results[b][s][f"q{q}"] for s in seeds]
+                diffs = [results[a][s][f"q{q}"] - results[b][s][f"q{q}"] for s in done]
                 print(f"{label:<18} q{q}: {mean_std(diffs)}  per seed " + ", ".join(f"{d:+.3f}" for d in diffs))
     (out / "alignq_ablation.json").write_text(json.dumps(
         {"seeds": seeds, "results": {n: {str(s): v for s, v in r.items()} for n, r in results.items()}}, indent=2))
@@ -82,9 +93,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", default="1,2,3")
-    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     ap.add_argument("--steps", type=int, help="override the recipe's steps (every phase scaled alike)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at a time (one thread each)")
+    ap.add_argument("--report-only", action="store_true", help="report the kept runs, train nothing")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [n for n in args.runs.split(",") if n]
@@ -97,9 +109,12 @@ def main() -> None:
         sys.exit("--jobs must be between 1 and 16")
     steps = recipe_steps(RECIPE)
     started = time.monotonic()
-    for seed in seeds:
+    def kept(seed: int, name: str) -> bool:
+        return (args.out / f"seed{seed}" / f"{name}.acc.json").exists()
+
+    jobs = [(seed, name) for seed in seeds for name in names if kept(seed, name) or not args.report_only]
+    for seed in sorted({seed for seed, name in jobs if not kept(seed, name)}):
         prepare(args.out / f"seed{seed}", seed)
-    jobs = [(seed, name) for seed in seeds for name in names]
     with ThreadPoolExecutor(args.jobs) as pool:
         done = list(pool.map(lambda j: one(args.out / f"seed{j[0]}", j[0], j[1], steps, args.steps,
                                            max(1, 2 // args.jobs)), jobs))

@@ -138,6 +138,9 @@ class AlignQQuantizer(LSQQuantizer):
                 if sample.numel():
                     self.sigma.copy_(sample.pow(2).mean().sqrt().clamp_min(_MIN_SIGMA))
 
+    def changes_domain(self, bits: int) -> bool:
+        return self.channels is None and self.cdf(bits)
+
     def pre_step(self) -> Tensor:
         return self.sigma.clamp_min(_MIN_SIGMA) * (PRE_RANGE_SIGMAS / qrange(PRE_BITS, self.signed)[1])
 

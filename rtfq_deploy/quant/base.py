@@ -61,6 +61,11 @@ class Quantizer(nn.Module):
         """Initialise every bit-width's parameters from a sample of the tensor it quantizes."""
         raise NotImplementedError
 
+    def changes_domain(self, bits: int) -> bool:
+        """Whether the output lives in another domain than the input at ``bits`` (AlignQ's
+        [-alpha, alpha]): quantizers downstream must then be initialised on such outputs."""
+        return False
+
     def encoding(self, bits: int) -> Encoding:
         """How the exported graph carries this (activation) tensor at ``bits``."""
         return LinearCodes(float(self.scale(bits).item()), bits, self.signed)

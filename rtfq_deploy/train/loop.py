@@ -50,6 +50,7 @@ from rtfq_deploy.fileio import atomic_write
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.quant.base import Quantizer
+from rtfq_deploy.space import SubnetConfig
 from rtfq_deploy.train.config import TrainConfig
 from rtfq_deploy.train.losses import distillation, information_maximization, pseudo_label_loss, pseudo_labels
 from rtfq_deploy.train.admm import CorrelationADMM, capture as admm_capture
@@ -448,12 +449,24 @@ class Run:
         return backward
 
     def _init_steps(self, model: Supernet, src: Stream, tgt: Stream, normalization: dict) -> None:
-        """LSQ activation step initialisation on a first source + target batch (every
-        rank computes the same thing from the same images: each takes the full batch)."""
+        """Activation quantizer initialisation on a first source + target batch (every
+        rank computes the same thing from the same images: each takes the full batch).
+
+        On the float maxnet, unless an activation quantizer changes the domain (AlignQ):
+        then on the maxnet quantized at the space's highest such bit-width, where each
+        quantizer is initialised just before it runs, so those downstream (the classifier
+        input, 8-bit LSQ) see the [0, alpha] values they will quantize, not float ones
+        (initialised on float values, an AlignQ supernet's classifier-input step was 20
+        times the pooled codes' range and used 14 of its 256 codes)."""
         full = [Stream(s.domain, s.batch, s.seed, s.stream) for s in (src, tgt)]
-        xs = torch.cat([augment(next(s.batches(0, 1))[0], model.config.space.resolutions[0], self.cfg.seed,
+        space = model.config.space
+        xs = torch.cat([augment(next(s.batches(0, 1))[0], space.resolutions[0], self.cfg.seed,
                                 s.stream, 0, normalization) for s in full]).to(self.device)
-        init_activation_steps(model, ActiveSubnet(1.0, model.float_plan()), xs)
+        plan = model.float_plan()
+        changing = [b for b in space.bits if any(q.changes_domain(b) for _, q in model.quantizers())]
+        if changing:
+            plan = model.plan(SubnetConfig(space.resolutions[0], space.widths[0], max(changing)))
+        init_activation_steps(model, ActiveSubnet(space.widths[0] if changing else 1.0, plan), xs)
 
     def _finish(self, ckpt: Checkpoint, student: Supernet, source: ImageFolder, target: ImageFolder,
                 normalization: dict) -> Path:
