@@ -240,13 +240,6 @@ def _reference(path: Path, settings: BenchSettings) -> Path | None:
     return out if run_child(config, settings).get("ok") and out.exists() else None
 
 
-def _int_or_none(text: Any) -> int | None:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None
-
-
 def collect_models(paths: Sequence[Path]) -> list[Path]:
     """Files as given; a directory stands for its ``*.onnx`` files (sorted)."""
     out: list[Path] = []
