@@ -117,6 +117,9 @@ def test_alignq_exports_exactly_on_integer_kernels(weight, act, bits):
     assert set(report.cdf_code_mismatches) == set(cdf) and not any(report.cdf_code_mismatches.values())
     ops = report.optimized_ops
     assert ops.get("Erf", 0) == len(cdf) and ops["QLinearConv"] == 12 and not report.float_kernels
+    if act == "alignq":  # the stem's Erf chain runs after the MaxPool, on the pooled pre-codes
+        made = {o for n in model.graph.node for o in n.output}
+        assert "maxpool.u" in made and "q_stem.u" not in made
 
 
 def test_the_code_check_catches_a_wrong_cdf_chain():

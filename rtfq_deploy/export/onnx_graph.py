@@ -104,8 +104,12 @@ class _Emitter:
         cheapest exact form: the conv stays a QLinearConv and the CDF costs three
         elementwise ops on the codes (a Gather table would add layout Transposes)."""
         q: CdfCodes = self.ir.qparams[t]
-        pre_codes = f"{t}_q.pre8"
-        self.node("QuantizeLinear", [pre, *self.qconsts(t, q.pre_scale, ".pre")], [pre_codes])
+        self.node("QuantizeLinear", [pre, *self.qconsts(t, q.pre_scale, ".pre")], [f"{t}_q.pre8"])
+        self.cdf_map(f"{t}_q.pre8", t, saturated)
+
+    def cdf_map(self, pre_codes: str, t: str, saturated: str) -> None:
+        """The code map of ``t``'s CdfCodes applied to 8-bit pre-codes."""
+        q: CdfCodes = self.ir.qparams[t]
         self.node("DequantizeLinear", [pre_codes, *self.qconsts(t, q.erf_scale, ".erf")], [f"{t}.u"])
         self.node("Erf", [f"{t}.u"], [f"{t}.erf"])
         self.node("QuantizeLinear", [f"{t}.erf", *self.qconsts(t, 1.0 / q.levels, ".levels")], [saturated])
@@ -170,10 +174,17 @@ class _Emitter:
         self.quantize(f"{op.out}.pre", op.out)
 
     def maxpool(self, op: MaxPoolOp) -> None:
-        # max commutes with the clamp and with any monotone code map: pool the saturated codes
+        # max commutes with the clamp and with any monotone code map: pool the saturated
+        # codes, or for CDF codes the 8-bit pre-codes, so that the Erf chain runs on the 4x
+        # smaller pooled tensor (the input's own chain is then dead and dropped, unless
+        # something else reads it)
         pooled = f"{op.out}_q.sat" if self.clipped(op.out) else f"{op.out}_q"
-        self.node("MaxPool", [self.saturated[op.inp]], [pooled], kernel_shape=[op.kernel] * 2,
-                  strides=[op.stride] * 2, pads=[op.padding] * 4)
+        attrs = {"kernel_shape": [op.kernel] * 2, "strides": [op.stride] * 2, "pads": [op.padding] * 4}
+        if isinstance(self.ir.qparams[op.inp], CdfCodes):
+            self.node("MaxPool", [f"{op.inp}_q.pre8"], [f"{op.out}_q.pre8"], **attrs)
+            self.cdf_map(f"{op.out}_q.pre8", op.out, pooled)
+        else:
+            self.node("MaxPool", [self.saturated[op.inp]], [pooled], **attrs)
         self.saturated[op.out] = pooled
         self.clamp(pooled, op.out, f"{op.out}_q")
         self.dequantize(f"{op.out}_q", op.out)
