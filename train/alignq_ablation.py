@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_ablation import mean_std, recipe_steps, scaled, sh, tool, train_and_eval  # noqa: E402
+from uda_ablation import _positive, _seeds, mean_std, recipe_steps, scaled, sh, tool, train_and_eval  # noqa: E402
 
 RECIPE = "synth_strong_cpu"
 SPACE = ["--resolutions", "64,56,48,40", "--widths", "1.0,0.86,0.73,0.6", "--bits", "4,2"]
@@ -92,21 +92,17 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, o
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--seeds", type=_seeds, default="1,2,3")
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
-    ap.add_argument("--steps", type=int, help="override the recipe's steps (every phase scaled alike)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs trained at a time (one thread each)")
+    ap.add_argument("--steps", type=_positive, help="override the recipe's steps (every phase scaled alike)")
+    ap.add_argument("--jobs", type=_positive, default=2, help="runs trained at a time (one thread each)")
     ap.add_argument("--report-only", action="store_true", help="report the kept runs, train nothing")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     names = [n for n in args.runs.split(",") if n]
     unknown = [n for n in names if n not in RUNS]
     if unknown or not names:
-        sys.exit(f"unknown runs: {', '.join(unknown)} (known: {', '.join(RUNS)})")
-    if args.steps is not None and not 1 <= args.steps <= 1_000_000:
-        sys.exit("--steps must be between 1 and 1000000")
-    if not 1 <= args.jobs <= 16:
-        sys.exit("--jobs must be between 1 and 16")
+        ap.error(f"unknown runs: {', '.join(unknown)} (known: {', '.join(RUNS)})")
     steps = recipe_steps(RECIPE)
     started = time.monotonic()
     def kept(seed: int, name: str) -> bool:

@@ -80,7 +80,7 @@ def _read_recipe(path: Path) -> dict[str, Any]:
               help="Mixed rule: steps between the scheduler's updates.  [default: steps / 30]")
 @click.option("--admm", metavar="MU,RHO",
               help="AlignQ supernets: ADMM correlation preservation of the aligned activations with penalties "
-                   "MU >= 0 and RHO > 0 (the paper's code: 0.2,0.3).  [default: off]")
+                   "MU in [0, 1000] and RHO in (0, 1000] (the paper's code: 0.2,0.3).  [default: off]")
 @click.option("--w-ce", type=_bounded(LOSSES["ce"]), help="Weight of the source cross-entropy.  [default: 1]")
 @click.option("--w-distill", type=_bounded(LOSSES["distill"]), help="Weight of distillation from the EMA teacher.  [default: 1]")
 @click.option("--w-pseudo", type=_bounded(LOSSES["pseudo"]), help="Weight of the target pseudo-label loss.  [default: 0.3]")

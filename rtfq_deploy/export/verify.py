@@ -184,9 +184,10 @@ def cdf_code_mismatches(model: Supernet, ir: IntNet) -> dict[str, int]:
     from rtfq_deploy.export.onnx_graph import IR_VERSION, OPSET, _Emitter, _zero_point
     from rtfq_deploy.quant import CdfCodes
 
+    quants = dict(model.quantizers())
     out: dict[str, int] = {}
     for t, enc in ir.qparams.items():
-        if not isinstance(enc, CdfCodes) or t not in dict(model.quantizers()):
+        if not isinstance(enc, CdfCodes) or t not in quants:
             continue
         lo, hi = enc.pre_qrange
         pre = np.arange(lo, hi + 1, dtype=np.float32) * np.float32(enc.pre_scale)
@@ -197,9 +198,8 @@ def cdf_code_mismatches(model: Supernet, ir: IntNet) -> dict[str, int]:
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         m.ir_version = IR_VERSION
         got = ort_session(m.SerializeToString()).run(None, {"x": pre})[0].astype(np.int64) - _zero_point(enc)
-        quant = model.get_submodule(t)
         with torch.no_grad():
-            want = quant.to_int(torch.from_numpy(pre).to(quant.sigma), enc.bits).cpu().numpy().astype(np.int64)
+            want = quants[t].to_int(torch.from_numpy(pre), enc.bits).numpy().astype(np.int64)
         out[t] = int((got != want).sum())
     return out
 

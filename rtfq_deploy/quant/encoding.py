@@ -21,11 +21,9 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-@dataclass(frozen=True)
-class LinearCodes:
-    """Uniform codes: code = clamp(round(x / scale)) (LSQ and any uniform quantizer)."""
+class _Codes:
+    """What every encoding shares: the k-bit range of its codes."""
 
-    scale: float
     bits: int
     signed: bool
 
@@ -34,11 +32,20 @@ class LinearCodes:
         return qrange(self.bits, self.signed)
 
 
+@dataclass(frozen=True)
+class LinearCodes(_Codes):
+    """Uniform codes: code = clamp(round(x / scale)) (LSQ and any uniform quantizer)."""
+
+    scale: float
+    bits: int
+    signed: bool
+
+
 PRE_BITS = 8
 
 
 @dataclass(frozen=True)
-class CdfCodes:
+class CdfCodes(_Codes):
     """AlignQ's codes: the input is first carried as 8-bit uniform codes ``p`` of step
     ``pre_scale`` (what the integer conv writes), then
 
@@ -55,10 +62,6 @@ class CdfCodes:
     alpha: float
     bits: int
     signed: bool
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        return qrange(self.bits, self.signed)
 
     @property
     def pre_qrange(self) -> tuple[int, int]:

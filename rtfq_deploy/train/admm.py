@@ -39,18 +39,21 @@ log = logging.getLogger(__name__)
 _STATE_KEYS = frozenset({"mu", "rho", "d_tilde", "gamma"})
 
 
-def _check_penalties(mu: Any, rho: Any) -> tuple[float, float]:
-    """The penalties as floats: finite, mu >= 0 (mu = 0 switches the sparsity off) and
-    rho > 0 (Eq. 11 divides by it)."""
+MAX_PENALTY = 1000.0  # beyond this the term swamps the task loss by orders of magnitude
+
+
+def check_penalties(mu: Any, rho: Any) -> tuple[float, float]:
+    """The penalties as floats: finite, 0 <= mu <= MAX_PENALTY (mu = 0 switches the
+    sparsity off) and 0 < rho <= MAX_PENALTY (Eq. 11 divides by it)."""
     for name, value in (("mu", mu), ("rho", rho)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"ADMM {name} must be a number, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError(f"ADMM {name} must be finite, got {value}")
-    if mu < 0:
-        raise ValueError(f"ADMM mu must be >= 0, got {mu}")
-    if rho <= 0:
-        raise ValueError(f"ADMM rho must be > 0, got {rho}")
+    if not 0 <= mu <= MAX_PENALTY:
+        raise ValueError(f"ADMM mu must be in [0, {MAX_PENALTY:g}], got {mu}")
+    if not 0 < rho <= MAX_PENALTY:
+        raise ValueError(f"ADMM rho must be in (0, {MAX_PENALTY:g}], got {rho}")
     return float(mu), float(rho)
 
 
@@ -64,7 +67,7 @@ def shrink(v: Tensor, mu: float, rho: float) -> Tensor:
     solved by elementwise soft-thresholding). The public code uses the same block form.
     Computed without a host sync so it can run every iteration on an accelerator.
     """
-    mu, rho = _check_penalties(mu, rho)
+    mu, rho = check_penalties(mu, rho)
     threshold = mu / rho
     norm = torch.linalg.vector_norm(v)
     # the clamp only guards the branch that torch.where discards (norm <= threshold)
@@ -98,7 +101,7 @@ class CorrelationADMM:
     """
 
     def __init__(self, mu: float, rho: float) -> None:
-        self.mu, self.rho = _check_penalties(mu, rho)
+        self.mu, self.rho = check_penalties(mu, rho)
         self.d_tilde: dict[str, Tensor] = {}
         self.gamma: dict[str, Tensor] = {}
 
@@ -190,7 +193,7 @@ class CorrelationADMM:
         if keys != _STATE_KEYS:
             missing, extra = sorted(_STATE_KEYS - keys), sorted(map(str, keys - _STATE_KEYS))
             raise ValueError(f"ADMM state keys wrong: missing {missing}, unexpected {extra}")
-        mu, rho = _check_penalties(state["mu"], state["rho"])
+        mu, rho = check_penalties(state["mu"], state["rho"])
         parts: dict[str, dict[str, Tensor]] = {}
         for part in ("d_tilde", "gamma"):
             table = state[part]
@@ -236,7 +239,12 @@ def parse_admm(text: str) -> tuple[float, float]:
             values.append(float(field.strip()))
         except ValueError:
             raise ValueError(f"ADMM {name} is not a number: {field.strip()!r} in {text!r}") from None
-    return _check_penalties(*values)
+    return check_penalties(*values)
+
+
+def aligning_quantizers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The activation quantizers that have an aligned (pre-rounding) form: ADMM's layers."""
+    return [m for m in model.modules() if callable(getattr(m, "aligned", None)) and getattr(m, "channels", 0) is None]
 
 
 @contextlib.contextmanager
@@ -252,8 +260,7 @@ def capture(model: torch.nn.Module) -> Iterator[dict[str, Tensor]]:
         if z is not None:
             ds[quant.name] = discrepancy(z, out)  # type: ignore[index]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if callable(getattr(m, "aligned", None)) and getattr(m, "channels", 0) is None]
+    handles = [q.register_forward_hook(hook) for q in aligning_quantizers(model)]
     try:
         yield ds
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -18,25 +17,18 @@ from rtfq_deploy.train.sampler import RULES
 ADAM_STEP_LR_SCALE = 0.05
 
 
-MAX_ADMM = 1000.0
-
-
 def _check_admm(value: Any) -> tuple[float, float]:
-    """(mu, rho): two finite numbers, 0 <= mu <= 1000, 0 < rho <= 1000 (from the CLI or run.json)."""
-    if isinstance(value, str):
-        from rtfq_deploy.train.admm import parse_admm
+    """(mu, rho) from the CLI ("MU,RHO") or run.json ([mu, rho]), checked by the ADMM module."""
+    from rtfq_deploy.train.admm import check_penalties, parse_admm
 
-        try:
-            value = parse_admm(value)
-        except ValueError as e:
-            raise RtfqError(f"--admm: {e}") from None
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise RtfqError(f"--admm must be two numbers MU,RHO, got {value!r}"[:300])
-    mu, rho = (float(v) for v in value)
-    if not (math.isfinite(mu) and math.isfinite(rho) and 0.0 <= mu <= MAX_ADMM and 0.0 < rho <= MAX_ADMM):
-        raise RtfqError(f"--admm MU,RHO needs 0 <= MU <= {MAX_ADMM:g} and 0 < RHO <= {MAX_ADMM:g}, got {mu},{rho}")
-    return mu, rho
+    try:
+        if isinstance(value, str):
+            return parse_admm(value)
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            return check_penalties(*value)
+    except ValueError as e:
+        raise RtfqError(f"--admm: {e}") from None
+    raise RtfqError(f"--admm must be two numbers MU,RHO, got {value!r}"[:300])
 
 
 @dataclass(frozen=True)

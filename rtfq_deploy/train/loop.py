@@ -53,7 +53,7 @@ from rtfq_deploy.quant.base import Quantizer
 from rtfq_deploy.space import SubnetConfig
 from rtfq_deploy.train.config import TrainConfig
 from rtfq_deploy.train.losses import distillation, information_maximization, pseudo_label_loss, pseudo_labels
-from rtfq_deploy.train.admm import CorrelationADMM, capture as admm_capture
+from rtfq_deploy.train.admm import CorrelationADMM, aligning_quantizers, capture as admm_capture
 from rtfq_deploy.train.mixed import BitScheduler, DistortionMitigation, MixedRule, free_quantizers
 from rtfq_deploy.train.sampler import make_rule, step_rng
 
@@ -436,7 +436,7 @@ class Run:
     def _admm(self, model: Supernet) -> CorrelationADMM | None:
         if self.cfg.admm is None:
             return None
-        if not any(callable(getattr(q, "aligned", None)) and q.channels is None for _, q in model.quantizers()):
+        if not aligning_quantizers(model):
             raise RtfqError(f"--admm preserves correlations of AlignQ activations, and this supernet's activations "
                             f"are {model.config.act_quantizer} (create it with rtfq init --act-quantizer alignq)")
         return CorrelationADMM(*self.cfg.admm)
