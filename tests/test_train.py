@@ -177,7 +177,7 @@ def test_step_sizes_get_their_own_lr_scaled_for_the_optimizer():
     assert step_group(TrainConfig())["weight_decay"] == 0.0
 
 
-@pytest.mark.parametrize("name", ["synth_cpu", "synth_strong_cpu", "office31", "officehome", "domainnet"])
+@pytest.mark.parametrize("name", ["synth_cpu", "synth_strong_cpu", "synth_strong_paper_cpu", "office31", "officehome", "domainnet"])
 def test_built_in_recipes_are_valid_settings(name):
     from rtfq_deploy.cli.train import _read_recipe
 

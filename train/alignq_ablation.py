@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_ablation import _positive, _seeds, mean_std, recipe_steps, scaled, sh, tool, train_and_eval  # noqa: E402
 
-RECIPE = "synth_strong_cpu"
+RECIPE = "synth_strong_paper_cpu"
 SPACE = ["--resolutions", "64,56,48,40", "--widths", "1.0,0.86,0.73,0.6", "--bits", "4,2"]
 BITS = (4, 2)
 RUNS: dict[str, tuple[str, str, list[str]]] = {  # name -> (weights' kind, activations' kind, rtfq-train options)

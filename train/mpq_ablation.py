@@ -48,7 +48,7 @@ RUNS: dict[str, tuple[list[str], tuple[int, ...]]] = {
     "mixed-noidm": (["--no-idm"], BITS),
 }
 BUDGETS = ((4, 3), (3, 2))  # halfway between these uniform levels' BitOPs
-RECIPE = "synth_strong_cpu"
+RECIPE = "synth_strong_paper_cpu"
 
 
 def prepare(out: Path, seed: int, bits: tuple[int, ...]) -> Path:

@@ -4,6 +4,8 @@ For every seed: one data set (`rtfq data synth --shift strong` by default), one 
 tiny_resnet supernet, then these runs on the same data, all with the shift's CPU recipe:
 
   source-only     the recipe with only the source cross-entropy
+  source-only-strong  the same with the source batches strongly augmented (the control for
+                  the recipe's strongly augmented target views: how much is augmentation alone)
   rtfq            the recipe as is: SandwichQ (max + 2 random + min, 4 subnets a step),
                   EMA teacher, pseudo-labels, information maximisation
   single-qN       trained at bit-width N only (the paper's Fig. 3 baseline; 4 subnets a step)
@@ -16,7 +18,7 @@ tiny_resnet supernet, then these runs on the same data, all with the shift's CPU
 Each run is evaluated on the seed's held-out target images (every subnet), and the script
 prints mean +- std over seeds of: the mean target top-1 over all subnets, the mean at each
 bit-width, maxnet and minnet; then joint against single-bit training per bit-width, and
-RTF-Q minus source-only per seed. It writes OUT/ablation.json and OUT/ablation.png.
+RTF-Q minus source-only (and minus source-only-strong) per seed. It writes OUT/ablation.json and OUT/ablation.png.
 
     python train/uda_ablation.py --out /tmp/uda                      # seeds 1,2,3, every run
     python train/uda_ablation.py --out /tmp/uda --seeds 0 --runs source-only,rtfq
@@ -49,6 +51,7 @@ MAXNET, MINNET = "r64-w1.00", "r40-w0.60"
 # name -> (rtfq-train options, share of the recipe's steps)
 RUNS: dict[str, tuple[list[str], float]] = {  # in the order they run
     "source-only": (["--source-only"], 1.0),
+    "source-only-strong": (["--source-only", "--source-aug", "strong"], 1.0),
     "rtfq": ([], 1.0),
     "single-q8": (["--rule", "single", "--single-bits", "8"], 1.0),
     "single-q6": (["--rule", "single", "--single-bits", "6"], 1.0),
@@ -170,11 +173,12 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, o
             single = [summary[f"single-q{q}"][s][f"q{q}"] for s in seeds]
             table.append([f"q{q}", mean_std(joint), mean_std(single), mean_std([j - t for j, t in zip(joint, single)])])
         print(tabulate(table, headers=["bits", "joint", "single", "joint - single"], disable_numparse=True))
-    if "rtfq" in summary and "source-only" in summary:
-        print("\nRTF-Q minus source-only, per seed (mean over each bit-width's 16 subnets)")
-        table = [[seed, *(f"{summary['rtfq'][seed][k] - summary['source-only'][seed][k]:+.3f}"
-                          for k in ("mean", *(f"q{q}" for q in BITS)))] for seed in seeds]
-        print(tabulate(table, headers=["seed", "mean", *(f"q{q}" for q in BITS)], disable_numparse=True))
+    for baseline in ("source-only", "source-only-strong"):
+        if "rtfq" in summary and baseline in summary:
+            print(f"\nRTF-Q minus {baseline}, per seed (mean over all subnets and over each bit-width's 16)")
+            table = [[seed, *(f"{summary['rtfq'][seed][k] - summary[baseline][seed][k]:+.3f}"
+                              for k in ("mean", *(f"q{q}" for q in BITS)))] for seed in seeds]
+            print(tabulate(table, headers=["seed", "mean", *(f"q{q}" for q in BITS)], disable_numparse=True))
     print(f"\nwall time of these runs: {wall:.0f} s")
     (out / "ablation.json").write_text(json.dumps({"seeds": seeds, "summary": summary, "wall_seconds": wall,
                                                    "runs": results}, indent=2) + "\n")

@@ -18,7 +18,8 @@ _OVERRIDES = {
     "warmup_steps": "warmup_steps", "step_lr_scale": "step_lr_scale", "rampup_steps": "rampup_steps", "target_start": "target_start", "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "calib_images": "calib_images", "workers": "workers", "device": "device",
     "inplace_distill": "inplace_distill", "idm": "idm", "scheduler_start": "scheduler_start",
-    "scheduler_period": "scheduler_period", "admm": "admm",
+    "scheduler_period": "scheduler_period", "admm": "admm", "pseudo_labels": "pseudo_labels",
+    "pseudo_every": "pseudo_every", "target_aug": "target_aug", "source_aug": "source_aug",
 }
 _LOSS_OVERRIDES = {"w_ce": "ce", "w_distill": "distill", "w_pseudo": "pseudo", "w_im": "im", "threshold": "threshold"}
 
@@ -31,7 +32,7 @@ def _bounded(limit: Range) -> click.ParamType:
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:
-    """A recipe file, or the name of a built-in one (synth_cpu, synth_strong_cpu, office31, officehome, domainnet)."""
+    """A recipe file, or the name of a built-in one (synth_cpu, synth_strong_cpu, synth_strong_paper_cpu, office31, officehome, domainnet)."""
     builtin = Path(__file__).resolve().parents[1] / "train" / "recipes" / f"{path}.json"
     if not path.exists() and path.parent == Path(".") and builtin.exists():
         path = builtin
@@ -48,7 +49,7 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory to create.")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON file of training settings, or a built-in recipe: synth_cpu, synth_strong_cpu, office31, officehome, domainnet.")
+              help="JSON file of training settings, or a built-in recipe: synth_cpu, synth_strong_cpu, synth_strong_paper_cpu, office31, officehome, domainnet.")
 @click.option("--steps", type=_bounded(SETTINGS["steps"]), help="Optimizer steps.  [default: 5000]")
 @click.option("--batch-size", type=_bounded(SETTINGS["batch_size"]), help="Images per step, half source and half target (at least 2 each: BatchNorm needs them).  [default: 64]")
 @click.option("--lr", type=_bounded(SETTINGS["lr"]), help="Peak learning rate (cosine annealed).  [default: 2e-4]")
@@ -86,6 +87,17 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 @click.option("--w-pseudo", type=_bounded(LOSSES["pseudo"]), help="Weight of the target pseudo-label loss.  [default: 0.3]")
 @click.option("--w-im", type=_bounded(LOSSES["im"]), help="Weight of information maximisation on target.  [default: 1]")
 @click.option("--threshold", type=_bounded(LOSSES["threshold"]), help="Pseudo-label confidence threshold.  [default: 0.9]")
+@click.option("--pseudo-labels", type=click.Choice(["confident", "centroid"]),
+              help="Pseudo-labels: the top subnet's confident predictions on the batch (paper), or SHOT's clustering "
+                   "labels of the whole target set from the teacher's maxnet.  [default: confident]")
+@click.option("--pseudo-every", type=_bounded(SETTINGS["pseudo_every"]),
+              help="With --pseudo-labels centroid: steps between relabelling the target set.  [default: 50]")
+@click.option("--target-aug", type=click.Choice(["weak", "strong"]),
+              help="Target views: crops and flips for all (paper), or strong: the subnets learn from a strongly "
+                   "augmented view what the teacher predicts on the weak one (FixMatch).  [default: weak]")
+@click.option("--source-aug", type=click.Choice(["weak", "strong"]),
+              help="Source views: crops and flips, or strong: the same strong augmentation (a control for "
+                   "--target-aug strong).  [default: weak]")
 @click.option("--source-only", is_flag=True, help="Baseline: source cross-entropy only (no teacher, no target losses).")
 @click.option("--seed", type=_bounded(SETTINGS["seed"]), help="Seed of every random choice (batches, crops, subnets).  [default: 0]")
 @click.option("--checkpoint-every", type=_bounded(SETTINGS["checkpoint_every"]), help="Save the resumable state every N steps.  [default: 500]")

@@ -156,9 +156,11 @@ class Stream:
             yield images, self.domain.labels[torch.tensor(idx)]
 
 
-def augment(images: Tensor, crop: int, seed: int, stream: int, step: int, normalization: dict) -> Tensor:
+def augment(images: Tensor, crop: int, seed: int, stream: int, step: int, normalization: dict,
+            strong: bool = False) -> Tensor:
     """Random ``crop`` x ``crop`` window and horizontal flip per image, then float and
-    normalised; the randomness is a function of (seed, stream, step) only."""
+    normalised; the randomness is a function of (seed, stream, step) only. ``strong``
+    adds :func:`strong_augment` to the same windows."""
     g = _generator(seed, stream, step, 1 << 20)
     n, _, s, _ = images.shape
     offsets = torch.randint(0, s - crop + 1, (n, 2), generator=g).tolist()
@@ -167,7 +169,36 @@ def augment(images: Tensor, crop: int, seed: int, stream: int, step: int, normal
     for i, ((y, x), flip) in enumerate(zip(offsets, flips)):
         patch = images[i, :, y:y + crop, x:x + crop]
         out[i] = (patch.flip(-1) if flip else patch).to(torch.float32)
-    return normalize(out.div_(255.0), normalization)
+    out.div_(255.0)
+    if strong:
+        out = strong_augment(out, _generator(seed, stream, step, 1 << 21))
+    return normalize(out, normalization)
+
+
+def strong_augment(x: Tensor, g: torch.Generator) -> Tensor:
+    """FixMatch-style photometric and occlusion noise on [0, 1] images, per image: colour
+    (saturation, contrast, brightness), inversion (one in five), a box blur (one in two),
+    pixel noise and one cutout square of a fifth to half the side, filled grey."""
+    n, _, h, w = x.shape
+
+    def r() -> Tensor:
+        return torch.rand(n, 1, 1, 1, generator=g)
+
+    grey = x.mean(1, keepdim=True)
+    x = grey + (x - grey) * (1.5 * r())
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = mean + (x - mean) * (0.4 + 1.2 * r()) + 0.6 * (r() - 0.5)
+    x = torch.where(r() < 0.2, 1.0 - x, x)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    x = x + (blurred - x) * (r() < 0.5).float()
+    x = x + torch.randn(x.shape, generator=g) * (0.08 * r())
+    sides = (torch.rand(n, generator=g) * 0.3 + 0.2) * min(h, w)
+    corners = torch.rand(n, 2, generator=g)
+    for i in range(n):
+        side = int(sides[i])
+        y0, x0 = int(corners[i, 0] * (h - side + 1)), int(corners[i, 1] * (w - side + 1))
+        x[i, :, y0:y0 + side, x0:x0 + side] = 0.5
+    return x.clamp_(0.0, 1.0)
 
 
 def normalize(x: Tensor, normalization: dict) -> Tensor:

@@ -68,6 +68,18 @@ class TrainConfig:
     scheduler_period: int | None = None  # None: max(1, steps // 30)
     # AlignQ's ADMM correlation preservation (mu, rho; see rtfq_deploy.train.admm), or None.
     admm: tuple[float, float] | None = None
+    # Where the pseudo-labels come from: "confident" (the paper's: the top subnet's own
+    # predictions on the batch above the confidence threshold) or "centroid" (SHOT's
+    # clustering labels of the whole target set from the teacher's maxnet, every image
+    # labelled, recomputed every ``pseudo_every`` steps; see rtfq_deploy.train.pseudo).
+    pseudo_labels: str = "confident"
+    # "weak": students and teacher see the target batch with crops and flips (the paper's);
+    # "strong": the students see it through strong_augment too, while the teacher's
+    # maxnet, on the weak view, gives the distillation targets and the confident
+    # pseudo-labels (FixMatch, Sohn et al. 2020, with a mean teacher).
+    target_aug: str = "weak"
+    source_aug: str = "weak"  # "strong": the source batch through strong_augment too (a control row)
+    pseudo_every: int = 50
     losses: LossWeights = field(default_factory=LossWeights)
     seed: int = 0
     checkpoint_every: int = 500
@@ -97,13 +109,18 @@ class TrainConfig:
                 object.__setattr__(self, name, value)
         if self.step_lr_scale is None:
             object.__setattr__(self, "step_lr_scale", ADAM_STEP_LR_SCALE if self.optimizer == "adam" else 1.0)
-        for name in ("optimizer", "rule", "device"):
+        for name in ("optimizer", "rule", "device", "pseudo_labels", "target_aug", "source_aug"):
             if not isinstance(getattr(self, name), str):
-                raise RtfqError(f"--{name} must be a name, got {getattr(self, name)!r}"[:300])
+                raise RtfqError(f"--{name.replace('_', '-')} must be a name, got {getattr(self, name)!r}"[:300])
         if self.optimizer not in ("adam", "sgd"):
             raise RtfqError(f"unknown optimizer {self.optimizer!r} (adam or sgd)")
         if not 0.0 <= self.ema < 1.0:
             raise RtfqError("--ema must be in [0, 1)")
+        if self.pseudo_labels not in ("confident", "centroid"):
+            raise RtfqError(f"--pseudo-labels must be confident or centroid, got {self.pseudo_labels!r}"[:300])
+        for name in ("target_aug", "source_aug"):
+            if getattr(self, name) not in ("weak", "strong"):
+                raise RtfqError(f"--{name.replace('_', '-')} must be weak or strong, got {getattr(self, name)!r}"[:300])
         if self.rule not in RULES:
             raise RtfqError(f"unknown sampling rule {self.rule!r} (known: {', '.join(RULES)})")
         if self.rule == "single" and self.single_bits is None:

@@ -59,6 +59,7 @@ SETTINGS: dict[str, Range] = {
     "idm": Range(False, 0.0, 1000.0),
     "scheduler_start": Range(True, 0, _MANY),
     "scheduler_period": Range(True, 1, _MANY),
+    "pseudo_every": Range(True, 1, _MANY),
 }
 OPTIONAL = frozenset({"step_lr_scale", "single_bits", "inplace_distill", "scheduler_start", "scheduler_period"})
 

@@ -54,6 +54,7 @@ from rtfq_deploy.space import SubnetConfig
 from rtfq_deploy.train.config import TrainConfig
 from rtfq_deploy.train.losses import distillation, information_maximization, pseudo_label_loss, pseudo_labels
 from rtfq_deploy.train.admm import CorrelationADMM, aligning_quantizers, capture as admm_capture
+from rtfq_deploy.train.pseudo import ClusterLabels
 from rtfq_deploy.train.mixed import BitScheduler, DistortionMitigation, MixedRule, free_quantizers
 from rtfq_deploy.train.sampler import make_rule, step_rng
 
@@ -142,11 +143,14 @@ def rampup(cfg: TrainConfig, step: int) -> float:
 def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supernet, subnets: list,
                 xs: Tensor, ys: Tensor, xt: Tensor, teacher_logits: Tensor | None, cfg: TrainConfig,
                 backward: Callable[[Tensor, bool], None], target_scale: float = 1.0,
-                idm: DistortionMitigation | None = None, admm: CorrelationADMM | None = None) -> dict[str, float]:
+                idm: DistortionMitigation | None = None, admm: CorrelationADMM | None = None,
+                target_labels: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
     """Run every sampled subnet, backpropagating each as it goes (so only one subnet's
     graph is alive at a time); returns the summed loss terms for logging. With ``admm``,
     every source pass adds AlignQ's correlation term, and the step's mean D then takes
-    one ADMM step (Eqs. 11-12)."""
+    one ADMM step (Eqs. 11-12). ``target_labels``: the target batch's pseudo-labels and
+    their mask, when they do not come from the top subnet's own predictions (clustering
+    labels, or the teacher's on the weak view with ``--target-aug strong``)."""
     w = cfg.losses
     totals = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "pseudo": 0.0, "im": 0.0}
     labels = mask = top_logits = None
@@ -180,7 +184,7 @@ def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supern
         if w.uses_target:
             logits_t = forward(resize_to(xt, sub.resolution), net)
             if i == 0:
-                labels, mask = pseudo_labels(logits_t, w.threshold)
+                labels, mask = target_labels or pseudo_labels(logits_t, w.threshold)
                 totals["pseudo_rate"] = float(mask.float().mean())
             if w.pseudo > 0:
                 terms["pseudo"] = pseudo_label_loss(logits_t, labels, mask)
@@ -276,7 +280,8 @@ class Run:
 
     # -- state -----------------------------------------------------------------
     def _save_state(self, step: int, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer,
-                    scheduler: BitScheduler | None = None, admm: CorrelationADMM | None = None) -> None:
+                    scheduler: BitScheduler | None = None, admm: CorrelationADMM | None = None,
+                    clusters: ClusterLabels | None = None) -> None:
         """Save, unless a weight went non-finite: a NaN state would poison every resume."""
         bad = _first_non_finite(student) or _first_non_finite(teacher)
         if bad is not None:
@@ -292,11 +297,14 @@ class Run:
             state["scheduler"] = scheduler.state()
         if admm is not None:
             state["admm"] = admm.state()
+        if clusters is not None:
+            state["pseudo_labels"] = clusters.state()
         with atomic_write(self.run_dir / "state.pt", overwrite=True) as f:
             torch.save(state, f)
 
     def _load_state(self, student: Supernet, teacher: Supernet, opt: torch.optim.Optimizer,
-                    scheduler: BitScheduler | None = None, admm: CorrelationADMM | None = None) -> int:
+                    scheduler: BitScheduler | None = None, admm: CorrelationADMM | None = None,
+                    clusters: ClusterLabels | None = None) -> int:
         path = self.run_dir / "state.pt"
         if not path.exists():
             return 0
@@ -314,6 +322,8 @@ class Run:
                 scheduler.load(state["scheduler"])
             if admm is not None and step > 0:
                 admm.load(state["admm"])
+            if clusters is not None and step > 0:
+                clusters.load(state["pseudo_labels"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise RtfqError(f"{path}: damaged training state ({first}); remove it to restart from step 0") from None
@@ -357,7 +367,8 @@ class Run:
         opt = make_optimizer(student, cfg)
         rule, scheduler, idm = self._rule(student)
         admm = self._admm(student)
-        start = self._load_state(student, teacher, opt, scheduler, admm)
+        clusters = self._clusters(student, tgt_stream, normalization)
+        start = self._load_state(student, teacher, opt, scheduler, admm, clusters)
         self._write_record()
         if start == 0:
             self._init_steps(student, src_stream, tgt_stream, normalization)
@@ -383,17 +394,28 @@ class Run:
                     scheduler.update(student, set(free_quantizers(student)), student.config.space.bits, step)
                 t_data = time.perf_counter()
                 (xs_u8, ys), (xt_u8, _) = next(batches)
-                xs = augment(xs_u8, crop, cfg.seed, SOURCE_STREAM, step, normalization).to(self.device)
+                xs = augment(xs_u8, crop, cfg.seed, SOURCE_STREAM, step, normalization,
+                             strong=cfg.source_aug == "strong").to(self.device)
                 xt = augment(xt_u8, crop, cfg.seed, TARGET_STREAM, step, normalization).to(self.device)
+                strong = cfg.target_aug == "strong" and cfg.losses.uses_target
+                xt_student = augment(xt_u8, crop, cfg.seed, TARGET_STREAM, step, normalization,
+                                     strong=True).to(self.device) if strong else xt
                 ys = ys.to(self.device)
                 data_s += time.perf_counter() - t_data
-                teacher_logits = None
-                if cfg.losses.distill > 0:
+                teacher_logits = target_labels = None
+                if cfg.losses.distill > 0 or strong:
                     with torch.no_grad():
                         teacher_logits = teacher(xt, teacher.active(maxnet))
+                    if strong:
+                        target_labels = pseudo_labels(teacher_logits, cfg.losses.threshold)
+                if clusters is not None and step >= cfg.target_start:
+                    if clusters.due(step):
+                        clusters.refresh(teacher, teacher.active(maxnet), step)
+                    yt = clusters.batch(tgt_stream.indices(step)).to(self.device)
+                    target_labels = yt, torch.ones_like(yt, dtype=torch.bool)
                 opt.zero_grad(set_to_none=True)
-                totals = step_losses(forward_model, student, rule(cfg.seed, step), xs, ys, xt, teacher_logits, cfg,
-                                     self._backward(forward_model), rampup(cfg, step), idm, admm)
+                totals = step_losses(forward_model, student, rule(cfg.seed, step), xs, ys, xt_student, teacher_logits,
+                                     cfg, self._backward(forward_model), rampup(cfg, step), idm, admm, target_labels)
                 if not math.isfinite(totals["loss"]):
                     raise Diverged(f"training diverged at step {step + 1}: the loss is {totals['loss']}; nothing past "
                                    f"the last saved state was kept (lower --lr or the loss weights)")
@@ -411,10 +433,10 @@ class Run:
                         progress(row)
                     t0, images, data_s = time.perf_counter(), 0, 0.0
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    self._save_state(done, student, teacher, opt, scheduler, admm)
+                    self._save_state(done, student, teacher, opt, scheduler, admm, clusters)
             if dist.world > 1:
                 _check_ranks_agree(student)
-            self._save_state(cfg.steps, student, teacher, opt, scheduler, admm)
+            self._save_state(cfg.steps, student, teacher, opt, scheduler, admm, clusters)
         finally:
             if metrics is not None:
                 metrics.close()
@@ -440,6 +462,17 @@ class Run:
             raise RtfqError(f"--admm preserves correlations of AlignQ activations, and this supernet's activations "
                             f"are {model.config.act_quantizer} (create it with rtfq init --act-quantizer alignq)")
         return CorrelationADMM(*self.cfg.admm)
+
+    def _clusters(self, model: Supernet, target: Stream, normalization: dict) -> ClusterLabels | None:
+        cfg = self.cfg
+        if cfg.pseudo_labels != "centroid" or cfg.losses.pseudo == 0:
+            return None
+        if target.domain.cache is None:
+            raise RtfqError(f"--pseudo-labels centroid labels the whole target set every {cfg.pseudo_every} steps and "
+                            f"needs it decoded up front: raise --cache-mb above "
+                            f"{len(target.domain) * 3 * target.domain.size ** 2 / 2**20:.0f}")
+        return ClusterLabels(target.domain.cache, normalization, cfg.target_start, cfg.pseudo_every, cfg.seed,
+                             model.config.num_classes)
 
     def _backward(self, forward_model: nn.Module) -> Callable[[Tensor, bool], None]:
         def backward(loss: Tensor, last: bool) -> None:
