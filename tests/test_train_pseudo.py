@@ -11,6 +11,7 @@ import torch
 
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.train.config import TrainConfig
+from rtfq_deploy.train.losses import LossWeights
 from rtfq_deploy.train.pseudo import ClusterLabels, centroid_labels
 from tests.test_cli import _one_line_error, _run
 from tests.test_train import _train, kill_after_logged_step, setup  # noqa: F401  (the module fixture)
@@ -36,8 +37,9 @@ def test_centroids_correct_a_classifier_that_is_wrong_on_a_third_of_each_cluster
 
 def test_a_class_nobody_predicts_gets_no_centroid():
     features, truth = _clusters(30, 3)
-    probs = torch.zeros(len(truth), 5)
-    probs[torch.arange(len(truth)), truth] = 1.0  # classes 3 and 4: never predicted
+    logits = torch.zeros(len(truth), 5)
+    logits[torch.arange(len(truth)), truth] = 1.0  # classes 3 and 4: never the top prediction
+    probs = torch.softmax(logits, dim=1)  # yet every class has some probability everywhere
     labels = centroid_labels(features, probs)
     assert torch.equal(labels, truth)
 
@@ -73,7 +75,7 @@ def test_centroid_run_labels_every_target_image_and_resumes_exactly(setup, tmp_p
     assert whole.returncode == 0, whole.stderr
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["pseudo"] == 0 for r in rows[:2]) and all(r["pseudo"] > 0 for r in rows[2:])
-    assert all(r["pseudo_rate"] == 1.0 for r in rows[2:])  # every image labelled, none thresholded
+    assert not any("pseudo_rate" in r for r in rows[2:])  # every image labelled, no confidence threshold
     state = torch.load(tmp_path / "whole" / "state.pt", weights_only=True)
     n_target = sum(1 for p in (setup / "data" / "target").rglob("*.png"))
     assert state["pseudo_labels"].shape == (n_target,) and state["pseudo_labels"].max() < 3
@@ -82,6 +84,7 @@ def test_centroid_run_labels_every_target_image_and_resumes_exactly(setup, tmp_p
             str(setup / "data" / "target"), "--out", str(run), "--batch-size", "16", "--lr", "0.002",
             "--log-every", "1", "--calib-images", "16", "--workers", "0", *steps]
     kill_after_logged_step(args, run, 5)  # state of step 4 saved: between the refreshes of steps 2 and 5
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 4 and not (run / "supernet.pt").exists()
     resumed = _run("rtfq-train", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "whole" / "state.pt", weights_only=True)
@@ -113,11 +116,79 @@ def test_strong_views_keep_the_weak_views_windows_and_are_deterministic():
     assert sum(abs(float(c)) for c in own) > 3 * sum(abs(float(c)) for c in other)
 
 
-def test_strong_target_views_train_on_the_teachers_confident_labels(setup, tmp_path):  # noqa: F811
-    result = _train(setup, tmp_path / "s", "--steps", "3", "--target-aug", "strong", "--threshold", "0")
-    assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["pseudo_rate"] == 1.0 and r["pseudo"] > 0 for r in rows)  # threshold 0: every teacher label
-    record = json.loads((tmp_path / "s" / "run.json").read_text())
-    assert record["config"]["target_aug"] == "strong"
+def test_strong_target_views_train_on_the_teachers_weak_view_labels(setup, tmp_path, monkeypatch):  # noqa: F811
+    """In process, recording what each network sees and which labels the loss gets: the
+    teacher only weak target views, the subnets strong ones, the labels the teacher's."""
+    from rtfq_deploy.models.resnet import ResNet
+    from rtfq_deploy.train import loop
+
+    views: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+    seen: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
+    teacher_labels: list[torch.Tensor] = []
+    used_labels: list[torch.Tensor] = []
+    augment, forward, step_losses = loop.augment, ResNet.forward, loop.step_losses
+
+    def recording_augment(*args, strong=False, **kw):
+        out = augment(*args, strong=strong, **kw)
+        views[strong].append(out)
+        return out
+
+    def recording_forward(self, x, net):
+        logits = forward(self, x, net)
+        who = "student" if next(self.parameters()).requires_grad else "teacher"
+        seen[who].append(x.detach().clone())
+        if who == "teacher":
+            teacher_labels.append(logits.argmax(1))
+        return logits
+
+    def recording_step_losses(*args, **kw):
+        used_labels.append(args[-1][0])  # target_labels, passed positionally
+        return step_losses(*args, **kw)
+
+    monkeypatch.setattr(loop, "augment", recording_augment)
+    monkeypatch.setattr(ResNet, "forward", recording_forward)
+    monkeypatch.setattr(loop, "step_losses", recording_step_losses)
+    cfg = TrainConfig(steps=2, batch_size=16, lr=0.002, log_every=1, calib_images=16, workers=0,
+                      target_aug="strong", losses=LossWeights(threshold=0.0))
+    run = loop.Run.create(tmp_path / "s", cfg, setup / "init.pt", setup / "data" / "source",
+                          setup / "data" / "target", loop.Distributed())
+    run.train()
+    strong, weak = views[True], views[False]
+    assert len(strong) == 2  # one strong target view per step
+    assert len(seen["teacher"]) == 2 and all(any(torch.equal(x, v) for v in weak) for x in seen["teacher"])
+    assert not any(torch.equal(x, v) for x in seen["teacher"] for v in strong)
+    batch = [x for x in seen["student"] if x.shape == strong[0].shape]
+    assert sum(any(torch.equal(x, v) for v in strong) for x in batch) >= 2  # the top subnets see strong views
+    assert not any(torch.equal(x, v) for x in batch for v in seen["teacher"])  # never the teacher's weak one
+    assert len(used_labels) == 2
+    for used, labels in zip(used_labels, teacher_labels):
+        assert torch.equal(used, labels)  # threshold 0: every teacher label, as the loss's labels
+
+
+def test_strong_aug_settings_are_checked(setup, tmp_path):  # noqa: F811
     _one_line_error(_train(setup, tmp_path / "t", "--target-aug", "heavy"), "heavy")
+    _one_line_error(_train(setup, tmp_path / "u", "--source-aug", "heavy"), "heavy")
+    with pytest.raises(RtfqError, match="weak or strong"):
+        TrainConfig(source_aug="heavy")
+
+
+def test_step_losses_train_on_the_labels_they_are_given():
+    from rtfq_deploy.models import SupernetConfig, build_supernet
+    from rtfq_deploy.train.loop import step_losses
+    from tests.test_train import SPACE
+
+    torch.manual_seed(0)
+    model = build_supernet(SupernetConfig("tiny_resnet", num_classes=3, space=SPACE)).train()
+    xs, xt = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    ys = torch.tensor([0, 1, 2, 0])
+    cfg = TrainConfig(losses=LossWeights(distill=0.0, im=0.0, pseudo=1.0, threshold=0.0))
+    given = torch.tensor([2, 2, 1, 0])
+    for mask in (None, torch.tensor([True, False, True, True])):
+        totals = step_losses(model, model, [SPACE.maxnet], xs, ys, xt, None, cfg, lambda loss, last: None,
+                             target_labels=(given, mask))
+        with torch.no_grad():
+            per_image = torch.nn.functional.cross_entropy(model(xt, model.active(SPACE.maxnet)), given,
+                                                          reduction="none")
+        expected = per_image.mean() if mask is None else (per_image * mask).sum() / 4
+        assert totals["pseudo"] == pytest.approx(float(expected), rel=1e-4)
+        assert ("pseudo_rate" in totals) == (mask is not None)

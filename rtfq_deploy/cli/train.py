@@ -88,8 +88,9 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 @click.option("--w-im", type=_bounded(LOSSES["im"]), help="Weight of information maximisation on target.  [default: 1]")
 @click.option("--threshold", type=_bounded(LOSSES["threshold"]), help="Pseudo-label confidence threshold.  [default: 0.9]")
 @click.option("--pseudo-labels", type=click.Choice(["confident", "centroid"]),
-              help="Pseudo-labels: the top subnet's confident predictions on the batch (paper), or SHOT's clustering "
-                   "labels of the whole target set from the teacher's maxnet.  [default: confident]")
+              help="Pseudo-labels: confident predictions on the batch (the top subnet's, paper; the teacher's with "
+                   "--target-aug strong), or SHOT's clustering labels of the whole target set from the teacher's "
+                   "maxnet.  [default: confident]")
 @click.option("--pseudo-every", type=_bounded(SETTINGS["pseudo_every"]),
               help="With --pseudo-labels centroid: steps between relabelling the target set.  [default: 50]")
 @click.option("--target-aug", type=click.Choice(["weak", "strong"]),

@@ -7,8 +7,10 @@ A step (paper section III):
 2. the teacher's maxnet (an EMA of the student) predicts the target batch;
 3. the sampling rule names the subnets, top subnet first. Each is run on the source
    batch (cross-entropy) and on the target batch: pseudo-labels from the top subnet's
-   confident predictions, information maximisation and, below the top subnet,
-   distillation from the teacher. The source and target batches go through separately,
+   confident predictions (with ``--target-aug strong``: the subnets see a strongly
+   augmented view and the labels are the teacher's confident predictions on the weak
+   one; with ``--pseudo-labels centroid``: SHOT's clustering labels), information
+   maximisation and, below the top subnet, distillation from the teacher. The source and target batches go through separately,
    so BatchNorm normalises each with its own domain's statistics (as the target-domain
    statistics calibrated for deployment will);
 4. gradients of all subnets accumulate into one optimizer step (lr: warm-up, then cosine);
@@ -72,6 +74,17 @@ class Distributed:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def broadcast(self, tensor: Tensor, device: torch.device) -> Tensor:
+        """Rank 0's ``tensor`` on every rank (alone: unchanged), so what only rank 0
+        saves is what every rank used."""
+        if self.world == 1:
+            return tensor
+        import torch.distributed as dist
+
+        moved = tensor.to(device)
+        dist.broadcast(moved, 0)
+        return moved.to(tensor.device)
 
     def barrier(self) -> None:
         """Wait for every process; a no-op when training alone."""
@@ -144,13 +157,14 @@ def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supern
                 xs: Tensor, ys: Tensor, xt: Tensor, teacher_logits: Tensor | None, cfg: TrainConfig,
                 backward: Callable[[Tensor, bool], None], target_scale: float = 1.0,
                 idm: DistortionMitigation | None = None, admm: CorrelationADMM | None = None,
-                target_labels: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
+                target_labels: tuple[Tensor, Tensor | None] | None = None) -> dict[str, float]:
     """Run every sampled subnet, backpropagating each as it goes (so only one subnet's
     graph is alive at a time); returns the summed loss terms for logging. With ``admm``,
     every source pass adds AlignQ's correlation term, and the step's mean D then takes
     one ADMM step (Eqs. 11-12). ``target_labels``: the target batch's pseudo-labels and
-    their mask, when they do not come from the top subnet's own predictions (clustering
-    labels, or the teacher's on the weak view with ``--target-aug strong``)."""
+    their confidence mask (None: every image counts), when they do not come from the top
+    subnet's own predictions (the teacher's on the weak view with ``--target-aug
+    strong``, or clustering labels)."""
     w = cfg.losses
     totals = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "pseudo": 0.0, "im": 0.0}
     labels = mask = top_logits = None
@@ -183,8 +197,11 @@ def step_losses(forward: Callable[[Tensor, ActiveSubnet], Tensor], model: Supern
                     terms["idm"] = aligned_loss
         if w.uses_target:
             logits_t = forward(resize_to(xt, sub.resolution), net)
-            if i == 0:
-                labels, mask = target_labels or pseudo_labels(logits_t, w.threshold)
+            if i == 0 and target_labels is not None:
+                labels, mask = target_labels
+            elif i == 0:
+                labels, mask = pseudo_labels(logits_t, w.threshold)
+            if i == 0 and mask is not None:
                 totals["pseudo_rate"] = float(mask.float().mean())
             if w.pseudo > 0:
                 terms["pseudo"] = pseudo_label_loss(logits_t, labels, mask)
@@ -411,8 +428,8 @@ class Run:
                 if clusters is not None and step >= cfg.target_start:
                     if clusters.due(step):
                         clusters.refresh(teacher, teacher.active(maxnet), step)
-                    yt = clusters.batch(tgt_stream.indices(step)).to(self.device)
-                    target_labels = yt, torch.ones_like(yt, dtype=torch.bool)
+                        clusters.table = dist.broadcast(clusters.table, self.device)
+                    target_labels = clusters.batch(tgt_stream.indices(step)).to(self.device), None
                 opt.zero_grad(set_to_none=True)
                 totals = step_losses(forward_model, student, rule(cfg.seed, step), xs, ys, xt_student, teacher_logits,
                                      cfg, self._backward(forward_model), rampup(cfg, step), idm, admm, target_labels)
@@ -468,9 +485,10 @@ class Run:
         if cfg.pseudo_labels != "centroid" or cfg.losses.pseudo == 0:
             return None
         if target.domain.cache is None:
+            files = len(target.domain) + target.domain.skipped  # what load_domain's size check counts
             raise RtfqError(f"--pseudo-labels centroid labels the whole target set every {cfg.pseudo_every} steps and "
-                            f"needs it decoded up front: raise --cache-mb above "
-                            f"{len(target.domain) * 3 * target.domain.size ** 2 / 2**20:.0f}")
+                            f"needs it decoded up front: set cache_mb to at least "
+                            f"{math.ceil(files * 3 * target.domain.size ** 2 / 2**20)}")
         return ClusterLabels(target.domain.cache, normalization, cfg.target_start, cfg.pseudo_every, cfg.seed,
                              model.config.num_classes)
 

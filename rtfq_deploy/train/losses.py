@@ -55,9 +55,12 @@ def pseudo_labels(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     return labels, confidence >= threshold
 
 
-def pseudo_label_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+def pseudo_label_loss(logits: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
     """Cross-entropy on the confident targets, averaged over the whole batch (so a batch
-    with few confident predictions contributes little, as in FixMatch)."""
+    with few confident predictions contributes little, as in FixMatch); ``mask`` None:
+    every target counts."""
+    if mask is None:
+        return F.cross_entropy(logits, labels)
     if not bool(mask.any()):
         return logits.sum() * 0.0
     per_sample = F.cross_entropy(logits, labels, reduction="none")

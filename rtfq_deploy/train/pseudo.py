@@ -24,14 +24,16 @@ FEATURE_BATCH = 128  # images per forward pass (BatchNorm normalises with each p
 
 def centroid_labels(features: Tensor, probs: Tensor, rounds: int = 2) -> Tensor:
     """Labels by cosine distance to class centroids: first weighted by ``probs``
-    (N x K), then, ``rounds - 1`` times, by the previous round's hard labels. Classes no
-    image is assigned to in a round get no centroid in the next (as in SHOT's code)."""
+    (N x K), then, ``rounds - 1`` times, by the previous round's hard labels. Only
+    classes that are some image's label (first: its top prediction) get a centroid, as
+    in SHOT's code: a class the classifier never predicts would otherwise get one near
+    the mean feature and collect the uncertain images."""
     f = F.normalize(torch.cat([features, torch.ones_like(features[:, :1])], dim=1).double(), dim=1)
     weights = probs.double()
-    labels = torch.zeros(len(f), dtype=torch.long)
+    labels = probs.argmax(1)
     for _ in range(rounds):
         centroids = weights.t() @ f / (weights.sum(0)[:, None] + 1e-8)
-        present = torch.nonzero(weights.sum(0) > 0).flatten()
+        present = torch.nonzero(torch.bincount(labels, minlength=probs.shape[1]) > 0).flatten()
         similarity = f @ F.normalize(centroids[present], dim=1).t()
         labels = present[similarity.argmax(1)]
         weights = F.one_hot(labels, probs.shape[1]).double()
