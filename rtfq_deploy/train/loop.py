@@ -10,9 +10,9 @@ A step (paper section III):
    confident predictions (with ``--target-aug strong``: the subnets see a strongly
    augmented view and the labels are the teacher's confident predictions on the weak
    one; with ``--pseudo-labels centroid``: SHOT's clustering labels), information
-   maximisation and, below the top subnet, distillation from the teacher. The source and target batches go through separately,
-   so BatchNorm normalises each with its own domain's statistics (as the target-domain
-   statistics calibrated for deployment will);
+   maximisation and, below the top subnet, distillation from the teacher. The source
+   and target batches go through separately, so BatchNorm normalises each with its own
+   domain's statistics (as the target-domain statistics calibrated for deployment will);
 4. gradients of all subnets accumulate into one optimizer step (lr: warm-up, then cosine);
    the teacher follows by EMA.
 
