@@ -192,3 +192,24 @@ def test_step_losses_train_on_the_labels_they_are_given():
         expected = per_image.mean() if mask is None else (per_image * mask).sum() / 4
         assert totals["pseudo"] == pytest.approx(float(expected), rel=1e-4)
         assert ("pseudo_rate" in totals) == (mask is not None)
+
+
+def test_two_process_run_shares_rank_0s_clustering_labels(setup, tmp_path):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    args = ["--checkpoint", str(setup / "init.pt"), "--source", str(setup / "data" / "source"), "--target",
+            str(setup / "data" / "target"), "--out", str(out), "--batch-size", "16", "--lr", "0.002", "--log-every",
+            "1", "--calib-images", "16", "--workers", "0", "--steps", "3", "--pseudo-labels", "centroid",
+            "--pseudo-every", "2", "--w-pseudo", "1", "--target-aug", "strong", "-v"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RTFQ_BACKEND": "gloo"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(Path(sys.executable).parent / "rtfq-train"), *args], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "all 2 processes hold identical weights" in result.stderr
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["pseudo_labels"].shape == (sum(1 for _ in (setup / "data" / "target").rglob("*.png")),)
