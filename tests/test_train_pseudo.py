@@ -14,7 +14,7 @@ from rtfq_deploy.train.config import TrainConfig
 from rtfq_deploy.train.losses import LossWeights
 from rtfq_deploy.train.pseudo import ClusterLabels, centroid_labels
 from tests.test_cli import _one_line_error, _run
-from tests.test_train import _train, kill_after_logged_step, setup  # noqa: F401  (the module fixture)
+from tests.test_train import FAST, _train, kill_after_logged_step, setup  # noqa: F401  (the module fixture)
 
 
 def _clusters(n_per: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +81,7 @@ def test_centroid_run_labels_every_target_image_and_resumes_exactly(setup, tmp_p
     assert state["pseudo_labels"].shape == (n_target,) and state["pseudo_labels"].max() < 3
     run = tmp_path / "killed"
     args = ["--checkpoint", str(setup / "init.pt"), "--source", str(setup / "data" / "source"), "--target",
-            str(setup / "data" / "target"), "--out", str(run), "--batch-size", "16", "--lr", "0.002",
-            "--log-every", "1", "--calib-images", "16", "--workers", "0", *steps]
+            str(setup / "data" / "target"), "--out", str(run), *FAST, *steps]
     kill_after_logged_step(args, run, 5)  # state of step 4 saved: between the refreshes of steps 2 and 5
     assert torch.load(run / "state.pt", weights_only=True)["step"] == 4 and not (run / "supernet.pt").exists()
     resumed = _run("rtfq-train", "--resume", str(run))
@@ -202,8 +201,7 @@ def test_two_process_run_shares_rank_0s_clustering_labels(setup, tmp_path):  # n
 
     out = tmp_path / "ddp"
     args = ["--checkpoint", str(setup / "init.pt"), "--source", str(setup / "data" / "source"), "--target",
-            str(setup / "data" / "target"), "--out", str(out), "--batch-size", "16", "--lr", "0.002", "--log-every",
-            "1", "--calib-images", "16", "--workers", "0", "--steps", "3", "--pseudo-labels", "centroid",
+            str(setup / "data" / "target"), "--out", str(out), *FAST, "--steps", "3", "--pseudo-labels", "centroid",
             "--pseudo-every", "2", "--w-pseudo", "1", "--target-aug", "strong", "-v"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RTFQ_BACKEND": "gloo"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
