@@ -91,7 +91,8 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, o
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
+    # absolute, so that the training runs' command lines and run.json name absolute paths
+    ap.add_argument("--out", type=lambda text: Path(text).resolve(), required=True)
     ap.add_argument("--seeds", type=_seeds, default="1,2,3")
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     ap.add_argument("--steps", type=_positive, help="override the recipe's steps (every phase scaled alike)")

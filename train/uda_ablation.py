@@ -234,7 +234,8 @@ def _seeds(text: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
+    # absolute, so that the training runs' command lines and run.json name absolute paths
+    ap.add_argument("--out", type=lambda text: Path(text).resolve(), required=True)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     ap.add_argument("--seeds", type=_seeds, default="1,2,3", help="data, initial weights and training seeds")
     ap.add_argument("--shift", choices=sorted(RECIPES), default="strong")
