@@ -43,12 +43,23 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
     return resized_crop(path, round(resolution / CROP_FRACTION), resolution).astype(np.float32) / 255.0
 
 
+def _spread(files: list[Path], limit: int | None) -> list[Path]:
+    """``limit`` evenly spaced files first, then the others in order (spares)."""
+    if limit is None or limit >= len(files):
+        return files
+    picked = sorted({i * len(files) // limit for i in range(limit)})
+    chosen = set(picked)
+    return [files[i] for i in picked] + [f for i, f in enumerate(files) if i not in chosen]
+
+
 def load_folder(root: str | Path, resolution: int, mean: Sequence[float], std: Sequence[float],
                 limit: int | None = None) -> torch.Tensor:
     """Up to ``limit`` images of a folder tree as an (N, 3, R, R) normalised tensor.
-    Unreadable files are skipped and counted in a warning."""
+    A limit below the number of files takes them evenly spaced over the sorted list, so a
+    class-per-folder tree gives every class (the first N would be one class); unreadable
+    files are skipped, counted in a warning and replaced by the next unpicked ones."""
     arrays, skipped = [], 0
-    for path in image_files(root):
+    for path in _spread(image_files(root), limit):
         if limit is not None and len(arrays) >= limit:
             break
         try:

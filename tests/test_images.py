@@ -28,3 +28,16 @@ def test_limit_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RtfqError, match="no readable images"):
         load_folder(tmp_path / "empty", 8, [0, 0, 0], [1, 1, 1])
+
+
+def test_limit_spreads_over_every_class_and_replaces_unreadable_files(tmp_path):
+    """A class-per-folder tree sorted by name: the first 4 of 12 files would all be class a."""
+    for c, value in zip("abc", (0, 100, 200)):
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / c / f"{i}.png")
+    x = load_folder(tmp_path, 8, [0, 0, 0], [1, 1, 1], limit=3)
+    assert sorted(round(float(v) * 255) for v in x[:, 0, 0, 0]) == [0, 100, 200]
+    (tmp_path / "b" / "0.png").write_bytes(b"not an image")  # the pick for class b is replaced
+    x = load_folder(tmp_path, 8, [0, 0, 0], [1, 1, 1], limit=3)
+    assert x.shape[0] == 3

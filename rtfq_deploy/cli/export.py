@@ -67,7 +67,7 @@ def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare onnxruntime and the ONNX reference evaluator with the PyTorch subnet before writing.")
 @click.option("--verify-samples", type=BoundedInt(1, 100_000), default=16, show_default=True,
-              help="Inputs to verify on (the first N images with --verify-images).")
+              help="Inputs to verify on (with --verify-images: N images evenly spaced over the sorted files, so every class of a class-per-folder tree).")
 @click.option("--verify-images", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Held-out target-domain images (a folder tree) to verify on instead of random inputs.")
 @click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
