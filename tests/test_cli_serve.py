@@ -27,10 +27,11 @@ SPACE = SearchSpace(resolutions=(64, 48), widths=(1.0, 0.6), bits=(8, 4))
 
 
 @contextlib.contextmanager
-def rtfq_serve(*args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+def rtfq_serve(*args: str, **popen) -> Iterator[tuple[str, subprocess.Popen]]:
     """``rtfq-serve ... --port 0``; yields the URL it announces on its first line."""
     exe = str(Path(sys.executable).parent / "rtfq-serve")
-    proc = subprocess.Popen([exe, *args, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([exe, *args, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
     try:
         line = proc.stdout.readline()
         match = re.search(r" on (https?://127\.0\.0\.1:\d+) ", line)
@@ -111,3 +112,12 @@ def test_serve_reports_excluded_entries_and_an_empty_dist_dir(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.wait(15)
         assert "not serving pi/m.onnx (pi): file is missing" in proc.stderr.read()
+
+
+def test_ctrl_c_exits_130_even_when_started_with_sigint_ignored(tmp_path):
+    """As under ``nohup rtfq-serve ... &``: uvicorn's re-raised SIGINT is then lost (exit 0)."""
+    with rtfq_serve(str(tmp_path), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) as (url, proc):
+        assert request(url, "/v1/health").status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 130
+        assert proc.stderr.read().strip().endswith("Aborted.")

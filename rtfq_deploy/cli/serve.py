@@ -49,10 +49,8 @@ def serve(dist_dir: Path, host: str, port: int, poll_s: float, max_connections: 
     if (certfile is None) != (keyfile is None):
         raise click.UsageError("--certfile and --keyfile go together: give both for https, or neither")
 
-    import uvicorn
-
     from rtfq_deploy.serve.app import ServeConfig, build_app
-    from rtfq_deploy.serve.runner import base_url, bind, check_tls, uvicorn_config
+    from rtfq_deploy.serve.runner import Server, base_url, bind, check_tls, uvicorn_config
     from rtfq_deploy.serve.store import Store
 
     logging.basicConfig(level=logging.INFO if (verbose or access_log) else logging.WARNING,
@@ -73,11 +71,13 @@ def serve(dist_dir: Path, host: str, port: int, poll_s: float, max_connections: 
                f"{len(snap.files)} files, {len(snap.excluded)} entries excluded{extras})", nl=True)
     for ex in snap.excluded:
         click.echo(f"  not serving {ex.path} ({ex.device}): {ex.reason}", err=True)
-    server = uvicorn.Server(uvicorn_config(config, app))
+    server = Server(uvicorn_config(config, app))
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if server.interrupted:  # Command turns it into "Aborted." and exit 130
+        raise KeyboardInterrupt
 
 
 def _fit_open_file_limit(max_connections: int) -> int:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import ssl
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Iterator
 
 import uvicorn
@@ -32,6 +34,21 @@ def uvicorn_config(config: ServeConfig, app: ASGIApp) -> uvicorn.Config:
         h11_max_incomplete_event_size=config.max_header_bytes,
         timeout_keep_alive=5, timeout_graceful_shutdown=5, **tls,
     )
+
+
+class Server(uvicorn.Server):
+    """uvicorn re-raises the SIGINT it stopped on, but that is lost where the process
+    started with SIGINT ignored (``nohup rtfq-serve ... &``) or where asyncio's runner
+    takes it as a cancellation of a task that has already finished: the process then
+    exits 0. Recording it here lets the CLI exit 130 on every Ctrl-C."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.interrupted = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.interrupted = self.interrupted or sig == signal.SIGINT
+        super().handle_exit(sig, frame)
 
 
 def check_tls(certfile: Path, keyfile: Path) -> None:
