@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from rtfq_deploy.data.folders import check_same_classes, scan
 from rtfq_deploy.data.pipeline import Stream, augment, load_domain, step_indices
-from rtfq_deploy.data.synth import SHAPES, SynthConfig, generate
+from rtfq_deploy.data.synth import SHAPES, SynthConfig, generate, pixels_sha256
 from rtfq_deploy.errors import RtfqError
 from tests.test_cli import _one_line_error, _run
 
@@ -39,6 +40,27 @@ def test_synth_layout_and_determinism(synth, tmp_path):
     other = tmp_path / "other"
     generate(other, SynthConfig(classes=4, per_class=6, test_per_class=2, size=32, seed=2))
     assert _digest(other) != _digest(synth)
+
+
+def test_synth_records_a_digest_of_its_pixels(synth, tmp_path):
+    """synth.json names the pixels it wrote, so two machines can tell whether their data differ."""
+    import json
+
+    import numpy as np
+
+    recorded = json.loads((synth / "synth.json").read_text())["pixels_sha256"]
+    assert set(recorded) == {"source", "target", "target_test"} and recorded == pixels_sha256(synth)
+    assert len(set(recorded.values())) == 3
+    copy = tmp_path / "copy"
+    shutil.copytree(synth, copy)
+    png = sorted((copy / "target").rglob("*.png"))[3]
+    pixels = np.asarray(Image.open(png).convert("RGB")).copy()
+    Image.fromarray(pixels, "RGB").save(png, compress_level=0)  # other PNG bytes, same pixels
+    assert pixels_sha256(copy) == recorded
+    pixels[0, 0, 0] ^= 1  # one bit of one pixel
+    Image.fromarray(pixels, "RGB").save(png)
+    changed = pixels_sha256(copy)
+    assert changed["target"] != recorded["target"] and changed["source"] == recorded["source"]
 
 
 def test_synth_domains_differ_in_appearance(synth):

@@ -109,7 +109,7 @@ def train_and_eval(out: Path, seed: int, name: str, args: Callable[[], list[str]
     """Train OUT/NAME (``args()``: the checkpoint, recipe and options; called only when the
     run is missing; an interrupted run is resumed), then evaluate every subnet on the
     seed's held-out target images. The accuracy table OUT/NAME.acc.json, with the training
-    time, is all that is kept and what a later call reuses."""
+    time and the data's pixel digest, is all that is kept and what a later call reuses."""
     run, acc = out / name, out / f"{name}.acc.json"
     if not acc.exists():
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -123,6 +123,8 @@ def train_and_eval(out: Path, seed: int, name: str, args: Callable[[], list[str]
            "-o", str(acc), env=env)
         table = json.loads(acc.read_text())
         table["train_seconds"] = train_s
+        # which pixels it trained on: runs on two CPUs differ, and this tells whether the data did
+        table["data_pixels_sha256"] = json.loads((out / "data/synth.json").read_text()).get("pixels_sha256")
         acc.write_text(json.dumps(table, indent=2))
         print(f"seed {seed} {name}: trained in {train_s:.0f} s", flush=True)
     return json.loads(acc.read_text())

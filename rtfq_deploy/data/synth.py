@@ -26,6 +26,7 @@ self-training adapts from. Written as::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -270,6 +271,20 @@ def render_strong(shape: str, rng: np.random.Generator, size: int, style: Strong
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+def pixels_sha256(root: str | Path) -> dict[str, str]:
+    """Per split, a digest of every image's path and decoded RGB pixels (not the PNG bytes,
+    which depend on the zlib build): the same options give the same pixels on one machine,
+    and this tells whether two machines' data differ when their training results do."""
+    out = {}
+    for split in SPLITS:
+        h = hashlib.sha256()
+        for path in sorted((Path(root) / split).rglob("*.png")):
+            with Image.open(path) as img:
+                h.update(path.relative_to(root).as_posix().encode() + b"\0" + img.convert("RGB").tobytes())
+        out[split] = h.hexdigest()
+    return out
+
+
 def generate(out: str | Path, config: SynthConfig) -> dict[str, int]:
     """Write the three splits under ``out`` (which must not exist or be empty); returns
     the number of images per split. The same config always gives the same pixels."""
@@ -296,7 +311,8 @@ def generate(out: str | Path, config: SynthConfig) -> dict[str, int]:
                     image = render(shape, rng, config.size, target=split != "source")
                 image.save(folder / f"{i:05d}.png")
         counts[split] = n * config.classes
-    (tmp / "synth.json").write_text(json.dumps({"generator": "rtfq data synth", **asdict(config)}, indent=2) + "\n")
+    record = {"generator": "rtfq data synth", **asdict(config), "pixels_sha256": pixels_sha256(tmp)}
+    (tmp / "synth.json").write_text(json.dumps(record, indent=2) + "\n")
     if out.exists():
         out.rmdir()
     tmp.rename(out)  # the dataset appears whole or not at all
