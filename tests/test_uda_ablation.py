@@ -56,3 +56,23 @@ def test_summary_and_report(ablation, tmp_path, capsys):
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert saved["seeds"] == [1, 2] and saved["summary"]["rtfq"]["2"]["max q8"] == pytest.approx(1.12)
     assert (tmp_path / "ablation.png").stat().st_size > 1000
+
+
+
+@pytest.mark.parametrize("script", ["uda_ablation.py", "mpq_ablation.py", "alignq_ablation.py"])
+@pytest.mark.parametrize("out", ["", "  "])
+def test_an_empty_out_folder_is_one_line_and_exit_2(script, out, tmp_path):
+    import subprocess
+    import sys
+
+    got = subprocess.run([sys.executable, str(ROOT / "train" / script), "--out", out], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert got.returncode == 2 and got.stderr.strip().splitlines()[-1].endswith("argument --out: empty path")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_folder_is_absolute_and_a_nul_is_refused(ablation, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ablation._out_dir("runs") == tmp_path.resolve() / "runs"
+    with pytest.raises(Exception, match="not a usable path"):  # argv cannot carry a NUL; Python callers can
+        ablation._out_dir("a\0b")

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_ablation import _positive, _seeds, mean_std, recipe_steps, scaled, sh, tool, train_and_eval  # noqa: E402
+from uda_ablation import _out_dir, _positive, _seeds, mean_std, recipe_steps, scaled, sh, tool, train_and_eval  # noqa: E402
 
 RECIPE = "synth_strong_paper_cpu"
 SPACE = ["--resolutions", "64,56,48,40", "--widths", "1.0,0.86,0.73,0.6", "--bits", "4,2"]
@@ -91,8 +91,7 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, o
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # absolute, so that the training runs' command lines and run.json name absolute paths
-    ap.add_argument("--out", type=lambda text: Path(text).resolve(), required=True)
+    ap.add_argument("--out", type=_out_dir, required=True)
     ap.add_argument("--seeds", type=_seeds, default="1,2,3")
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     ap.add_argument("--steps", type=_positive, help="override the recipe's steps (every phase scaled alike)")

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_ablation import _positive, _seeds, mean_std, sh, tool, train_and_eval  # noqa: E402  (same folder)
+from uda_ablation import _out_dir, _positive, _seeds, mean_std, sh, tool, train_and_eval  # noqa: E402  (same folder)
 
 BITS = (6, 5, 4, 3, 2)
 SPACE = ["--resolutions", "64", "--widths", "1.0"]
@@ -238,8 +238,7 @@ def report(trained: dict[str, dict[int, dict]], plans: dict[int, dict], seeds: l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # absolute, so that the training runs' command lines and run.json name absolute paths
-    ap.add_argument("--out", type=lambda text: Path(text).resolve(), required=True)
+    ap.add_argument("--out", type=_out_dir, required=True)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     ap.add_argument("--seeds", type=_seeds, default="1,2,3", help="data, initial weights and training seeds")
     ap.add_argument("--jobs", type=_positive, default=2, help="runs at a time (each with 2 // jobs threads)")

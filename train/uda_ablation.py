@@ -124,7 +124,8 @@ def train_and_eval(out: Path, seed: int, name: str, args: Callable[[], list[str]
         table = json.loads(acc.read_text())
         table["train_seconds"] = train_s
         # which pixels it trained on: runs on two CPUs differ, and this tells whether the data did
-        table["data_pixels_sha256"] = json.loads((out / "data/synth.json").read_text()).get("pixels_sha256")
+        record = json.loads((out / "data/synth.json").read_text())
+        table["data_pixels_sha256"] = record.get("pixels_sha256") if isinstance(record, dict) else None
         acc.write_text(json.dumps(table, indent=2))
         print(f"seed {seed} {name}: trained in {train_s:.0f} s", flush=True)
     return json.loads(acc.read_text())
@@ -224,6 +225,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _out_dir(text: str) -> Path:
+    """argparse type: a folder, made absolute so that the training runs' command lines and
+    run.json name absolute paths (``pkill -f``, ``--resume`` from anywhere)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    try:
+        return Path(text).resolve()
+    except (ValueError, OSError) as e:  # a NUL byte, a name too long
+        raise argparse.ArgumentTypeError(f"not a usable path: {e}") from None
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -236,8 +248,7 @@ def _seeds(text: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # absolute, so that the training runs' command lines and run.json name absolute paths
-    ap.add_argument("--out", type=lambda text: Path(text).resolve(), required=True)
+    ap.add_argument("--out", type=_out_dir, required=True)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     ap.add_argument("--seeds", type=_seeds, default="1,2,3", help="data, initial weights and training seeds")
     ap.add_argument("--shift", choices=sorted(RECIPES), default="strong")
