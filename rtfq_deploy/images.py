@@ -47,7 +47,7 @@ def _spread(files: list[Path], limit: int | None) -> list[Path]:
     """``limit`` evenly spaced files first, then the others in order (spares)."""
     if limit is None or limit >= len(files):
         return files
-    picked = sorted({i * len(files) // limit for i in range(limit)})
+    picked = [i * len(files) // limit for i in range(limit)]  # distinct: len(files) > limit
     chosen = set(picked)
     return [files[i] for i in picked] + [f for i, f in enumerate(files) if i not in chosen]
 
