@@ -218,12 +218,14 @@ def test_parse_admm():
         assert "\n" not in str(err.value), bad
 
 
-def _toy(sign: float, steps: int = 400, seed: int = 0) -> tuple[float, float]:
+def _toy(sign: float, steps: int = 400, seed: int = 0, jitter: float = 0.0) -> tuple[float, float]:
     """Learnable X (8 x 16), Q = round on a 0.5 grid with straight-through, SGD on the ADMM
     loss alone; returns ||D||_F at the start and averaged over the last 50 steps. sign=-1
-    uses Eq. 8's trace term as printed."""
+    uses Eq. 8's trace term as printed. ``jitter`` perturbs the start by that much relative
+    noise: the size of a difference between two CPUs' float kernels."""
     torch.manual_seed(seed)
-    x = (torch.rand(8, 16) * 2 - 1).requires_grad_(True)
+    x = torch.rand(8, 16) * 2 - 1
+    x = (x * (1 + jitter * torch.randn_like(x))).requires_grad_(True)
     admm = CorrelationADMM(MU, RHO)
     opt = torch.optim.SGD([x], lr=10.0)
     norms = []
@@ -241,10 +243,18 @@ def _toy(sign: float, steps: int = 400, seed: int = 0) -> tuple[float, float]:
     return norms[0], sum(norms[-50:]) / 50
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_admm_drives_discrepancy_down(seed):
-    start, end = _toy(+1.0, seed=seed)
-    assert end < 0.5 * start
+# SGD at lr 10 through a rounding is chaotic: one run's end point moves with the CPU's float
+# kernels (seed 1 ended at 0.58 of its start on an Intel Xeon, 0.4 on an AMD EPYC). The mean
+# over seeds is not: over 8 seeds it was 0.33-0.34 of the start for every start jitter from 0
+# to 1e-5 (and the printed sign 2.2x or more), so the bars below keep a wide margin.
+SEEDS = range(8)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 1e-6])
+def test_admm_drives_discrepancy_down(jitter):
+    ratios = [end / start for start, end in (_toy(+1.0, seed=s, jitter=jitter) for s in SEEDS)]
+    assert sum(ratios) / len(ratios) < 0.5, ratios
+    assert max(ratios) < 0.8, ratios  # no seed stays near its start
 
 
 def test_eq8_sign_as_printed_drives_discrepancy_up():
