@@ -235,9 +235,10 @@ def load_pretrained(model: Supernet, state_dict: Mapping[str, Tensor]) -> list[s
     notes = []
     # Files saved before PyTorch 0.4.1 (e.g. resnet50-19c8e357.pth) have no BatchNorm counters.
     ignore = {k for k in expected if k.endswith("num_batches_tracked") and k not in state_dict}
-    fc_w = state_dict.get("fc.weight")
-    if isinstance(fc_w, Tensor) and fc_w.shape != expected["fc.weight"].shape:
-        ignore |= {"fc.weight", "fc.bias"}
+    head = model.graph().classifier
+    fc_w = state_dict.get(f"{head}.weight")
+    if isinstance(fc_w, Tensor) and fc_w.shape != expected[f"{head}.weight"].shape:
+        ignore |= {f"{head}.weight", f"{head}.bias"}
         notes.append(f"classifier re-initialised: weights have {fc_w.shape[0]} classes, supernet {model.config.num_classes}")
     problems = state_dict_mismatch(expected, state_dict, ignore)
     if problems:

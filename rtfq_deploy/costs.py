@@ -19,23 +19,12 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-
-from rtfq_deploy import graph
 from rtfq_deploy.models.base import Supernet
+from rtfq_deploy.ops import LayerShape, ShapeWalk, rule_for
 from rtfq_deploy.plan import BitPlan
 from rtfq_deploy.space import SubnetConfig
 
 FLOAT_BITS = 32
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """One layer of a sliced network as the walk saw it."""
-
-    name: str
-    macs: int
-    weights: int
-    out_channels: int
 
 
 @dataclass(frozen=True)
@@ -74,31 +63,11 @@ class Costs:
 
 def walk(model: Supernet, resolution: int, width: float) -> list[LayerShape]:
     """Shapes of every conv/linear layer of the (resolution, width) subnet, in forward
-    order, by propagating (channels, size) along the supernet's integer graph."""
-    shapes: list[LayerShape] = []
-    tensors: dict[str, tuple[int, int]] = {}  # tensor -> (channels, spatial size)
-    for node in model.graph():
-        if isinstance(node, graph.Quantize):
-            tensors[node.out] = (3, resolution)
-        elif isinstance(node, graph.Conv):
-            layer = model.get_submodule(node.layer)
-            c_in, size = tensors[node.inp]
-            w = layer.active_weight(c_in, width)
-            if not node.linear:
-                k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
-                size = graph.out_size(size, k, s, p)
-            per_output = w[0].numel()  # input channels per group x kernel area
-            shapes.append(LayerShape(node.layer, size * size * w.shape[0] * per_output, w.numel(), w.shape[0]))
-            if node.out is not None:
-                tensors[node.out] = (w.shape[0], size)
-        elif isinstance(node, graph.Add):
-            tensors[node.out] = tensors[node.a]
-        elif isinstance(node, graph.MaxPool):
-            c, size = tensors[node.inp]
-            tensors[node.out] = (c, graph.out_size(size, node.kernel, node.stride, node.padding))
-        elif isinstance(node, graph.AvgPool):
-            tensors[node.out] = (tensors[node.inp][0], 1)
-    return shapes
+    order, by propagating (channels, size) along the supernet's integer graph (each op's
+    rule in :mod:`rtfq_deploy.ops`)."""
+    state = ShapeWalk(model, resolution, width)
+    shapes = (rule_for(node).shape(node, state) for node in model.graph())
+    return [s for s in shapes if s is not None]
 
 
 def plan_costs(model: Supernet, shapes: list[LayerShape], plan: BitPlan) -> Costs:

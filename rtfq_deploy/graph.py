@@ -26,20 +26,24 @@ class Quantize:
 
 @dataclass(frozen=True)
 class Conv:
-    """Layer ``layer`` (a conv, or the classifier when ``linear``) reads tensor ``inp``;
-    BatchNorm ``bn`` (if any) and ReLU (when ``out``'s quantizer is unsigned) follow;
-    quantizer ``out`` writes the result, or ``out=None`` leaves it float (the logits)."""
+    """Layer ``layer`` (a conv, depthwise or not, or the classifier when ``linear``) reads
+    tensor ``inp``; BatchNorm ``bn`` (if any) and ReLU (when ``out``'s quantizer is
+    unsigned; capped at ``relu_max`` if set, e.g. 6 for ReLU6) follow; quantizer ``out``
+    writes the result, or ``out=None`` leaves it float (the logits). A signed ``out`` has
+    no activation (MobileNetV2's linear bottleneck)."""
 
     layer: str
     inp: str
     out: str | None
     bn: str | None = None
     linear: bool = False
+    relu_max: float | None = None
 
 
 @dataclass(frozen=True)
 class Add:
-    """Residual add of two quantized tensors; ReLU and quantizer ``out`` follow."""
+    """Residual add of two quantized tensors; quantizer ``out`` follows, with ReLU when
+    it is unsigned (ResNet) and none when it is signed (MobileNetV2)."""
 
     a: str
     b: str
@@ -77,6 +81,18 @@ class IntGraph:
 
     def convs(self) -> Iterator[Conv]:
         return (n for n in self.nodes if isinstance(n, Conv))
+
+    @property
+    def classifier(self) -> str:
+        """The classifier layer's name (the one layer whose output stays float)."""
+        heads = [c.layer for c in self.convs() if c.out is None]
+        if len(heads) != 1:
+            raise ValueError(f"an integer graph has one float output layer, this one has {len(heads)}")
+        return heads[0]
+
+    def conv_bn_pairs(self) -> dict[str, str]:
+        """Layer name -> the BatchNorm that follows it."""
+        return {c.layer: c.bn for c in self.convs() if c.bn is not None}
 
     def layer_inputs(self) -> dict[str, str]:
         """Layer name -> name of the quantized tensor it reads (a pooled tensor resolves to

@@ -28,6 +28,8 @@ class _Slim:
 
     weight: nn.Parameter
 
+    depthwise = False
+
     def _init_slim(self, full_in: int, full_out: int, slim_in: bool, slim_out: bool, channel_divisor: int,
                    quantizer: QuantizerFactory, role: str) -> None:
         self.full_in, self.full_out = full_in, full_out
@@ -39,8 +41,15 @@ class _Slim:
         return slim_channels(self.full_out, width, self.channel_divisor) if self.slim_out else self.full_out
 
     def active_weight(self, c_in: int, width: float) -> Tensor:
-        """The float weight slice of the active subnet (a view of ``weight``)."""
+        """The float weight slice of the active subnet (a view of ``weight``). A depthwise
+        conv has one filter per input channel, so its active outputs follow its input."""
+        if self.depthwise:
+            return self.weight[:c_in]
         return self.weight[: self.active_out(width), :c_in]
+
+    def active_groups(self, c_in: int) -> int:
+        """The conv's ``group`` attribute at ``c_in`` active input channels."""
+        return c_in if self.depthwise else 1
 
     def quantized_weight(self, x: Tensor, net: ActiveSubnet) -> Tensor:
         c_in = x.shape[1]
@@ -52,18 +61,27 @@ class _Slim:
 
 class SlimConv2d(_Slim, nn.Conv2d):
     """Conv2d whose active output channels follow the width multiplier and whose
-    weights are fake-quantized by ``weight_quant`` at the plan's bit-width."""
+    weights are fake-quantized by ``weight_quant`` at the plan's bit-width.
+
+    ``depthwise``: one k x k filter per channel (``groups`` = channels, weight shape
+    (C, 1, k, k) as torchvision stores it); slimming keeps the leading channels.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
                  padding: int = 0, bias: bool = False, slim_in: bool = True, slim_out: bool = True,
-                 channel_divisor: int, quantizer: QuantizerFactory, role: str = "body") -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+                 depthwise: bool = False, channel_divisor: int, quantizer: QuantizerFactory,
+                 role: str = "body") -> None:
+        if depthwise and in_channels != out_channels:
+            raise ValueError(f"a depthwise conv has as many outputs as inputs, got {in_channels} -> {out_channels}")
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
+                         groups=in_channels if depthwise else 1)
+        self.depthwise = depthwise
         self._init_slim(in_channels, out_channels, slim_in, slim_out, channel_divisor, quantizer, role)
 
     def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # type: ignore[override]
         w = self.quantized_weight(x, net)
         bias = None if self.bias is None else self.bias[: w.shape[0]]
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.active_groups(x.shape[1]))
 
 
 class SlimLinear(_Slim, nn.Linear):

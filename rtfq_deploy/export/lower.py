@@ -19,66 +19,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rtfq_deploy import graph
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from rtfq_deploy.models.base import Supernet
+from rtfq_deploy.ops import AddOp, ConvOp, GlobalAvgPoolOp, MaxPoolOp, Op, QuantizeOp, rule_for
 from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.quant import Encoding, Quantizer
 
+__all__ = ["AddOp", "ConvOp", "GlobalAvgPoolOp", "IntNet", "MaxPoolOp", "Op", "QuantizeOp", "fold", "lower"]
+
 INT32_MAX = np.iinfo(np.int32).max
-
-
-@dataclass
-class QuantizeOp:
-    """The float image entering the integer path."""
-
-    inp: str
-    out: str
-
-
-@dataclass
-class ConvOp:
-    """Conv (or Gemm when ``gemm``) on an integer input; float output unless
-    ``out`` is quantized. ``weight`` holds integer codes, ``scale`` the folded scales."""
-
-    name: str
-    inp: str
-    out: str
-    weight: np.ndarray
-    scale: np.ndarray
-    bias: np.ndarray
-    weight_bits: int
-    stride: int = 1
-    padding: int = 0
-    gemm: bool = False
-
-
-@dataclass
-class AddOp:
-    """Residual add of two integer tensors, ReLU folded into the unsigned output."""
-
-    a: str
-    b: str
-    out: str
-
-
-@dataclass
-class MaxPoolOp:
-    inp: str
-    out: str
-    kernel: int
-    stride: int
-    padding: int
-
-
-@dataclass
-class GlobalAvgPoolOp:
-    inp: str
-    out: str
-
-
-Op = QuantizeOp | ConvOp | AddOp | MaxPoolOp | GlobalAvgPoolOp
 
 
 @dataclass
@@ -88,6 +38,10 @@ class IntNet:
 
     Tensors absent from ``qparams`` are float (the input image and the logits). An
     unsigned quantized output of a conv or add also applies ReLU: codes saturate at 0.
+    ``ceilings``: the largest code of tensors whose activation is capped (ReLU6): the
+    quantizer's code of the cap, where it is below the code range's top. Every encoding's
+    code is a nondecreasing function of its input, so code(min(x, cap)) =
+    min(code(x), code(cap)): an integer clamp of the codes is the capped activation exactly.
     """
 
     input: str
@@ -96,6 +50,7 @@ class IntNet:
     num_classes: int
     ops: list[Op] = field(default_factory=list)
     qparams: dict[str, Encoding] = field(default_factory=dict)
+    ceilings: dict[str, int] = field(default_factory=dict)
 
 
 def _encoding(quant: Quantizer, net: ActiveSubnet) -> Encoding:
@@ -131,47 +86,35 @@ def fold(layer: SlimConv2d | SlimLinear, bn: SlimBatchNorm2d | None, c_in: int, 
 
 
 class _Lowering:
-    """Walks the supernet's integer graph, collecting IR ops; one handler per graph node type."""
+    """State of one lowering: the IR so far and every tensor's active channel count.
+    Each graph node is lowered by its op rule (:mod:`rtfq_deploy.ops`)."""
 
     def __init__(self, model: Supernet, net: ActiveSubnet, resolution: int) -> None:
         self.model, self.net = model, net
         self.ir = IntNet("input", "logits", resolution, model.config.num_classes)
         self.channels: dict[str, int] = {}
 
-    def quantized(self, name: str, channels: int) -> str:
+    def quantized(self, name: str, channels: int, relu_max: float | None = None) -> str:
         """Mark the tensor quantizer ``name`` produces (the tensor is named after it)."""
-        self.ir.qparams[name] = _encoding(self.model.get_submodule(name), self.net)
+        quant = self.model.get_submodule(name)
+        encoding = self.ir.qparams[name] = _encoding(quant, self.net)
         self.channels[name] = channels
+        if relu_max is not None:
+            with torch.no_grad():
+                cap = int(quant.to_int(torch.tensor([relu_max], dtype=torch.float32), encoding.bits).item())
+            if cap < encoding.qrange[1]:
+                self.ir.ceilings[name] = cap
         return name
 
-    def quantize(self, node: graph.Quantize) -> None:
-        self.ir.ops.append(QuantizeOp(self.ir.input, self.quantized(node.out, 3)))
-
-    def conv(self, node: graph.Conv) -> None:
-        layer = self.model.get_submodule(node.layer)
-        bn = None if node.bn is None else self.model.get_submodule(node.bn)
-        weight, scale, bias, bits = fold(layer, bn, self.channels[node.inp], self.ir.qparams[node.inp].scale, self.net)
-        out = self.ir.output if node.out is None else self.quantized(node.out, weight.shape[0])
-        stride, padding = (1, 0) if node.linear else (layer.stride[0], layer.padding[0])
-        self.ir.ops.append(ConvOp(node.layer, node.inp, out, weight, scale, bias, bits, stride, padding, node.linear))
-
-    def add(self, node: graph.Add) -> None:
-        self.ir.ops.append(AddOp(node.a, node.b, self.quantized(node.out, self.channels[node.a])))
-
-    def maxpool(self, node: graph.MaxPool) -> None:
-        self.ir.ops.append(MaxPoolOp(node.inp, node.out, node.kernel, node.stride, node.padding))
-        # max keeps the codes: the pooled tensor is carried exactly as its input
-        self.ir.qparams[node.out], self.channels[node.out] = self.ir.qparams[node.inp], self.channels[node.inp]
-
-    def avgpool(self, node: graph.AvgPool) -> None:
-        self.ir.ops.append(GlobalAvgPoolOp(node.inp, self.quantized(node.out, self.channels[node.inp])))
-
-    HANDLERS = {graph.Quantize: quantize, graph.Conv: conv, graph.Add: add, graph.MaxPool: maxpool,
-                graph.AvgPool: avgpool}
+    def carry(self, inp: str, out: str) -> None:
+        """``out`` carries ``inp``'s codes unchanged (max pooling)."""
+        self.ir.qparams[out], self.channels[out] = self.ir.qparams[inp], self.channels[inp]
+        if inp in self.ir.ceilings:
+            self.ir.ceilings[out] = self.ir.ceilings[inp]
 
     def run(self) -> IntNet:
         for node in self.model.graph():
-            self.HANDLERS[type(node)](self, node)
+            self.ir.ops.append(rule_for(node).lower(node, self))
         return self.ir
 
 

@@ -175,31 +175,33 @@ def pinned_ties(model: Supernet, net: ActiveSubnet, x: torch.Tensor) -> set[str]
 
 
 def cdf_code_mismatches(model: Supernet, ir: IntNet) -> dict[str, int]:
-    """For every CDF-coded tensor, run its exported code chain (the emitter's own nodes) on
-    all 256 pre-codes in onnxruntime and count the k-bit codes that differ from the PyTorch
-    quantizer's (its ``to_int``): the whole input domain, so nothing is left to sampling."""
+    """For every tensor whose encoding has a finite input domain (the 256 pre-codes of a
+    CDF code map, see :mod:`rtfq_deploy.export.encodings`), run its exported code chain
+    (the emitter's own nodes) on the whole domain in onnxruntime and count the codes that
+    differ from the PyTorch quantizer's (its ``to_int``): nothing is left to sampling."""
     from onnx import TensorProto, helper
 
+    from rtfq_deploy.export.encodings import handler
     from rtfq_deploy.export.lower import IntNet as _IntNet
     from rtfq_deploy.export.onnx_graph import IR_VERSION, OPSET, _Emitter, _zero_point
-    from rtfq_deploy.quant import CdfCodes
 
     quants = dict(model.quantizers())
     out: dict[str, int] = {}
     for t, enc in ir.qparams.items():
-        if not isinstance(enc, CdfCodes) or t not in quants:
+        domain = handler(enc).domain(enc)
+        if domain is None or t not in quants:
             continue
-        lo, hi = enc.pre_qrange
-        pre = np.arange(lo, hi + 1, dtype=np.float32) * np.float32(enc.pre_scale)
         emitter = _Emitter(_IntNet("x", "codes", 1, 1, qparams={t: enc}), pack_int4=False)
         emitter.quantize("x", t, codes="codes")
-        graph = helper.make_graph(emitter.nodes, "cdf_codes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(pre)])],
-                                  [helper.make_tensor_value_info("codes", TensorProto.UINT8, [len(pre)])], emitter.inits)
+        graph = helper.make_graph(emitter.nodes, "code_map",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(domain)])],
+                                  [helper.make_tensor_value_info("codes", TensorProto.UINT8, [len(domain)])],
+                                  emitter.inits)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         m.ir_version = IR_VERSION
-        got = ort_session(m.SerializeToString()).run(None, {"x": pre})[0].astype(np.int64) - _zero_point(enc)
+        got = ort_session(m.SerializeToString()).run(None, {"x": domain})[0].astype(np.int64) - _zero_point(enc)
         with torch.no_grad():
-            want = quants[t].to_int(torch.from_numpy(pre), enc.bits).numpy().astype(np.int64)
+            want = quants[t].to_int(torch.from_numpy(domain), enc.bits).numpy().astype(np.int64)
         out[t] = int((got != want).sum())
     return out
 

@@ -134,17 +134,9 @@ class BitScheduler:
 
 
 def conv_bn_pairs(model: Supernet) -> dict[str, str]:
-    """Weight quantizer of each conv -> the BatchNorm right after it (torchvision naming:
-    convK -> bnK, downsample.0 -> downsample.1)."""
-    bns = {m.name for m in model.modules() if isinstance(m, SlimBatchNorm2d)}
-    pairs = {}
-    for name, layer in model.layers():
-        head, _, last = name.rpartition(".")
-        bn = (f"{head}.1" if last == "0" and head.endswith("downsample")
-              else (f"{head}." if head else "") + last.replace("conv", "bn", 1))
-        if bn in bns:
-            pairs[layer.weight_quant.name] = bn
-    return pairs
+    """Weight quantizer of each conv -> the BatchNorm right after it, as the model's own
+    integer graph pairs them."""
+    return {f"{layer}.weight_quant": bn for layer, bn in model.graph().conv_bn_pairs().items()}
 
 
 class DistortionMitigation:

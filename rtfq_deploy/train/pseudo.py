@@ -52,7 +52,7 @@ def target_labels(model: Supernet, net: ActiveSubnet, images: Tensor, normalizat
     passes = order.tensor_split(-(-len(images) // FEATURE_BATCH))  # near-equal: no pass of one image
     features, probs = [], []
     captured: list[Tensor] = []
-    hook = model.fc.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+    hook = model.get_submodule(model.graph().classifier).register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
     try:
         device = next(model.parameters()).device
         for idx in passes:
