@@ -15,7 +15,10 @@ from rtfq_deploy.quant import qrange
 from rtfq_deploy.space import SearchSpace, SubnetConfig
 from tests.fixtures.torchvision_ref import reference_input, synth_state_dict
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "torchvision_resnet.json").read_text())
+# Key names, shapes and logits recorded by running torchvision's own model files
+# (tests/fixtures/make_torchvision_fixture.py), for every arch both fixtures hold.
+FIXTURE = {"archs": {arch: ref for name in ("torchvision_resnet.json", "torchvision_mobilenet_v2.json")
+                     for arch, ref in json.loads((Path(__file__).parent / "fixtures" / name).read_text())["archs"].items()}}
 
 
 def _quantizer_keys(model) -> set[str]:
@@ -57,7 +60,7 @@ def test_training_forward_leaves_running_statistics_alone(tiny):
     assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
 
 
-@pytest.mark.parametrize("arch", ["tiny_resnet", "resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["tiny_resnet", "resnet18", "resnet50", "tiny_mobilenet"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_every_layer_reads_its_declared_quantizer_grid(arch, bits):
     """layer_inputs() (used by BitOPs and export) matches the real dataflow: each conv and
@@ -113,7 +116,7 @@ def test_add_operands_and_output_are_quantized(tiny):
     assert roles["q_input"] == ("first", True)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2"])
 def test_names_and_shapes_are_torchvisions(arch):
     model = build_supernet(SupernetConfig(arch))
     own = {k: list(v.shape) for k, v in model.state_dict().items() if k not in _quantizer_keys(model)}
@@ -121,10 +124,10 @@ def test_names_and_shapes_are_torchvisions(arch):
     assert own == expected
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2"])
 def test_torchvision_weights_give_torchvisions_logits(arch):
     """Weights keyed as torchvision's, loaded into the float full-width subnet, reproduce
-    the logits torchvision's own resnet.py computed (see tests/fixtures)."""
+    the logits torchvision's own resnet.py / mobilenetv2.py computed (see tests/fixtures)."""
     ref = FIXTURE["archs"][arch]
     model = build_supernet(SupernetConfig(arch))
     notes = load_pretrained(model, synth_state_dict([(k, s) for k, s in ref["keys"]], seed=0))

@@ -10,7 +10,7 @@ from rtfq_deploy.cli.common import SEED, BoundedInt, Command, FiniteFloat, bound
 from rtfq_deploy.space import (DEFAULT_BITS, DEFAULT_CHANNEL_DIVISOR, DEFAULT_RESOLUTIONS, DEFAULT_WIDTHS,
                                MAX_CHANNEL_DIVISOR, MAX_RESOLUTION, MAX_VALUES, format_width)
 
-ARCH_NAMES = ("resnet50", "resnet18", "tiny_resnet")  # kept in step with rtfq_deploy.models.ARCHS by a test
+ARCH_NAMES = ("resnet50", "resnet18", "tiny_resnet", "mobilenet_v2", "tiny_mobilenet")  # kept in step with rtfq_deploy.models.ARCHS by a test
 QUANTIZER_NAMES = ("lsq", "alignq")  # kept in step with rtfq_deploy.quant.QUANTIZERS by a test
 QUANTIZER_HELP = ("lsq: learned step size (uniform). alignq: AlignQ's normal-CDF codes at <= 6 bits; at 7-8 bits "
                   "AlignQ's codes become unreachable behind the 8-bit pre-quantization, so it is LSQ there "
