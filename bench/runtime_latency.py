@@ -1,4 +1,5 @@
-"""Latency of one ResNet-50 subnet's graphs on onnxruntime and on OpenVINO, side by side in one run.
+"""Latency of one subnet's graphs on onnxruntime and on OpenVINO, side by side in one run
+(ResNet-50 by default; ``--arch mobilenet_v2`` for the edge family).
 
 Graphs of each subnet (random-init weights, batch 1), each run on both runtimes' CPU
 backends:
@@ -21,6 +22,7 @@ printed with the CPU model.
     python bench/runtime_latency.py [--subnets r224-w1.00,r160-w0.73,r128-w0.60] [--bits 8,4]
                                     [--threads 1,2] [--rounds 3] [--runs 15]
     python bench/runtime_latency.py --interleaved 200      # one process, one thread, run by run
+    python bench/runtime_latency.py --arch mobilenet_v2 --interleaved 200 --subnets r224-w1.00,r128-w0.60
 
 ``--interleaved N``: all eight graph x runtime pairs of a subnet in one process at one
 thread, run in turn N times (no thread pools to contend at one thread); each ratio is
@@ -181,6 +183,7 @@ def main() -> None:
 
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's pre-processing advice
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet50", help="supernet architecture (random-init weights)")
     parser.add_argument("--subnets", default="r224-w1.00,r160-w0.73,r128-w0.60")
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--threads", default="1,2")
@@ -197,11 +200,13 @@ def main() -> None:
         threads = [1]
     import torch
 
-    from rtfq_deploy.models import SupernetConfig, build_supernet
+    from rtfq_deploy.models import ARCHS, SupernetConfig, build_supernet
 
+    if args.arch not in ARCHS:
+        raise SystemExit(f"--arch: one of {', '.join(ARCHS)}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_supernet(SupernetConfig("resnet50")).eval()
+    model = build_supernet(SupernetConfig(args.arch)).eval()
     workdir = tempfile.mkdtemp(prefix="runtime_latency_")
     rows = []
     try:
@@ -236,7 +241,7 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir)
     print(f"{cpu_model()}; onnxruntime {importlib.metadata.version('onnxruntime')}, openvino "
-          f"{importlib.metadata.version('openvino')} (CPU plugin); batch 1, random-init ResNet-50 subnets; "
+          f"{importlib.metadata.version('openvino')} (CPU plugin); batch 1, random-init {args.arch} subnets; "
           + (f"one process, one thread, the pairs run in turn {args.interleaved} times" if args.interleaved else
              f"one process per measurement, {args.rounds} alternating rounds of {args.runs} runs")
           + "; latency as a ratio to onnxruntime running ort_qdq (lower is faster)")

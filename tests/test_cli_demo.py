@@ -33,3 +33,19 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     second = _run("rtfq", "demo", "--quick", "--out", str(out))
     assert second.returncode == 0, second.stderr
     assert second.stdout.count("reused") == 9
+
+
+def test_arch_picks_the_supernet_and_its_recipe_and_never_mixes_two(tmp_path):
+    from rtfq_deploy.cli.demo import FULL, QUICK, settings_for
+
+    full = settings_for(False, "tiny_mobilenet")
+    assert full.init[:2] == ("--arch", "tiny_mobilenet") and full.init[2:] == FULL.init[2:]
+    assert full.train == ("--recipe", "synth_strong_cpu_mobilenet")
+    assert settings_for(False, "tiny_resnet") == FULL and settings_for(True, "tiny_resnet") == QUICK
+    assert settings_for(True, "tiny_mobilenet").train == QUICK.train
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text('{"arch": "tiny_resnet"}\n')
+    result = _run("rtfq", "demo", "--quick", "--arch", "tiny_mobilenet", "--out", str(out))
+    assert result.returncode == 2 and "holds a demo of tiny_resnet, not tiny_mobilenet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and sorted(p.name for p in out.iterdir()) == ["demo.json"]

@@ -1,7 +1,7 @@
 """The paper's ablations on the built-in synthetic benchmark, over several data seeds.
 
 For every seed: one data set (`rtfq data synth --shift strong` by default), one initial
-tiny_resnet supernet, then these runs on the same data, all with the shift's CPU recipe:
+tiny_resnet supernet (or tiny_mobilenet with `--arch`), then these runs on the same data, all with the shift's CPU recipe:
 
   source-only     the recipe with only the source cross-entropy
   source-only-strong  the same with the source batches strongly augmented (the control for
@@ -23,6 +23,7 @@ RTF-Q minus source-only (and minus source-only-strong) per seed. It writes OUT/a
     python train/uda_ablation.py --out /tmp/uda                      # seeds 1,2,3, every run
     python train/uda_ablation.py --out /tmp/uda --seeds 0 --runs source-only,rtfq
     python train/uda_ablation.py --out /tmp/uda_mild --shift mild     # the mild shift
+    python train/uda_ablation.py --out train/ablation/strong_mobilenet --arch tiny_mobilenet --runs source-only,rtfq
 
 Finished runs are reused when the script runs again (an interrupted one is resumed); only
 their accuracy tables are needed, so `--out train/ablation/strong` reports the tables kept
@@ -95,13 +96,13 @@ def scaled(steps: dict[str, int], share: float, override: int | None) -> list[st
     return [arg for key, value in steps.items() for arg in (f"--{key}", str(max(1, round(value * share))))]
 
 
-def prepare(out: Path, seed: int, shift: str) -> None:
+def prepare(out: Path, seed: int, shift: str, arch: str = "tiny_resnet") -> None:
     data, init = out / "data", out / "init.pt"
     out.mkdir(parents=True, exist_ok=True)
     if not data.exists():
         sh(tool("rtfq"), "data", "synth", str(data), "--shift", shift, "--seed", str(seed))
     if not init.exists():
-        sh(tool("rtfq"), "init", "--arch", "tiny_resnet", "--num-classes", str(CLASSES[shift]), *SPACE,
+        sh(tool("rtfq"), "init", "--arch", arch, "--num-classes", str(CLASSES[shift]), *SPACE,
            "--seed", str(seed), "-o", str(init))
 
 
@@ -252,6 +253,8 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     ap.add_argument("--seeds", type=_seeds, default="1,2,3", help="data, initial weights and training seeds")
     ap.add_argument("--shift", choices=sorted(RECIPES), default="strong")
+    ap.add_argument("--arch", choices=["tiny_resnet", "tiny_mobilenet"], default="tiny_resnet",
+                    help="supernet of every run (tiny_mobilenet uses its own recipe of the shift)")
     ap.add_argument("--recipe", help="override the shift's recipe (a name or a JSON file)")
     ap.add_argument("--steps", type=_positive, help="override the recipe's steps (every phase scaled alike)")
     ap.add_argument("--jobs", type=_positive, default=2, help="runs at a time (each with 2 // jobs threads)")
@@ -261,11 +264,11 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown runs: {', '.join(unknown)}")
     seeds = args.seeds
-    recipe = args.recipe or RECIPES[args.shift]
+    recipe = args.recipe or RECIPES[args.shift] + ("_mobilenet" if args.arch == "tiny_mobilenet" else "")
     steps = recipe_steps(recipe)
     for seed in seeds:  # data and initial weights only where a run is still to train
         if any(not (args.out / f"seed{seed}" / f"{name}.acc.json").exists() for name in names):
-            prepare(args.out / f"seed{seed}", seed, args.shift)
+            prepare(args.out / f"seed{seed}", seed, args.shift, args.arch)
     tasks = [(seed, name) for name in names for seed in seeds]  # every seed of a row before the next row
     threads = max(1, 2 // args.jobs)
     started = time.monotonic()

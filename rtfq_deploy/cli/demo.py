@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -48,6 +48,31 @@ QUICK = DemoSettings(  # a smoke test of every stage in about a minute
     train=("--steps", "4", "--batch-size", "16", "--calib-images", "16", "--log-every", "2", "--workers", "0"),
     bench=("--threads", "1", "--warmup", "2", "--min-runs", "5", "--min-time", "0.05", "--max-time", "0.3"),
 )
+
+
+ARCHS = {"tiny_resnet": "synth_strong_cpu", "tiny_mobilenet": "synth_strong_cpu_mobilenet"}  # arch -> full recipe
+
+
+def settings_for(quick: bool, arch: str) -> DemoSettings:
+    """The demo's settings with ``arch`` as the supernet (and its recipe of the strong shift)."""
+    base = QUICK if quick else FULL
+    train = base.train if quick else ("--recipe", ARCHS[arch])
+    return replace(base, init=("--arch", arch, *base.init[2:]), train=train)
+
+
+def _claim(out: Path, arch: str) -> None:
+    """Record which supernet OUT holds, so that its reused stages never mix two archs."""
+    marker = out / "demo.json"
+    if marker.exists():
+        try:
+            held = json.loads(marker.read_text()).get("arch")
+        except (OSError, ValueError, AttributeError):
+            held = None
+        if held != arch:
+            raise click.UsageError(f"{out} holds a demo of {held or 'an unknown supernet'}, not {arch} "
+                                   "(use --fresh, or another --out)")
+    else:
+        marker.write_text(json.dumps({"arch": arch}) + "\n")
 
 
 def _tool(name: str) -> str:
@@ -135,16 +160,19 @@ def _adaptation(source_only: Path, adapted: Path) -> str:
               help="Working directory; finished stages found there are reused.")
 @click.option("--quick", is_flag=True, help="Tiny settings (3 classes, 8 subnets, 4 steps): a smoke test of every stage.")
 @click.option("--fresh", is_flag=True, help="Delete OUT first and redo every stage.")
-def demo(out: Path, quick: bool, fresh: bool) -> None:
+@click.option("--arch", type=click.Choice(sorted(ARCHS)), default="tiny_resnet", show_default=True,
+              help="The supernet: a small ResNet, or a small MobileNetV2 (depthwise convolutions, ReLU6).")
+def demo(out: Path, quick: bool, fresh: bool, arch: str) -> None:
     """Run the whole pipeline on built-in synthetic data, from data to a served DIST_DIR.
 
     Stages: synth (the strong shift), init, train (RTF-Q and a source-only baseline),
     eval both, export every subnet, bench on this machine, select per budget, and write a
     DIST_DIR with manifest.json and report.html (serve it with `rtfq-serve OUT/dist`)."""
-    settings = QUICK if quick else FULL
+    settings = settings_for(quick, arch)
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    _claim(out, arch)
     data, init, run, acc = out / "data", out / "init.pt", out / "run", out / "acc.json"
     baseline, baseline_acc = out / "source-only", out / "source-only.acc.json"
     models, results, dist = out / "models", out / "results.json", out / "dist"
