@@ -226,7 +226,8 @@ def run_ov(model: onnx.ModelProto, x: np.ndarray, folder: Path) -> list[np.ndarr
 
 def output_step(model: onnx.ModelProto) -> np.ndarray:
     inits = _inits(model)
-    fc = numpy_helper.to_array(inits["fc.weight_scale"])
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")  # the classifier, whatever its name
+    fc = numpy_helper.to_array(inits[gemm.input[1].removesuffix(".weight") + ".weight_scale"])
     pool = float(numpy_helper.to_array(inits["q_pool.scale"]))
     return np.abs(pool * fc)
 
@@ -322,7 +323,7 @@ def main() -> None:
     p.add_argument("--subnets", default="r128-w1.00-q8,r128-w1.00-q6,r128-w1.00-q4")
     p.add_argument("--inputs", type=int, default=256)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--arch", default="tiny_resnet", choices=["tiny_resnet", "resnet50"],
+    p.add_argument("--arch", default="tiny_resnet", choices=["tiny_resnet", "resnet50", "tiny_mobilenet", "mobilenet_v2"],
                    help="resnet50: bottleneck blocks with identity shortcuts (subnets like r128-w0.60-q8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid-inputs", action="store_true",
