@@ -173,25 +173,26 @@ class ConvRule(OpRule):
         return ConvOp(node.layer, node.inp, out, weight, scale, bias, bits, layer.stride[0], layer.padding[0],
                       groups=layer.active_groups(c_in), relu_max=node.relu_max)
 
-    def emit(self, op: ConvOp, em: Any) -> None:
-        w, b = em.weight(op)
+    @staticmethod
+    def _node(op: ConvOp, em: Any, w: str, b: str) -> str | None:
+        """The Gemm (writing the logits) or the Conv (writing ``out.pre``, returned)."""
         if op.gemm:
             em.node("Gemm", [op.inp, w, b], [op.out], transB=1)
-            return
+            return None
         k = op.weight.shape[2]
         em.node("Conv", [op.inp, w, b], [f"{op.out}.pre"], kernel_shape=[k, k], strides=[op.stride] * 2,
                 pads=[op.padding] * 4, group=op.groups)
-        em.quantize(f"{op.out}.pre", op.out)
+        return f"{op.out}.pre"
+
+    def emit(self, op: ConvOp, em: Any) -> None:
+        pre = self._node(op, em, *em.weight(op))
+        if pre is not None:
+            em.quantize(pre, op.out)
 
     def emit_float(self, op: ConvOp, fe: Any) -> None:
-        w, b = fe.folded_weight(op)
-        if op.gemm:
-            fe.node("Gemm", [op.inp, w, b], [op.out], transB=1)
-            return
-        k = op.weight.shape[2]
-        fe.node("Conv", [op.inp, w, b], [f"{op.out}.pre"], kernel_shape=[k, k], strides=[op.stride] * 2,
-                pads=[op.padding] * 4, group=op.groups)
-        fe.activation(f"{op.out}.pre", op.out, op.relu_max)
+        pre = self._node(op, fe, *fe.folded_weight(op))
+        if pre is not None:
+            fe.activation(pre, op.out, op.relu_max)
 
 
 class AddRule(OpRule):
