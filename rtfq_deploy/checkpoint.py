@@ -113,7 +113,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an rtfq supernet checkpoint (create one with `rtfq init`)")
     version = obj.get("version")
-    if version != VERSION:
+    if isinstance(version, bool) or version != VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported (this toolkit reads {VERSION})")
     try:
         config = SupernetConfig.from_dict(json.loads(obj["config"]))

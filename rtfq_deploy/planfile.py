@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write, is_number, read_json
+from rtfq_deploy.fileio import atomic_write, is_int, is_number, read_json
 from rtfq_deploy.space import MAX_QUANTIZERS, SpaceError, SubnetConfig, split_id
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def read_plan(path: str | os.PathLike) -> PlanDocument:
     bad = f"{path}: not an rtfq plan file"
     if data.get("format") != FORMAT:
         raise RtfqError(f"{bad} (no \"format\": \"{FORMAT}\"; write one with `rtfq plan`)")
-    if data.get("version") != VERSION:
+    if not is_int(data.get("version")) or data.get("version") != VERSION:
         raise RtfqError(f"{path}: plan file version {data.get('version')!r} is not supported (this toolkit reads {VERSION})")
     resolution, width, bits = data.get("resolution"), data.get("width"), data.get("bits")
     if isinstance(resolution, bool) or not isinstance(resolution, int):

@@ -216,7 +216,7 @@ def test_every_reload_failure_is_reported_in_health_and_logged_once(tmp_path, ca
     monkeypatch.setattr(mf, "parse_manifest", parser_with_a_bug)
     broken = {
         "ZeroDivisionError: an unforeseen parser failure": json.dumps({"trigger": 1}),
-        "nested too deeply": "[" * 100_000 + "]" * 100_000,
+        "nested deeper than 64 levels": "[" * 100_000 + "]" * 100_000,
         "not JSON": "{",
         "version 99": json.dumps({"format": "rtfq-manifest", "version": 99, "devices": {}}),
     }

@@ -63,7 +63,7 @@ from rtfq_deploy.bench.fingerprint import fingerprint
 from rtfq_deploy.bench.measure import MeasureConfig
 from rtfq_deploy.bench.runtimes import DEFAULT_RUNTIME, RUNTIMES, version
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write, is_number, read_json, sha256_file
+from rtfq_deploy.fileio import atomic_write, is_int, is_number, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     data = read_json(path, "results", expect=dict)
     if data.get("format") != FORMAT:
         raise RtfqError(f"{path}: not an rtfq-bench results file")
-    if data.get("version") not in READABLE_VERSIONS:
+    if not is_int(data.get("version")) or data.get("version") not in READABLE_VERSIONS:
         raise RtfqError(f"{path}: results version {data.get('version')!r} is not supported "
                         f"(this toolkit reads {', '.join(map(str, READABLE_VERSIONS))})")
     if not isinstance(data.get("models"), list) or not isinstance(data.get("fingerprint"), dict):
