@@ -76,10 +76,8 @@ def check_output(path: str | os.PathLike) -> None:
     p = Path(path)
     try:
         info = os.stat(p)  # follows a link: what a reader of the name would get
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise RtfqError(f"{p}: cannot write: {e.strerror or e}") from None
+    except OSError:
+        return  # missing, or unreachable (a parent that is a file...): the write itself says why
     if not stat.S_ISREG(info.st_mode):
         raise RtfqError(f"{p} exists and is {_kind(info.st_mode)}, not a regular file; refusing to replace it "
                         "(--force replaces files only)")
