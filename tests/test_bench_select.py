@@ -185,8 +185,10 @@ def test_select_errors_are_one_line_and_leave_dist_untouched(tmp_path):
     _one_line_error(_select(tampered, dist, "5ms"), "results version 7 is not supported")
     # a measured file that changed afterwards is refused: its figures are not its own
     model = tmp_path / "models" / "r96-w1.00-q8.onnx"
+    original = model.read_bytes()
     model.write_bytes(b"retrained")
     _one_line_error(_select(results, dist, "10ms", extra=["--device", "dev"]), "changed since it was benchmarked")
+    model.write_bytes(original)
     # a served file with other content under the same name needs --force
     (dist / "dev" / "r64-w0.50-q4.onnx").write_bytes(b"someone else's")
     _one_line_error(_select(results, dist, "2ms", extra=["--device", "dev"]), "exists with different content")

@@ -51,6 +51,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -144,9 +145,12 @@ def bench_model(path: Path, settings: BenchSettings, runtime: str = DEFAULT_RUNT
     row: dict[str, Any] = {"path": str(path.resolve()), "runtime": runtime, "ok": False, "error": None,
                            "subnet": path.stem}
     try:
-        row["sha256"], row["size_bytes"] = sha256_file(path), path.stat().st_size
+        row["sha256"], row["size_bytes"] = sha256_file(path, what="model file"), path.stat().st_size
     except OSError as e:
         row["error"] = f"cannot read: {e.strerror}"
+        return row
+    except RtfqError as e:  # not a regular file (any more): never hashed
+        row["error"] = str(e)
         return row
     template = replace(settings.measure, model=row["path"], runtime=runtime)
     first = run_child(replace(template, arena=True, latency=True), settings)
@@ -241,7 +245,8 @@ def _reference(path: Path, settings: BenchSettings) -> Path | None:
 
 
 def collect_models(paths: Sequence[Path]) -> list[Path]:
-    """Files as given; a directory stands for its ``*.onnx`` files (sorted)."""
+    """Files as given; a directory stands for its ``*.onnx`` files (sorted). Each must be a
+    regular file: a FIFO or /dev/zero named ``.onnx`` would be hashed without end."""
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
@@ -253,6 +258,15 @@ def collect_models(paths: Sequence[Path]) -> list[Path]:
             out.append(p)
     if not out:
         raise RtfqError("no model files given")
+    for p in out:
+        try:
+            mode = os.stat(p).st_mode
+        except FileNotFoundError:
+            raise RtfqError(f"{p}: no such model file") from None
+        except OSError as e:
+            raise RtfqError(f"{p}: cannot read the model file: {e.strerror or e}") from None
+        if not stat.S_ISREG(mode):
+            raise RtfqError(f"{p}: not a regular file; a model must be an .onnx file")
     return out
 
 
