@@ -337,17 +337,7 @@ def read_json(path: str | os.PathLike, what: str, *, max_bytes: int = JSON_MAX_B
     with a key given twice, and (with ``expect``) a top-level value of another type.
     Callers still check the fields they use.
     """
-    from rtfq_deploy.errors import RtfqError
-
-    try:
-        # O_NONBLOCK: a FIFO or device given as a JSON file must not hang the open
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise RtfqError(f"{path}: cannot read {what}: not a regular file")
-            raw = f.read(max_bytes + 1)
-    except OSError as e:
-        raise RtfqError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    raw = read_bounded(path, what, max_bytes)  # a FIFO or device: refused at once, never waited on
     return parse_json(raw, f"{path}", what, max_bytes=max_bytes, max_depth=max_depth, expect=expect)
 
 

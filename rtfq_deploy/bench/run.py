@@ -145,7 +145,8 @@ def bench_model(path: Path, settings: BenchSettings, runtime: str = DEFAULT_RUNT
     row: dict[str, Any] = {"path": str(path.resolve()), "runtime": runtime, "ok": False, "error": None,
                            "subnet": path.stem}
     try:
-        row["sha256"], row["size_bytes"] = sha256_file(path, what="model file"), path.stat().st_size
+        size = path.stat().st_size
+        row["sha256"], row["size_bytes"] = sha256_file(path, what="model file"), size
     except OSError as e:
         row["error"] = f"cannot read: {e.strerror}"
         return row
@@ -262,7 +263,7 @@ def collect_models(paths: Sequence[Path]) -> list[Path]:
         try:
             mode = os.stat(p).st_mode
         except FileNotFoundError:
-            raise RtfqError(f"{p}: no such model file") from None
+            continue  # its row reports it, as for a file that goes away while others are measured
         except OSError as e:
             raise RtfqError(f"{p}: cannot read the model file: {e.strerror or e}") from None
         if not stat.S_ISREG(mode):
