@@ -1,31 +1,76 @@
 """The accuracy table (top-1 per subnet) that ``rtfq eval`` writes.
 
-Torch-free, since ``rtfq-bench select`` reads it on a device.
+Torch-free, since ``rtfq-bench select`` reads it on a device. The table carries the
+sha256 of the checkpoint it was measured on; ``rtfq-export --accuracy`` checks it against
+the checkpoint and ``rtfq-bench select`` against each measured file's
+``rtfq.checkpoint_sha256`` metadata, refusing a table of another checkpoint unless --force.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import is_number, read_json
 
+log = logging.getLogger(__name__)
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
 MAX_BYTES = 16 * 2**20  # an honest table is a few kB per hundred subnets
 MAX_ROWS = 100_000
 
 
-def read_accuracy(path: str | Path) -> dict[str, float]:
-    """Top-1 accuracy per subnet from the table ``rtfq eval`` writes.
+@dataclass(frozen=True)
+class AccuracyTable:
+    """Top-1 per subnet, and the sha256 of the checkpoint it was measured on (None for a
+    bare table, which cannot be checked)."""
 
-    Accepted shapes: {"subnets": [{"subnet": ..., "top1": ...}, ...]}, the bare list, or
-    a mapping of subnet to a number or to {"top1": ...}. Subnet names are strings and
-    accuracies finite numbers (not strings, not true/false): anything else is one error.
+    path: Path
+    top1: dict[str, float]
+    checkpoint_sha256: str | None
+
+    def check_checkpoint(self, sha256: str | None, what: str, force: bool = False) -> bool:
+        """Refuse (RtfqError) a table measured on another checkpoint than ``sha256`` (the
+        checkpoint, or the one a model file was exported from) unless ``force``; True if
+        they match, False if either digest is unknown or ``force`` let a mismatch pass."""
+        if sha256 is None or self.checkpoint_sha256 is None:
+            return False
+        if sha256 == self.checkpoint_sha256:
+            return True
+        message = (f"{self.path}: the accuracy table was measured on checkpoint {self.checkpoint_sha256[:12]}..., "
+                   f"{what} is {sha256[:12]}...")
+        if not force:
+            raise RtfqError(f"{message}; its accuracies are not this network's (use --force to use it anyway)")
+        log.warning("%s; used anyway (--force)", message)
+        return False
+
+
+def read_accuracy(path: str | Path) -> dict[str, float]:
+    """Top-1 accuracy per subnet from the table ``rtfq eval`` writes (:func:`read_accuracy_table`)."""
+    return read_accuracy_table(path).top1
+
+
+def read_accuracy_table(path: str | Path) -> AccuracyTable:
+    """The table ``rtfq eval`` writes, checked: every accuracy a number in [0, 1], every
+    subnet named once, and its ``checkpoint_sha256`` (when present) a sha256.
+
+    Accepted shapes: {"subnets": [{"subnet": ..., "top1": ...}, ...], "checkpoint_sha256": ...},
+    the bare list, or a mapping of subnet to a number or to {"top1": ...}. Subnet names are
+    strings and accuracies finite numbers (not strings, not true/false): anything else is
+    one error.
     """
+    path = Path(path)
     data = read_json(path, "accuracy table", max_bytes=MAX_BYTES, expect=(dict, list))
     rows = data.get("subnets", data) if isinstance(data, dict) else data
     shape = f"{path}: not an accuracy table (expected rows with 'subnet' and 'top1')"
+    digest = data.get("checkpoint_sha256") if isinstance(data, dict) and "subnets" in data else None
+    if digest is not None and not (isinstance(digest, str) and _SHA_RE.fullmatch(digest)):
+        raise RtfqError(f"{path}: the accuracy table's checkpoint_sha256 is not a sha256")
     pairs: list[tuple[Any, Any]] = []
     if isinstance(rows, list):
         for r in rows:
@@ -44,8 +89,11 @@ def read_accuracy(path: str | Path) -> dict[str, float]:
             raise RtfqError(shape)
         if not math.isfinite(value):
             raise RtfqError(f"{path}: the accuracy of {name} is not a finite number")
+        if not 0.0 <= value <= 1.0:
+            raise RtfqError(f"{path}: the accuracy of {name[:80]} is {value!r}, outside [0, 1] (top-1 is a fraction)")
+        if name in table:
+            raise RtfqError(f"{path}: subnet {name[:80]} has two rows in the accuracy table")
         table[name] = float(value)
     if not table:
         raise RtfqError(f"{path}: the accuracy table is empty")
-    return table
-
+    return AccuracyTable(path, table, digest)

@@ -16,7 +16,11 @@ A uniform id (``r160-w0.73-q4``) names a subnet of the space by itself; a mixed 
 (``r160-w0.73-m1a2b3c4d``) is resolved through ``plans``, and a checkpoint never holds two
 plans with one id.
 
-Writes are atomic (temp file + rename).
+Writes are atomic (temp file + rename). Reads check the archive first: only a regular
+file is opened (a FIFO or a device is refused, never waited on), and every member of the
+zip archive ``torch.save`` writes is read through :mod:`zipfile`, which checks its CRC-32,
+so flipped bytes in the weights are refused instead of loaded (torch's reader does not
+check them).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,7 +38,7 @@ from torch import Tensor
 
 from rtfq_deploy.calibrate import BNStats, pack_bn_stats, unpack_bn_stats
 from rtfq_deploy.errors import CheckpointError, RtfqError
-from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.fileio import atomic_write, open_regular
 from rtfq_deploy.layers import SlimBatchNorm2d
 from rtfq_deploy.models import Supernet, SupernetConfig, build_supernet
 from rtfq_deploy.space import MAX_QUANTIZERS, SpaceError, SubnetConfig, slim_channels, split_id
@@ -89,12 +94,45 @@ def save_checkpoint(path: str | os.PathLike, model: Supernet, *, bn_stats: Mappi
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load`` restricted to tensors and plain containers, with one-line errors."""
+    """``torch.load`` restricted to tensors and plain containers, with one-line errors,
+    of a regular file whose archive CRCs are checked first (:func:`check_archive`)."""
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such file")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        f = open_regular(p, "checkpoint")
+    except RtfqError as e:
+        message = str(e)
+        raise CheckpointError(f"{p}: no such file" if message.endswith(": no such file")
+                              else message) from None
+    with f:
+        check_archive(f, p)
+        f.seek(0)
+        return _load(f, p)
+
+
+def check_archive(f: Any, p: Path) -> None:
+    """Read every member of a ``torch.save`` zip archive, checking each one's CRC-32
+    (CheckpointError naming the damage). A file that is not a zip archive (torch's legacy
+    format, e.g. torchvision's older weights) has no checksums; it is left to torch.load."""
+    try:
+        if not zipfile.is_zipfile(f):
+            return
+        f.seek(0)
+        with zipfile.ZipFile(f) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    while member.read(1 << 20):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{p}: damaged file (its archive fails the checksum check: {first}); it cannot be "
+                              "trusted") from None
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read: {e.strerror or e}") from None
+
+
+def _load(f: Any, p: Path) -> Any:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # The restricted unpickler names the global it blocked; other failures are garbage data.
         if "GLOBAL" in str(e):
@@ -113,7 +151,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an rtfq supernet checkpoint (create one with `rtfq init`)")
     version = obj.get("version")
-    if version != VERSION:
+    if isinstance(version, bool) or version != VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported (this toolkit reads {VERSION})")
     try:
         config = SupernetConfig.from_dict(json.loads(obj["config"]))

@@ -5,12 +5,21 @@ that has nothing else. A download goes to ``<out>.<sha256>.part`` beside the out
 an interrupted one (a dropped connection, a killed process) resumes from that file's
 size with ``Range`` and ``If-Range``, and since the partial file is named after the
 hash it is only ever continued with the same bytes. The whole file's sha256 is checked
-before it is renamed into place; an existing output is replaced only with ``force``.
+before it is renamed into place; an existing output is replaced only with ``force``, and
+never when it is not a regular file (a device node, a FIFO, a folder). The partial file is
+opened without following a link and must be a regular file with one link: a symlink or
+hard link planted at its predictable name is refused, never written through.
+
+Two clocks bound the network: ``timeout_s`` is each socket operation's (connecting, each
+read), ``deadline_s`` one attempt's in all (a resolve, or one download from its first
+byte to its last): a server that trickles a byte a second cannot hold a fetch for ever;
+an attempt cut by its deadline is resumed by the next one.
 
 The client never writes more than the entry's size: a response that announces another
 length, or keeps sending past it, is refused (and its partial file removed). A bearer
-``token`` goes only to the server's own origin (never along a redirect), and ``cafile``
-makes https trust a private CA.
+``token`` goes only to the server's own origin (never along a redirect), an answer that
+came from another origin through a redirect is refused, and ``cafile`` makes https trust
+a private CA.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import os
 import re
 import socket
 import ssl
+import stat
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -32,12 +43,13 @@ from typing import Any
 
 from rtfq_deploy.budget import parse_budget
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import publish
+from rtfq_deploy.fileio import check_output, open_regular, publish, read_bounded, sha256_fileobj
 from rtfq_deploy.manifest import RUNTIMES, check_name, sha256_file
 from rtfq_deploy.tokens import check_token
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
+_MAX_CAFILE = 4 << 20  # a system bundle is about 200 kB
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
@@ -49,12 +61,13 @@ class FetchConfig:
     budget: str
     out: Path
     force: bool = False
-    timeout_s: float = 30.0  # per socket operation
+    timeout_s: float = 30.0  # per socket operation (connect, each read)
     retries: int = 3  # resumptions after a dropped connection within one call
     user_agent: str = "rtfq-fetch"
     token: str | None = None  # sent as "Authorization: Bearer <token>" (rtfq-serve --token-file)
     cafile: Path | None = None  # PEM certificates to trust for https instead of the system's
     runtime: str | None = None  # only entries for this runtime; None: the best over the device's runtimes
+    deadline_s: float = 600.0  # one attempt (a resolve, or a download) in all; the next attempt resumes
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,7 @@ class _Client:
     user_agent: str
     token: str | None
     context: ssl.SSLContext | None  # None: http, or https with the system's CAs
+    deadline_s: float = 600.0
 
 
 def check_server_url(url: str) -> str:
@@ -110,23 +124,27 @@ def check_server_url(url: str) -> str:
 def _client(config: FetchConfig) -> _Client:
     """Check the connection settings once, before any traffic."""
     check_server_url(config.server)
-    if not (isinstance(config.timeout_s, (int, float)) and 0 < config.timeout_s < float("inf")):
-        raise RtfqError(f"timeout must be a finite number of seconds > 0, got {config.timeout_s!r}")
+    for name in ("timeout_s", "deadline_s"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+            raise RtfqError(f"{name.removesuffix('_s')} must be a finite number of seconds > 0, got {value!r}")
     if config.token is not None:
         check_token(config.token, "the bearer token")
     context = None
     if config.cafile is not None:
         if urllib.parse.urlsplit(config.server).scheme != "https":
             raise RtfqError("--cafile applies to an https:// server only")
+        # read here, bounded and only if a regular file (ssl would block on a FIFO for ever)
+        pem = read_bounded(config.cafile, "CA file", _MAX_CAFILE)
         try:
-            context = ssl.create_default_context(cafile=os.fspath(config.cafile))
-        except FileNotFoundError:
-            raise RtfqError(f"cannot read CA file {config.cafile}: no such file") from None
+            context = ssl.create_default_context(cadata=pem.decode("ascii"))
+        except UnicodeDecodeError:
+            raise RtfqError(f"CA file {config.cafile} is not PEM text") from None
         except ssl.SSLError as e:
             raise RtfqError(f"CA file {config.cafile} holds no usable PEM certificate: {e.reason or e}") from None
         except OSError as e:
             raise RtfqError(f"cannot read CA file {config.cafile}: {e.strerror or e}") from None
-    return _Client(float(config.timeout_s), config.user_agent, config.token, context)
+    return _Client(float(config.timeout_s), config.user_agent, config.token, context, float(config.deadline_s))
 
 
 def fetch(config: FetchConfig) -> FetchResult:
@@ -146,8 +164,7 @@ def fetch(config: FetchConfig) -> FetchResult:
     if got not in RUNTIMES or (config.runtime is not None and got != config.runtime):
         raise RtfqError(f"server answered an entry for runtime {_short(got)!r} where {config.runtime} was asked for")
     out = Path(config.out)
-    if out.is_dir():
-        raise RtfqError(f"{out} is a directory")
+    check_output(out)  # a folder, device node or FIFO is never replaced, --force or not
     if out.exists():
         if sha256_file(out) == sha:
             return FetchResult(out, entry, reason, 0, 0, True)
@@ -161,7 +178,8 @@ def fetch(config: FetchConfig) -> FetchResult:
         raise RtfqError(f"server pointed the download at another server: {_short(url)!r}")
     received = [0]  # over every attempt of this call
     _retrying(config, lambda: _download(client, url, part, sha, size, received))
-    digest = sha256_file(part)
+    with _open_part(part, create=False) as f:
+        digest = sha256_fileobj(f)
     if digest != sha:
         part.unlink()
         raise RtfqError(f"downloaded file's sha256 {digest[:12]}... is not {sha[:12]}...; removed it, run again")
@@ -188,9 +206,9 @@ def _resolve(client: _Client, server: str, device: str, budget: str, runtime: st
     query = urllib.parse.urlencode({"budget": budget} | ({"runtime": runtime} if runtime else {}))
     url = urllib.parse.urljoin(server.rstrip("/") + "/",
                                f"v1/devices/{urllib.parse.quote(device, safe='')}/resolve?{query}")
-    with _open(client, url, {"Accept": "application/json"}) as response:
+    with _attempt(client) as watch, _open(client, url, {"Accept": "application/json"}, watch) as response:
         try:
-            body = json.loads(response.read(1 << 20))
+            body = json.loads(_read_all(response, 1 << 20, watch))
         except (ValueError, RecursionError):
             raise RtfqError(f"{server} answered something other than JSON; is it an rtfq-serve?") from None
     if not isinstance(body, dict) or not isinstance(body.get("entry"), dict):
@@ -200,7 +218,7 @@ def _resolve(client: _Client, server: str, device: str, budget: str, runtime: st
 
 def _download(client: _Client, url: str, part: Path, sha: str, size: int, received: list[int]) -> None:
     """Append the missing bytes to ``part`` (never past ``size``), counting them in ``received[0]``."""
-    have = part.stat().st_size if part.exists() else 0
+    have = _part_size(part)
     if have > size:
         have = 0  # cannot be a prefix of this file
     if have == size and have > 0:
@@ -208,16 +226,15 @@ def _download(client: _Client, url: str, part: Path, sha: str, size: int, receiv
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers.update({"Range": f"bytes={have}-", "If-Range": f'"{sha}"'})
-    with _open(client, url, headers) as response:
+    with _attempt(client) as watch, _open(client, url, headers, watch) as response:
         if response.status == 206:
             match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("Content-Range", ""))
             if match is None or int(match[1]) != have or int(match[3]) != size:
                 raise RtfqError(f"server answered a range that does not continue the download: "
                                 f"{response.headers.get('Content-Range')!r}")
             log.info("resuming at byte %d of %d", have, size)
-            mode = "ab"
         elif response.status == 200:
-            have, mode = 0, "wb"
+            have = 0
         else:
             raise RtfqError(f"unexpected HTTP {response.status} for {url}")
         if response.headers.get("ETag") not in (None, f'"{sha}"'):
@@ -228,15 +245,15 @@ def _download(client: _Client, url: str, part: Path, sha: str, size: int, receiv
             raise RtfqError(f"server announced {_short(announced)} bytes where {expected} were expected for file "
                             f"{sha[:12]}...; refusing it")
         got, overflow = 0, False
-        with open(part, mode) as f:
+        with _open_part(part, create=True) as f:
             f.truncate(have)
             f.seek(have)
             try:
-                while got < expected and (block := _read(response, min(_CHUNK, expected - got))):
+                while got < expected and (block := _read(response, min(_CHUNK, expected - got), watch)):
                     f.write(block)
                     got += len(block)
                     received[0] += len(block)
-                overflow = got == expected and bool(_read(response, 1))  # one byte more is a lie
+                overflow = got == expected and bool(_read(response, 1, watch))  # one byte more is a lie
             finally:
                 f.flush()
                 os.fsync(f.fileno())
@@ -248,11 +265,153 @@ def _download(client: _Client, url: str, part: Path, sha: str, size: int, receiv
         raise _Retry(f"connection closed after {have + got} of {size} bytes")
 
 
-def _read(response: http.client.HTTPResponse, limit: int) -> bytes:
+def _read(response: http.client.HTTPResponse, limit: int, watch: "_Watch") -> bytes:
+    watch.check()
     try:
-        return response.read1(limit)
-    except (OSError, http.client.HTTPException) as e:
+        block = response.read1(limit)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        watch.check()  # the watchdog's shutdown shows up here as a reset or an empty read
         raise _Retry(f"connection lost: {_describe(e)}") from None
+    watch.check()
+    return block
+
+
+def _read_all(response: http.client.HTTPResponse, limit: int, watch: "_Watch") -> bytes:
+    """Up to ``limit`` bytes of a small body, read in pieces so the deadline is checked."""
+    body = bytearray()
+    while len(body) < limit and (block := _read(response, limit - len(body), watch)):
+        body += block
+    return bytes(body)
+
+
+class _Watch:
+    """One attempt's deadline: a timer shuts the attempt's socket down when it passes, so
+    a read that is blocked (or fed a byte at a time) ends; :meth:`check` turns that into a
+    retryable failure that names the deadline."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(deadline_s, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+    def check(self) -> None:
+        if self.expired:
+            raise _Retry(f"the attempt ran past its deadline of {self.deadline_s:g} s (--deadline)")
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # a closed socket (fd -1) raises: nothing else is touched
+    except OSError:
+        pass
+
+
+class _attempt:
+    """``with _attempt(client) as watch``: the deadline of one attempt, always cancelled."""
+
+    def __init__(self, client: _Client) -> None:
+        self.watch = _Watch(client.deadline_s)
+
+    def __enter__(self) -> _Watch:
+        self.watch._timer.start()
+        return self.watch
+
+    def __exit__(self, *exc: object) -> None:
+        self.watch._timer.cancel()
+
+
+def _watched(base: type, watch: _Watch) -> type:
+    """An HTTP(S)Connection class whose connected socket the watch can shut down."""
+
+    class Connection(base):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            super().connect()
+            watch.watch(self.sock)
+
+    return Connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, watch: _Watch) -> None:
+        super().__init__()
+        self._watch = watch
+
+    def http_open(self, req):  # type: ignore[no-untyped-def]
+        return self.do_open(_watched(http.client.HTTPConnection, self._watch), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, watch: _Watch, context: ssl.SSLContext | None) -> None:
+        super().__init__(context=context)
+        self._watch = watch
+
+    def https_open(self, req):  # type: ignore[no-untyped-def]
+        return self.do_open(_watched(http.client.HTTPSConnection, self._watch), req, context=self._context)
+
+
+def _part_size(part: Path) -> int:
+    """The size of the partial download (0 if there is none); never through a link."""
+    try:
+        info = os.lstat(part)
+    except FileNotFoundError:
+        return 0
+    _check_part(part, info)
+    return info.st_size
+
+
+def _check_part(part: Path, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        why = "a symbolic link" if stat.S_ISLNK(info.st_mode) else (
+            f"a file with {info.st_nlink} hard links" if stat.S_ISREG(info.st_mode) else "not a regular file")
+        raise RtfqError(f"{part} (the partial download) is {why}; refusing to write through it: remove it and run "
+                        "again")
+
+
+def _open_part(part: Path, create: bool):  # type: ignore[no-untyped-def]
+    """The partial download opened read-write, never following a link: created exclusively
+    if missing (``create``), else it must be a regular file with one link (a planted
+    symlink or hard link is refused, so no other file is ever written)."""
+    base = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(part, base)
+    except FileNotFoundError:
+        if not create:
+            raise RtfqError(f"{part}: the partial download disappeared; run again") from None
+        try:
+            fd = os.open(part, base | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise RtfqError(f"cannot write {part}: {e.strerror or e}") from None
+    except OSError as e:
+        try:
+            info = os.lstat(part)
+        except OSError:
+            raise RtfqError(f"cannot write {part}: {e.strerror or e}") from None
+        _check_part(part, info)
+        raise RtfqError(f"cannot write {part}: {e.strerror or e}") from None
+    try:
+        _check_part(part, os.fstat(fd))
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "r+b")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _retrying(config: FetchConfig, step):  # type: ignore[no-untyped-def]
@@ -269,16 +428,21 @@ def _retrying(config: FetchConfig, step):  # type: ignore[no-untyped-def]
     raise AssertionError("unreachable")
 
 
-def _open(client: _Client, url: str, headers: dict[str, str]):  # type: ignore[no-untyped-def]
+def _open(client: _Client, url: str, headers: dict[str, str], watch: _Watch):  # type: ignore[no-untyped-def]
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("http", "https"):
         raise RtfqError(f"server URL must be http:// or https://, got {_short(url)!r}")
     request = urllib.request.Request(url, headers={**headers, "User-Agent": client.user_agent})
     if client.token is not None:
         request.add_unredirected_header("Authorization", f"Bearer {client.token}")  # not sent along a redirect
+    opener = urllib.request.build_opener(_HTTPHandler(watch), _HTTPSHandler(watch, client.context))
     try:
-        return urllib.request.urlopen(request, timeout=client.timeout_s, context=client.context)
+        response = opener.open(request, timeout=client.timeout_s)
     except urllib.error.HTTPError as e:
+        watch.check()
+        if _origin(e.geturl() or url) != _origin(url):
+            raise RtfqError(f"{_origin(url)[1]} redirected to another server ({_short(e.geturl())}); refusing its "
+                            "answer") from None
         message = _error_message(e)
         if e.code == 503:
             raise _Retry(f"server busy: {message}", min(float(_int(e.headers.get("Retry-After"), 1)), 10.0)) from None
@@ -287,6 +451,7 @@ def _open(client: _Client, url: str, headers: dict[str, str]):  # type: ignore[n
             raise RtfqError(f"server: {message} ({hint})") from None
         raise RtfqError(f"server: {message}") from None
     except urllib.error.URLError as e:
+        watch.check()
         if isinstance(e.reason, ssl.SSLCertVerificationError):
             why = _short(e.reason.verify_message or e.reason.reason or str(e.reason))
             raise RtfqError(f"cannot trust {_origin(url)[1]}: TLS certificate {why} "
@@ -301,7 +466,13 @@ def _open(client: _Client, url: str, headers: dict[str, str]):  # type: ignore[n
     except (http.client.InvalidURL, ValueError) as e:
         raise RtfqError(f"server URL {_short(url)!r} is malformed: {_short(e)}") from None
     except (OSError, http.client.HTTPException) as e:  # timeout or reset while reading the headers
+        watch.check()
         raise _Retry(f"connection lost: {_describe(e)}") from None
+    final = response.geturl()
+    if _origin(final) != _origin(url):  # the bytes must come from the server that was asked
+        response.close()
+        raise RtfqError(f"{_origin(url)[1]} redirected to another server ({_short(final)}); refusing its answer")
+    return response
 
 
 def _error_message(e: urllib.error.HTTPError) -> str:

@@ -35,17 +35,18 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     ``kill -9`` costs disk space only until the next write of that file.
     """
     dest = Path(path)
+    check_output(dest)  # a device node, FIFO or folder is never replaced, --force or not
     if not overwrite and dest.exists():
         raise FileExistsError(f"{dest} exists (use --force to overwrite)")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(dest)
         tmp = str(dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = os.open(tmp, _EXCL_WRITE, 0o600)
     except OSError as e:
         raise OSError(e.errno, f"cannot write {dest}: {e.strerror}") from None
     try:
-        os.chmod(tmp, _mode_for(dest))  # mkstemp makes 0600; give what a plain open() would
+        os.fchmod(fd, _mode_for(dest))  # created 0600; give what a plain open() would (on the fd: no path race)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -59,6 +60,87 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = False) -> Iterato
             os.unlink(tmp)
         raise
     _fsync_dir(dest.parent)
+
+
+# A new file that is ours alone: created here (never an existing file, never through a
+# planted symlink), closed on exec.
+_EXCL_WRITE = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
+def check_output(path: str | os.PathLike) -> None:
+    """Refuse (RtfqError) an output path that exists and is not a regular file, or a link
+    to one: replacing a device node, FIFO or folder by a rename is never what ``--force``
+    means. A missing path, or a dangling link (the rename replaces the link), passes."""
+    from rtfq_deploy.errors import RtfqError
+
+    p = Path(path)
+    try:
+        info = os.stat(p)  # follows a link: what a reader of the name would get
+    except OSError:
+        return  # missing, or unreachable (a parent that is a file...): the write itself says why
+    if not stat.S_ISREG(info.st_mode):
+        raise RtfqError(f"{p} exists and is {_kind(info.st_mode)}, not a regular file; refusing to replace it "
+                        "(--force replaces files only)")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def open_regular(path: str | os.PathLike, what: str, *, follow: bool = True) -> BinaryIO:
+    """``path`` opened for reading, once it is known to be a regular file.
+
+    Opened with O_NONBLOCK (a FIFO or a device must not hang the open), checked with
+    fstat on the open descriptor (no race with a swap of the name), then made blocking
+    again. ``follow=False`` refuses a symlink too. Every failure is one RtfqError naming
+    ``what``: "no such file", "not a regular file (a FIFO)", the OS's reason.
+    """
+    import fcntl
+
+    from rtfq_deploy.errors import RtfqError
+
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise RtfqError(f"{path}: cannot read {what}: no such file") from None
+    except OSError as e:
+        if not follow and os.path.islink(path):
+            raise RtfqError(f"{path}: cannot read {what}: a symbolic link, not a regular file") from None
+        raise RtfqError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise RtfqError(f"{path}: cannot read {what}: not a regular file ({_kind(mode)})")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~getattr(os, "O_NONBLOCK", 0))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(path: str | os.PathLike, what: str, max_bytes: int) -> bytes:
+    """A regular file's bytes (:func:`open_regular`), refused beyond ``max_bytes``."""
+    from rtfq_deploy.errors import RtfqError
+
+    with open_regular(path, what) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise RtfqError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise RtfqError(f"{path}: the {what} is larger than {_size(max_bytes)}")
+    return data
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -154,13 +236,20 @@ def _fsync_dir(directory: Path) -> None:
 
 def publish(tmp: str | os.PathLike, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Move a finished, fsynced file ``tmp`` to ``path`` in one step (same directory);
-    without ``overwrite`` an existing ``path`` is kept and FileExistsError raised."""
+    without ``overwrite`` an existing ``path`` is kept and FileExistsError raised; a
+    ``path`` that is not a regular file is never replaced (:func:`check_output`)."""
     dest = Path(path)
+    check_output(dest)
     if overwrite:
         os.replace(tmp, dest)
     else:
         _link_new(str(tmp), dest)
     _fsync_dir(dest.parent)
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer, never true/false (``True == 1`` would let "version": true pass)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
@@ -169,11 +258,17 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, what: str = "file") -> str:
+    """The sha256 of a regular file (RtfqError for a FIFO, a device or a folder: hashing
+    /dev/zero would never end)."""
+    with open_regular(path, what) as f:
+        return sha256_fileobj(f, chunk)
+
+
+def sha256_fileobj(f: BinaryIO, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    while block := f.read(chunk):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -205,6 +300,21 @@ def _parse_constant(text: str) -> float:
     raise _BadNumber(f"{text}, not a finite number")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are all distinct: with a repeated key json.loads keeps the last
+    silently, so a file could say one thing to a person and another to the toolkit."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _depth(value: Any, limit: int) -> int:
     """Nesting depth of parsed JSON, iteratively (no recursion limit to hit)."""
     deepest, stack = 0, [(value, 1)]
@@ -223,20 +333,11 @@ def read_json(path: str | os.PathLike, what: str, *, max_bytes: int = JSON_MAX_B
     """The JSON in ``path``, bounded so that a hostile file is one RtfqError naming ``what``.
 
     Refused: files over ``max_bytes``, nesting deeper than ``max_depth``, non-UTF-8 text,
-    NaN/Infinity, numbers that overflow a float, integers of more than 40 digits, and (with
-    ``expect``) a top-level value of another type. Callers still check the fields they use.
+    NaN/Infinity, numbers that overflow a float, integers of more than 40 digits, an object
+    with a key given twice, and (with ``expect``) a top-level value of another type.
+    Callers still check the fields they use.
     """
-    from rtfq_deploy.errors import RtfqError
-
-    try:
-        # O_NONBLOCK: a FIFO or device given as a JSON file must not hang the open
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise RtfqError(f"{path}: cannot read {what}: not a regular file")
-            raw = f.read(max_bytes + 1)
-    except OSError as e:
-        raise RtfqError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    raw = read_bounded(path, what, max_bytes)  # a FIFO or device: refused at once, never waited on
     return parse_json(raw, f"{path}", what, max_bytes=max_bytes, max_depth=max_depth, expect=expect)
 
 
@@ -252,9 +353,13 @@ def parse_json(raw: bytes | str, where: str, what: str, *, max_bytes: int = JSON
     except UnicodeDecodeError:
         raise RtfqError(f"{where}: not JSON: not UTF-8 text") from None
     try:
-        data = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+        data = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant,
+                          object_pairs_hook=_unique_pairs)
     except _BadNumber as e:
         raise RtfqError(f"{where}: the {what} holds {e}") from None
+    except _DuplicateKey as e:
+        key = str(e)
+        raise RtfqError(f"{where}: the {what} has the key {key[:60]!r}{'...' if len(key) > 60 else ''} twice") from None
     except json.JSONDecodeError as e:
         raise RtfqError(f"{where}: not JSON: {e.msg} (line {e.lineno})") from None
     except RecursionError:

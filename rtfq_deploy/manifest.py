@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write, is_number, read_json, sha256_file  # noqa: F401  (sha256_file: part of this API)
+from rtfq_deploy.fileio import atomic_write, is_int, is_number, read_json, sha256_file  # noqa: F401  (sha256_file: part of this API)
 
 FORMAT = "rtfq-manifest"
 VERSION = 2
@@ -197,7 +197,7 @@ class Manifest:
 def parse_manifest(data: Any, where: str = MANIFEST) -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise RtfqError(f"{where}: not an rtfq manifest")
-    if data.get("version") not in READABLE_VERSIONS:
+    if not is_int(data.get("version")) or data.get("version") not in READABLE_VERSIONS:
         raise RtfqError(f"{where}: manifest version {data.get('version')!r} is not supported "
                         f"(this toolkit reads {', '.join(map(str, READABLE_VERSIONS))})")
     devices = data.get("devices")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write, is_number, read_json
+from rtfq_deploy.fileio import atomic_write, is_int, is_number, read_json
 from rtfq_deploy.space import MAX_QUANTIZERS, SpaceError, SubnetConfig, split_id
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def read_plan(path: str | os.PathLike) -> PlanDocument:
     bad = f"{path}: not an rtfq plan file"
     if data.get("format") != FORMAT:
         raise RtfqError(f"{bad} (no \"format\": \"{FORMAT}\"; write one with `rtfq plan`)")
-    if data.get("version") != VERSION:
+    if not is_int(data.get("version")) or data.get("version") != VERSION:
         raise RtfqError(f"{path}: plan file version {data.get('version')!r} is not supported (this toolkit reads {VERSION})")
     resolution, width, bits = data.get("resolution"), data.get("width"), data.get("bits")
     if isinstance(resolution, bool) or not isinstance(resolution, int):
@@ -85,8 +85,27 @@ def read_plan(path: str | os.PathLike) -> PlanDocument:
     return PlanDocument(path, resolution, float(width), bits, data.get("subnet"), data.get("arch"))
 
 
+def check_plan_bits(model: "Supernet", config: SubnetConfig, where: str) -> None:
+    """Every quantizer's bits must be a candidate of its role: the policy's bits for a
+    fixed role (first and last layer, residual operands), one of the space's bit-widths for
+    a free one. The supernet keeps step sizes for the policy's bits on every quantizer, but
+    a free quantizer never trained at them (8 bits on a 6/4/2 space): such a plan, e.g. one
+    written for another checkpoint, would export cleanly and mean nothing."""
+    if config.uniform:
+        return
+    space_bits = set(model.config.space.bits)
+    policy = model.config.policy
+    plan = config.bits.as_dict()
+    for name, q in model.quantizers():
+        bits, fixed = plan.get(name), policy.fixed_bits(q.role)
+        if fixed is None and bits not in space_bits:
+            raise RtfqError(f"{where}: {name} at {bits} bits; its role ({q.role}) takes the space's bit-widths "
+                            f"{', '.join(map(str, sorted(space_bits, reverse=True)))} (a plan of another checkpoint?)")
+
+
 def resolve_plan(model: "Supernet", doc: PlanDocument) -> SubnetConfig:
-    """The canonical subnet a plan file describes, checked against ``model``."""
+    """The canonical subnet a plan file describes, checked against ``model`` (its bits
+    against each quantizer's candidates too, :func:`check_plan_bits`)."""
     if doc.arch is not None and doc.arch != model.config.arch:
         raise RtfqError(f"{doc.path}: a plan for {doc.arch!r}, the checkpoint is {model.config.arch!r}")
     try:
@@ -96,6 +115,7 @@ def resolve_plan(model: "Supernet", doc: PlanDocument) -> SubnetConfig:
     if doc.subnet is not None and doc.subnet != str(config):
         raise RtfqError(f"{doc.path}: the file names subnet {doc.subnet} but its bits are those of {config} "
                         "(edited by hand? fix or delete its \"subnet\" entry)")
+    check_plan_bits(model, config, str(doc.path))
     return config
 
 

@@ -41,14 +41,30 @@ def parse_tokens(text: str, where: str) -> tuple[str, ...]:
 
 def read_token_file(path: str | os.PathLike) -> tuple[str, ...]:
     """Read and parse a token file; one RtfqError line for every way it can be unusable."""
+    return parse_token_bytes(read_token_bytes(path), path)
+
+
+def read_token_bytes(path: str | os.PathLike) -> bytes:
+    """A token file's bytes: a regular file (a FIFO or a device is refused at once, never
+    waited on) of at most MAX_TOKEN_FILE_BYTES."""
+    from rtfq_deploy.fileio import open_regular
+
     where = f"token file {os.fspath(path)}"
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "token file") as f:
             data = f.read(MAX_TOKEN_FILE_BYTES + 1)
+    except RtfqError as e:
+        raise RtfqError(f"cannot read {where}: {str(e).rpartition('cannot read token file: ')[2]}") from None
     except OSError as e:
         raise RtfqError(f"cannot read {where}: {e.strerror or e}") from None
     if len(data) > MAX_TOKEN_FILE_BYTES:
         raise RtfqError(f"{where} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
+    return data
+
+
+def parse_token_bytes(data: bytes, path: str | os.PathLike) -> tuple[str, ...]:
+    """:func:`parse_tokens` of a token file's bytes (ASCII only)."""
+    where = f"token file {os.fspath(path)}"
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:

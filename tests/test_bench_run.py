@@ -151,3 +151,60 @@ def test_processes_time_a_row_in_several_fresh_processes_and_keep_the_median(mod
     assert data["settings"]["processes"] == 3
     _one_line_error(_run("rtfq-bench", "run", str(models), "-o", str(tmp_path / "x.json"), "--processes", "0"),
                     "--processes")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_fifo_or_a_device_named_onnx_is_refused_at_once(tmp_path, kind):
+    model = tmp_path / "m.onnx"
+    if kind == "fifo":
+        os.mkfifo(model)
+    else:
+        model.symlink_to("/dev/zero")  # hashed without end before
+    _one_line_error(_run("rtfq-bench", "run", str(model), "-o", str(tmp_path / "r.json"), *QUICK),
+                    "not a regular file")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_an_output_fifo_is_refused_even_with_force(models, tmp_path):
+    os.mkfifo(tmp_path / "r.json")
+    _one_line_error(_run("rtfq-bench", "run", str(models / "r32-w0.50-q8.onnx"), "-o", str(tmp_path / "r.json"),
+                         "--force", *QUICK), "a FIFO, not a regular file")
+    assert (tmp_path / "r.json").is_fifo()
+
+
+@pytest.mark.parametrize("mean,std,needle", [
+    ([0.5, 0.5, 0.5], [float("nan"), 0.2, 0.2], "std nan"),
+    ([float("inf"), 0.5, 0.5], [0.2, 0.2, 0.2], "mean inf"),
+    ([0.5, 0.5, 0.5], [1e-30, 0.2, 0.2], "std 1e-30"),
+    ([1e6, 0.5, 0.5], [0.2, 0.2, 0.2], "mean 1000000.0"),
+])
+def test_metadata_normalisation_must_be_finite_and_in_range(mean, std, needle):
+    from rtfq_deploy.bench.images import input_spec
+    from rtfq_deploy.errors import RtfqError
+
+    text = json.dumps({"shape": ["N", 3, 32, 32], "mean": mean, "std": std})  # NaN and Infinity as json writes them
+    with pytest.raises(RtfqError, match=f"m.onnx: the rtfq.input normalisation holds {needle}"):
+        input_spec({"rtfq.input": text}, "m.onnx")
+    assert input_spec({"rtfq.input": json.dumps({"shape": ["N", 3, 32, 32], "mean": [0.4] * 3, "std": [0.2] * 3})},
+                      "m.onnx") == (32, [0.4] * 3, [0.2] * 3)
+
+
+def test_images_on_a_model_with_nan_std_report_no_accuracy(models, tmp_path):
+    """End to end: the file's metadata says std NaN; the row says why it has no top-1,
+    instead of a top-1 computed on NaN inputs."""
+    import numpy as np
+    from PIL import Image
+
+    model = onnx.load(models / "r32-w0.50-q8.onnx")
+    meta = {p.key: p for p in model.metadata_props}
+    meta["rtfq.input"].value = json.dumps({**json.loads(meta["rtfq.input"].value), "std": [float("nan")] * 3})
+    if "rtfq.class_names" in meta:
+        meta["rtfq.class_names"].value = json.dumps([f"c{i}" for i in range(5)])
+    onnx.save(model, tmp_path / "nan.onnx")
+    for i in range(5):
+        (tmp_path / "images" / f"c{i}").mkdir(parents=True)
+        Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(tmp_path / "images" / f"c{i}" / "x.png")
+    result = _run("rtfq-bench", "run", str(tmp_path / "nan.onnx"), "-o", str(tmp_path / "r.json"), "--images",
+                  str(tmp_path / "images"), *QUICK)
+    row = json.loads((tmp_path / "r.json").read_text())["models"][0]
+    assert row.get("top1") is None and "normalisation holds std nan" in row["accuracy_error"], (row, result.stderr)

@@ -185,8 +185,10 @@ def test_select_errors_are_one_line_and_leave_dist_untouched(tmp_path):
     _one_line_error(_select(tampered, dist, "5ms"), "results version 7 is not supported")
     # a measured file that changed afterwards is refused: its figures are not its own
     model = tmp_path / "models" / "r96-w1.00-q8.onnx"
+    original = model.read_bytes()
     model.write_bytes(b"retrained")
     _one_line_error(_select(results, dist, "10ms", extra=["--device", "dev"]), "changed since it was benchmarked")
+    model.write_bytes(original)
     # a served file with other content under the same name needs --force
     (dist / "dev" / "r64-w0.50-q4.onnx").write_bytes(b"someone else's")
     _one_line_error(_select(results, dist, "2ms", extra=["--device", "dev"]), "exists with different content")
@@ -252,3 +254,70 @@ while not (dist / "stop").exists():
         bad += 1
 print(reads, len(seen), bad)
 """
+
+
+# -- tables that lie -----------------------------------------------------------------------------------------------
+
+def _tamper(results: Path, edit) -> Path:
+    data = json.loads(results.read_text())
+    edit(data)
+    out = results.with_name("tampered.json")
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_a_results_row_with_a_lying_size_is_refused(tmp_path):
+    results = make_results(tmp_path)
+    tampered = _tamper(results, lambda d: d["models"][0].update(size_bytes=5))
+    dist = tmp_path / "dist"
+    _one_line_error(_select(tampered, dist, "5ms", extra=["--device", "dev", "--no-report"]),
+                    "states size_bytes 5, but")
+    assert not (dist / "manifest.json").exists()
+
+
+def test_a_results_row_with_a_lying_sha256_is_refused_even_when_not_chosen(tmp_path):
+    results = make_results(tmp_path)
+    tampered = _tamper(results, lambda d: d["models"][3].update(sha256="ab" * 32))
+    data = json.loads(tampered.read_text())
+    with pytest.raises(RtfqError, match=r"results row 3 \(r96-w1.00-q8\): the sha256 it states"):
+        plan(data, {}, [parse_budget("2ms")], "dev")
+
+
+@pytest.mark.parametrize("rows,needle", [
+    ([{"subnet": "r64-w0.50-q4", "top1": 1.5}], "is 1.5, outside [0, 1]"),
+    ([{"subnet": "r64-w0.50-q4", "top1": -1}], "is -1, outside [0, 1]"),
+    ([{"subnet": "r64-w0.50-q4", "top1": 0.5}, {"subnet": "r64-w0.50-q4", "top1": 0.9}], "has two rows"),
+])
+def test_an_accuracy_table_that_lies_is_refused_by_select(tmp_path, rows, needle):
+    results = make_results(tmp_path)
+    (tmp_path / "acc.json").write_text(json.dumps({"subnets": rows}))
+    _one_line_error(_select(results, tmp_path / "dist", "5ms", extra=["--device", "dev", "--no-report"]), needle)
+    assert not (tmp_path / "dist").exists()
+
+
+def test_an_accuracy_table_of_another_checkpoint_needs_force(tmp_path):
+    """The files say which checkpoint they were exported from (rtfq.checkpoint_sha256);
+    a table measured on another one is refused unless --force."""
+    mine, other = "1" * 64, "2" * 64
+    results = _tamper(make_results(tmp_path), lambda d: [r.update(metadata={"rtfq.checkpoint_sha256": mine})
+                                                        for r in d["models"] if r["ok"]])
+    table = json.loads((tmp_path / "acc.json").read_text())
+    (tmp_path / "acc.json").write_text(json.dumps({**table, "checkpoint_sha256": other}))
+    dist = tmp_path / "dist"
+    _one_line_error(_select(results, dist, "5ms", extra=["--device", "dev", "--no-report"]),
+                    "measured on checkpoint 222222222222..., r64-w0.50-q4")
+    assert not dist.exists()
+    assert _select(results, dist, "5ms", extra=["--device", "dev", "--no-report", "--force"]).returncode == 0
+    (tmp_path / "acc.json").write_text(json.dumps({**table, "checkpoint_sha256": mine}))  # the right table: no --force
+    assert _select(results, tmp_path / "dist2", "5ms", extra=["--device", "dev", "--no-report"]).returncode == 0
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"format": "rtfq-bench-results", "version": 2, "version": 1, "fingerprint": {}, "models": []}',
+     "the key 'version' twice"),
+    ('{"format": "rtfq-bench-results", "version": true, "fingerprint": {}, "models": []}', "version True"),
+])
+def test_results_with_duplicate_keys_or_a_boolean_version_are_refused(tmp_path, text, needle):
+    (tmp_path / "r.json").write_text(text)
+    (tmp_path / "acc.json").write_text(json.dumps({"r64-w0.50-q4": 0.5}))
+    _one_line_error(_select(tmp_path / "r.json", tmp_path / "dist", "5ms"), needle)

@@ -209,3 +209,27 @@ def test_a_mixed_export_is_benchmarked_selected_and_listed_like_a_uniform_one(se
     entries = read_manifest(dist).devices["edge"].files
     assert [e.subnet for e in entries] == [doc["subnet"]]
     assert (dist / entries[0].path).is_file()
+
+
+def test_plan_refuses_an_output_that_is_a_fifo_even_with_force(setup, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "p.json")
+    result = _invoke(rtfq, "plan", "--checkpoint", setup / "c.pt", "--subnet", "r32-w0.50-q8", "-o",
+                     tmp_path / "p.json", "--force")
+    _error(result, "is a FIFO, not a regular file; refusing to replace it")
+    assert (tmp_path / "p.json").is_fifo()
+
+
+def test_export_refuses_an_accuracy_table_of_another_checkpoint_unless_forced(setup, tmp_path):
+    from rtfq_deploy.fileio import sha256_file
+
+    rows = [{"subnet": s, "top1": 0.5} for s in ("r48-w1.00-q8", "r48-w0.50-q4", "r32-w0.50-q4")]
+    (tmp_path / "acc.json").write_text(json.dumps({"checkpoint_sha256": "0" * 64, "subnets": rows}))
+    args = ["--checkpoint", setup / "c.pt", "--budget", "1T", "--accuracy", tmp_path / "acc.json", "--no-verify",
+            "-o", tmp_path / "m.onnx"]
+    _error(_invoke(export, *args), "the accuracy table was measured on checkpoint 000000000000...")
+    assert not (tmp_path / "m.onnx").exists()
+    assert _invoke(export, *args, "--force").exit_code == 0
+    (tmp_path / "acc.json").write_text(json.dumps({"checkpoint_sha256": sha256_file(setup / "c.pt"), "subnets": rows}))
+    assert _invoke(export, *args[:-1], tmp_path / "m2.onnx").exit_code == 0

@@ -386,3 +386,223 @@ def test_hostile_resolutions_are_one_line_errors(tmp_path, status, body, needle)
     message = str(caught.value)
     assert "\n" not in message and len(message) < 600
     assert not list(tmp_path.iterdir())
+
+
+# -- integrity: planted links, special outputs, trickling servers, redirects ------------------------------------
+
+def _part_of(out: Path, sha256: str) -> Path:
+    return out.with_name(f"{out.name}.{sha256}.part")
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo", "directory"])
+def test_a_planted_partial_download_is_never_written_through(dist, tmp_path, plant):
+    """The partial file's name is predictable: a link (or anything but a regular file of
+    one link) put there is refused; the file it points to keeps its bytes."""
+    root, fast = dist
+    out = tmp_path / "dev" / "model.onnx"
+    out.parent.mkdir()
+    victim = tmp_path / "victim.db"
+    victim.write_bytes(b"precious data " * 100)
+    part = _part_of(out, fast.sha256)
+    {"symlink": lambda: part.symlink_to(victim), "hardlink": lambda: os.link(victim, part),
+     "fifo": lambda: os.mkfifo(part), "directory": lambda: part.mkdir()}[plant]()
+    with serving(root) as url:
+        with pytest.raises(RtfqError, match="partial download.*refusing to write through it"):
+            fetch(_config(url, out, budget="latency=10ms"))
+    assert victim.read_bytes() == b"precious data " * 100
+    assert not out.exists() and not out.is_symlink()
+
+
+def test_the_symlink_attack_through_the_cli_is_one_line(dist, tmp_path):
+    from tests.test_cli import _one_line_error, _run
+
+    root, fast = dist
+    out = tmp_path / "model.onnx"
+    victim = tmp_path / "victim.db"
+    victim.write_bytes(b"v" * 520_000)
+    _part_of(out, fast.sha256).symlink_to(victim)
+    with serving(root) as url:
+        _one_line_error(_run("rtfq", "fetch", "--server", url, "--device", "pi", "--budget", "10ms", "-o", str(out),
+                             "--retries", "0"), "is a symbolic link")
+    assert victim.read_bytes() == b"v" * 520_000 and not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link-to-fifo"])
+def test_an_output_that_is_not_a_regular_file_is_refused_even_with_force(dist, tmp_path, kind):
+    root, _ = dist
+    out = tmp_path / "model.onnx"
+    if kind == "directory":
+        out.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(out)
+    else:
+        os.mkfifo(tmp_path / "pipe")
+        out.symlink_to(tmp_path / "pipe")
+    with serving(root) as url:
+        exe = str(Path(sys.executable).parent / "rtfq")
+        done = subprocess.run([exe, "fetch", "--server", url, "--device", "pi", "--budget", "10ms", "-o", str(out),
+                               "--force", "--retries", "0"], capture_output=True, text=True, timeout=60)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert ("is a directory" if kind == "directory" else "not a regular file") in lines[0], lines
+    assert (out.is_dir() if kind == "directory" else (tmp_path / "pipe" if kind == "link-to-fifo" else out).is_fifo())
+    assert _parts(out) == []
+
+
+class TricklingServer:
+    """A raw HTTP server on 127.0.0.1 that answers the resolve at once and then sends
+    either the file answer's headers (``phase="headers"``) or its body (``"body"``) one
+    byte every ``gap_s``; or trickles the resolve answer itself (``"resolve"``). It stops
+    by itself after ``lifetime_s`` (bounded), or when the client hangs up."""
+
+    def __init__(self, phase: str, gap_s: float = 0.2, lifetime_s: float = 8.0) -> None:
+        self.phase, self.gap_s, self.lifetime_s = phase, gap_s, lifetime_s
+        self.data = random_bytes(5000, 4)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.listener.close()
+
+    def _serve(self) -> None:
+        import time
+
+        end = time.monotonic() + self.lifetime_s
+        while not self.stop.is_set() and time.monotonic() < end:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self._answer(conn, end)
+                except OSError:
+                    pass
+
+    def _trickle(self, conn: socket.socket, data: bytes, end: float) -> None:
+        import time
+
+        for i in range(len(data)):
+            if self.stop.is_set() or time.monotonic() > end:
+                return
+            conn.sendall(data[i:i + 1])
+            time.sleep(self.gap_s)
+
+    def _answer(self, conn: socket.socket, end: float) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        if b"/resolve?" in head.split(b"\r\n", 1)[0]:
+            body = json.dumps({"device": "pi", "budget": "latency=10ms", "reason": "r", "entry": {
+                "subnet": "m", "sha256": sha(self.data), "size_bytes": len(self.data)}}).encode()
+            answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            if self.phase == "resolve":
+                self._trickle(conn, answer, end)
+            else:
+                conn.sendall(answer)
+            return
+        head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(self.data)
+        if self.phase == "headers":
+            self._trickle(conn, head + self.data, end)
+        else:
+            conn.sendall(head)
+            self._trickle(conn, self.data, end)
+
+
+@pytest.mark.parametrize("phase", ["resolve", "headers", "body"])
+def test_a_trickling_server_cannot_hold_a_fetch_past_its_deadline(tmp_path, phase):
+    """One byte every 0.2 s never trips the 5 s per-read timeout; the 1 s deadline of the
+    attempt ends it anyway (with a part file kept for the body, to be resumed)."""
+    import time
+
+    out = tmp_path / "m.onnx"
+    with TricklingServer(phase) as url:
+        start = time.monotonic()
+        with pytest.raises(RtfqError, match="deadline of 1 s"):
+            fetch(_config(url, out, timeout_s=5.0, deadline_s=1.0))
+        took = time.monotonic() - start
+    assert took < 4.0, took
+    assert not out.exists()
+
+
+def test_the_deadline_option_through_the_cli(tmp_path):
+    import time
+
+    from tests.test_cli import _one_line_error, _run
+
+    with TricklingServer("body", lifetime_s=10) as url:
+        start = time.monotonic()
+        _one_line_error(_run("rtfq", "fetch", "--server", url, "--device", "pi", "--budget", "10ms", "-o",
+                             str(tmp_path / "m.onnx"), "--timeout", "3", "--deadline", "1", "--retries", "0"),
+                        "deadline of 1 s")
+        assert time.monotonic() - start < 8
+    help_text = _run("rtfq", "fetch", "--help").stdout
+    assert "--deadline" in help_text and "each read" in help_text
+
+
+class Redirector:
+    """A raw HTTP server on 127.0.0.1 answering every request with a 302 to ``target``
+    (another origin) plus the same path."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.listener.close()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    head = conn.recv(65536)
+                    path = head.split(b" ", 2)[1]
+                    conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: " + self.target.encode() + path
+                                 + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                except (OSError, IndexError):
+                    pass
+
+
+def test_a_resolve_answered_through_a_redirect_to_another_origin_is_refused(dist, tmp_path):
+    root, _ = dist
+    out = tmp_path / "m.onnx"
+    with serving(root) as real, Redirector(real) as url:
+        with pytest.raises(RtfqError, match="redirected to another server"):
+            fetch(_config(url, out, budget="latency=10ms"))
+    assert not out.exists() and _parts(out) == []
+
+
+@pytest.mark.parametrize("option", ["--token-file", "--cafile"])
+def test_a_fifo_token_file_or_cafile_is_refused_at_once(tmp_path, option):
+    from tests.test_cli import _one_line_error, _run
+
+    os.mkfifo(tmp_path / "pipe")
+    server = "https://127.0.0.1:1" if option == "--cafile" else "http://127.0.0.1:1"
+    _one_line_error(_run("rtfq", "fetch", "--server", server, "--device", "pi", "--budget", "10ms", "-o",
+                         str(tmp_path / "m.onnx"), option, str(tmp_path / "pipe")), "not a regular file")

@@ -125,3 +125,97 @@ def test_select_sweeps_what_a_killed_select_left(tmp_path):
     assert len(_temporaries(dest)) == 1
     assert _select(results, tmp_path / "dist", "3ms", extra=["--device", "dev", "--no-report"]).returncode == 0
     assert not dest.exists() and _temporaries(dest) == []  # 3ms chose r64-w0.50-q4, and the leftover is gone
+
+
+# -- writes never go through a special file or a link; reads only from regular files ---------------------------
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link-to-fifo", "link-to-char-device"])
+def test_atomic_write_refuses_an_output_that_is_not_a_regular_file_even_with_overwrite(tmp_path, kind):
+    from rtfq_deploy.fileio import atomic_write
+
+    out = tmp_path / "out"
+    if kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "directory":
+        out.mkdir()
+    elif kind == "link-to-fifo":
+        os.mkfifo(tmp_path / "pipe")
+        out.symlink_to(tmp_path / "pipe")
+    else:
+        out.symlink_to("/dev/null")  # never replaced: the link stays a link to the device
+    with pytest.raises(RtfqError, match="not a regular file; refusing to replace it"):
+        with atomic_write(out, overwrite=True) as f:
+            f.write(b"data")
+    assert out.is_dir() if kind == "directory" else (out.is_fifo() or out.is_symlink())
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_atomic_write_replaces_a_link_to_a_regular_file_without_writing_through_it(tmp_path):
+    from rtfq_deploy.fileio import atomic_write
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "out").symlink_to(victim)
+    with atomic_write(tmp_path / "out", overwrite=True) as f:
+        f.write(b"new")
+    assert victim.read_bytes() == b"precious"
+    assert not (tmp_path / "out").is_symlink() and (tmp_path / "out").read_bytes() == b"new"
+
+
+def test_the_temporary_file_is_created_exclusively_and_never_through_a_link(tmp_path, monkeypatch):
+    """Whatever sits at the temporary's name (here: a link planted at the name the writer
+    will draw), the writer never opens it; with another name drawn it writes its own file."""
+    import secrets
+
+    from rtfq_deploy import fileio
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    names = iter(["deadbeef", "0badf00d"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(names))
+    planted = tmp_path / f".out.{os.getpid()}.deadbeef.tmp"
+    planted.symlink_to(victim)
+    with pytest.raises(OSError, match="cannot write"):
+        with fileio.atomic_write(tmp_path / "out", overwrite=True) as f:
+            f.write(b"new")
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "out").exists()
+    with fileio.atomic_write(tmp_path / "out", overwrite=True) as f:
+        f.write(b"new")
+    assert (tmp_path / "out").read_bytes() == b"new" and victim.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("target,needle", [
+    ("fifo", r"not a regular file \(a FIFO\)"), ("/dev/zero", r"not a regular file \(a character device\)"),
+    ("dir", r"not a regular file \(a directory\)"), ("missing", "no such file"),
+])
+def test_reads_open_only_regular_files_and_never_wait(tmp_path, target, needle):
+    from rtfq_deploy.fileio import open_regular, read_bounded, sha256_file
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    path = target if target.startswith("/") else tmp_path / target
+    start = time.monotonic()
+    for read in (lambda: open_regular(path, "thing"), lambda: read_bounded(path, "thing", 100),
+                 lambda: sha256_file(path), lambda: read_json(path, "thing")):
+        with pytest.raises(RtfqError, match=needle):
+            read()
+    assert time.monotonic() - start < 5
+
+
+def test_read_bounded_caps_the_size(tmp_path):
+    from rtfq_deploy.fileio import read_bounded
+
+    (tmp_path / "f").write_bytes(b"x" * 101)
+    assert read_bounded(tmp_path / "f", "thing", 101) == b"x" * 101
+    with pytest.raises(RtfqError, match="larger than 100 bytes"):
+        read_bounded(tmp_path / "f", "thing", 100)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b'{"a": 1, "a": 2}', "has the key 'a' twice"),
+    (b'{"x": [{"b": 1, "c": 2, "b": 3}]}', "has the key 'b' twice"),
+])
+def test_duplicate_keys_are_refused(tmp_path, content, needle):
+    (tmp_path / "f.json").write_bytes(content)
+    with pytest.raises(RtfqError, match=needle):
+        read_json(tmp_path / "f.json", "table")

@@ -167,3 +167,40 @@ def test_a_colliding_id_is_refused_not_merged(model, tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="two stored plans share the id r48-w0.60-m"):
         load_checkpoint(path)
+
+
+# -- plan files that say two things, or another checkpoint's bits ----------------------------------------------
+
+def _plan_text(model, tmp_path, config) -> str:
+    path = tmp_path / "p.json"
+    write_plan(path, plan_document(model, config, subnet_costs(model, config).to_dict()), overwrite=True)
+    return path.read_text()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: t.replace('"resolution": 48,', '"resolution": 48, "resolution": 64,', 1), "the key 'resolution' twice"),
+    (lambda t: t.replace('"version": 1,', '"version": 1, "version": 1,', 1), "the key 'version' twice"),
+    (lambda t: t.replace('"version": 1,', '"version": true,', 1), "plan file version True is not supported"),
+])
+def test_plan_files_with_duplicate_keys_or_a_boolean_version_are_refused(model, tmp_path, edit, needle):
+    text = _plan_text(model, tmp_path, _mixed(model))
+    (tmp_path / "bad.json").write_text(edit(text))
+    with pytest.raises(RtfqError, match=needle):
+        read_plan(tmp_path / "bad.json")
+
+
+def test_plan_bits_are_checked_against_each_roles_candidates(tmp_path):
+    """The supernet keeps 8-bit step sizes on every quantizer (the policy's fixed roles
+    need them), but on a 6/4/2 space a free quantizer never trains at 8: a plan giving it
+    8 (another checkpoint's plan, say) is refused, though the bits exist."""
+    torch.manual_seed(0)
+    model = build_supernet(SupernetConfig("tiny_resnet", num_classes=3,
+                                          space=SearchSpace(resolutions=(48,), widths=(1.0,), bits=(6, 4, 2))))
+    bits = {n: int(b) for n, b in model.plan(SubnetConfig(48, 1.0, 4)).as_dict().items()}
+    free = _free(model)
+    bits.update({n: 8 for n in free[:3]})
+    config = model.subnet(48, 1.0, bits)  # the supernet's own check lets it through: 8 is among its bits
+    (tmp_path / "p.json").write_text(json.dumps({"format": "rtfq-plan", "version": 1, "resolution": 48,
+                                                 "width": 1.0, "bits": config.bits.as_dict()}))
+    with pytest.raises(RtfqError, match=f"{free[0]} at 8 bits; its role .* takes the space's bit-widths 6, 4, 2"):
+        resolve_plan(model, read_plan(tmp_path / "p.json"))

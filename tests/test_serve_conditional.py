@@ -17,20 +17,30 @@ ETAG = cond.etag_for("ab" * 32)
     ("bytes=990-5000", 1000, (990, 999)),  # the end is clipped
     ("bytes = 5 - 9", 1000, (5, 9)),
     ("bytes=999-999", 1000, (999, 999)),
+    ("bytes=0-" + "9" * 30, 1000, (0, 999)),  # RFC 9110: a last position past the end is clipped (206)
+    ("bytes=0-18446744073709551616", 1000, (0, 999)),
+    ("bytes=-" + "9" * 40, 1000, (0, 999)),
+    ("bytes=" + "0" * 30 + "5-" + "0" * 30 + "9", 1000, (5, 9)),
+    ("BYTES=0-9", 1000, (0, 9)),
 ])
 def test_single_ranges(header, size, expected):
     assert cond.byte_range(header, size) == expected
 
 
 @pytest.mark.parametrize("header", [
-    None, "bytes=0-1,5-9", "bytes=9-5", "bytes=-", "items=0-5", "bytes=a-b", "bytes=0-1;x", "bytes=" + "9" * 30 + "-",
+    None, "bytes=0-1,5-9", "bytes=9-5", "bytes=-", "items=0-5", "bytes=a-b", "bytes=0-1;x",
+    "bytes=" + "9" * 30 + "-" + "1" * 25,  # last before first: invalid, ignored
+    "bytes=0-" + "9" * 2000,  # a header over 1024 characters is not parsed
 ])
 def test_ranges_that_are_ignored_send_the_whole_file(header):
     assert cond.byte_range(header, 1000) is None
 
 
 @pytest.mark.parametrize("header,size", [("bytes=1000-", 1000), ("bytes=5000-6000", 1000), ("bytes=-0", 1000),
-                                         ("bytes=0-", 0), ("bytes=-5", 0)])
+                                         ("bytes=0-", 0), ("bytes=-5", 0),
+                                         ("bytes=" + "9" * 30 + "-", 1000),  # RFC 9110: 416, not the whole file
+                                         ("bytes=" + "9" * 500 + "-" + "9" * 501, 1000),
+                                         ("bytes=18446744073709551616-", 1000), ("bytes=-" + "0" * 40, 1000)])
 def test_unsatisfiable_ranges(header, size):
     with pytest.raises(cond.Unsatisfiable):
         cond.byte_range(header, size)

@@ -216,7 +216,7 @@ def test_every_reload_failure_is_reported_in_health_and_logged_once(tmp_path, ca
     monkeypatch.setattr(mf, "parse_manifest", parser_with_a_bug)
     broken = {
         "ZeroDivisionError: an unforeseen parser failure": json.dumps({"trigger": 1}),
-        "nested too deeply": "[" * 100_000 + "]" * 100_000,
+        "nested deeper than 64 levels": "[" * 100_000 + "]" * 100_000,
         "not JSON": "{",
         "version 99": json.dumps({"format": "rtfq-manifest", "version": 99, "devices": {}}),
     }
@@ -289,3 +289,111 @@ def test_a_hostile_manifest_at_start_is_one_line(tmp_path, content, needle):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and result.stdout == "", (result.exit_code, result.output[-500:])
     assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], lines
+
+
+# -- integrity: special files in place of the token file or the manifest, token content, ranges -----------------
+
+_TOKEN, _OTHER = "tok-" + "a1" * 16, "tok-" + "b2" * 16
+
+
+def _auth(url: str, target: str, token: str):
+    return request(url, target, {"Authorization": f"Bearer {token}"})
+
+
+def _health_within(url: str, seconds: float):
+    """/v1/health, failing the test if it takes longer than ``seconds`` (a stalled server)."""
+    start = time.monotonic()
+    reply = request(url, "/v1/health")
+    assert time.monotonic() - start < seconds, "health stalled"
+    return reply.json()
+
+
+def test_a_fifo_token_file_at_start_is_one_line(tmp_path):
+    (tmp_path / "dist").mkdir()
+    os.mkfifo(tmp_path / "tokens")
+    from tests.test_cli import _one_line_error, _run
+
+    _one_line_error(_run("rtfq-serve", str(tmp_path / "dist"), "--port", "0", "--token-file", str(tmp_path / "tokens")),
+                    "not a regular file")
+
+
+def test_a_token_file_swapped_for_a_fifo_while_serving_stalls_nothing(tmp_path):
+    entry = entry_for(tmp_path / "dist", "pi", "m", b"model" * 100, 1.0)
+    publish(tmp_path / "dist", "pi", [entry])
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{_TOKEN}\n")
+    with serving(tmp_path / "dist", token_file=tokens) as url:
+        assert _auth(url, "/v1/devices", _TOKEN).status == 200
+        tokens.unlink()
+        os.mkfifo(tokens)  # a writer never comes: reading it would block for ever
+        start = time.monotonic()
+        assert _auth(url, "/v1/devices", _TOKEN).status == 401  # answered at once, failing closed
+        health = _health_within(url, 5)
+        assert health["status"] == "degraded" and "token file" in health["auth_error"]
+        assert time.monotonic() - start < 5
+        tokens.unlink()
+        tokens.write_text(f"{_TOKEN}\n")
+        assert _auth(url, "/v1/devices", _TOKEN).status == 200 and _health_within(url, 5)["status"] == "ok"
+
+
+def test_a_manifest_swapped_for_a_fifo_turns_health_degraded_and_the_old_one_serves(tmp_path):
+    entry = entry_for(tmp_path, "pi", "m", b"model" * 100, 1.0)
+    manifest_sha = publish(tmp_path, "pi", [entry])
+    with serving(tmp_path) as url:  # polls every 0.05 s
+        os.unlink(tmp_path / mf.MANIFEST)
+        os.mkfifo(tmp_path / mf.MANIFEST)
+        wait_for(lambda: "not a regular file" in (_health_within(url, 5)["reload_error"] or ""), timeout_s=10)
+        health = _health_within(url, 5)
+        assert health["status"] == "degraded" and health["manifest_sha256"] == manifest_sha
+        assert request(url, "/v1/devices/pi/resolve?budget=5ms").status == 200  # the watcher is alive, the old serves
+        os.unlink(tmp_path / mf.MANIFEST)
+        publish(tmp_path, "pi", [entry])
+        wait_for(lambda: _health_within(url, 5)["status"] == "ok", timeout_s=10)
+
+
+def test_a_manifest_or_token_file_that_is_a_fifo_at_start_is_one_line(tmp_path):
+    os.mkfifo(tmp_path / mf.MANIFEST)
+    from tests.test_cli import _one_line_error, _run
+
+    _one_line_error(_run("rtfq-serve", str(tmp_path), "--port", "0"), "not a regular file")
+
+
+def test_a_token_rewritten_in_place_at_the_same_size_and_mtime_is_revoked(tmp_path):
+    """As ``cp -p`` does: same inode, same size, modification time set back."""
+    entry = entry_for(tmp_path / "dist", "pi", "m", b"model" * 100, 1.0)
+    publish(tmp_path / "dist", "pi", [entry])
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{_TOKEN}\n")
+    new = "tok-" + "c3" * 16
+    assert len(new) == len(_TOKEN)
+    with serving(tmp_path / "dist", token_file=tokens) as url:
+        assert _auth(url, "/v1/devices", _TOKEN).status == 200
+        before = os.stat(tokens)
+        with open(tokens, "r+b") as f:
+            f.write(f"{new}\n".encode())
+        os.utime(tokens, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(tokens)
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+        wait_for(lambda: _auth(url, "/v1/devices", _TOKEN).status == 401, timeout_s=5)
+        assert _auth(url, "/v1/devices", new).status == 200
+
+
+@pytest.mark.parametrize("header,status,span", [
+    ("bytes=0-" + "9" * 30, 206, (0, 999)),  # RFC 9110 14.1.1: a last position past the end is clipped
+    ("bytes=10-18446744073709551616", 206, (10, 999)),
+    ("bytes=" + "9" * 30 + "-", 416, None),  # a first position past the end: unsatisfiable
+    ("bytes=18446744073709551616-", 416, None),
+    ("bytes=-" + "9" * 30, 206, (0, 999)),
+])
+def test_ranges_with_huge_positions_follow_rfc_9110(tmp_path, header, status, span):
+    data = random_bytes(1000, 9)
+    entry = entry_for(tmp_path, "pi", "m", data, 1.0)
+    publish(tmp_path, "pi", [entry])
+    with serving(tmp_path) as url:
+        reply = request(url, f"/v1/files/{entry.sha256}", {"Range": header})
+    assert reply.status == status, (reply.status, reply.headers)
+    if span is None:
+        assert reply.headers["content-range"] == "bytes */1000"
+    else:
+        assert reply.headers["content-range"] == f"bytes {span[0]}-{span[1]}/1000"
+        assert reply.body == data[span[0]:span[1] + 1]

@@ -119,3 +119,84 @@ def test_resume_of_a_damaged_run_is_one_line(finished, tmp_path, damage, needle)
     before = (run / "supernet.pt").read_bytes()
     _one_line(_train("--resume", run), needle)
     assert (run / "supernet.pt").read_bytes() == before
+
+
+# -- integrity of what --resume trusts: archive CRCs, the run's identity, special files ----------------------
+
+def _flip_weight_bytes(path: Path, count: int = 8) -> None:
+    """Flip ``count`` bytes inside the largest tensor of a torch.save archive (its data, not
+    the zip structure): what a bad disk sector or a bit rot does."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 3
+    for i in range(count):
+        data[start + 4 * i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def _edit_record(run: Path, **config) -> None:
+    record = json.loads((run / "run.json").read_text())
+    record["config"].update(config)
+    (run / "run.json").write_text(json.dumps(record))
+
+
+def test_flipped_bytes_in_state_pt_are_refused(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    _flip_weight_bytes(run / "state.pt")
+    before = (run / "supernet.pt").read_bytes()
+    _one_line(_train("--resume", run), "fails the checksum check")
+    assert (run / "supernet.pt").read_bytes() == before
+
+
+def test_flipped_bytes_in_the_checkpoint_are_refused(setup, tmp_path):
+    shutil.copy(setup / "init.pt", tmp_path / "init.pt")
+    _flip_weight_bytes(tmp_path / "init.pt")
+    _one_line(_train("--checkpoint", tmp_path / "init.pt", "--source", setup / "data" / "source", "--target",
+                     setup / "data" / "target", "--out", tmp_path / "run", *FAST), "fails the checksum check")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"seed": 1}, "its seed differs"),
+    ({"rule": "max6min"}, "its sampling rule differs"),
+])
+def test_a_state_of_another_run_is_refused(finished, tmp_path, edit, needle):
+    """run.json says one run, state.pt is another's (another seed, another rule)."""
+    run = _copy(finished, tmp_path)
+    _edit_record(run, **edit)
+    before = (run / "supernet.pt").read_bytes()
+    _one_line(_train("--resume", run), needle)
+    assert (run / "supernet.pt").read_bytes() == before
+
+
+def test_a_checkpoint_replaced_since_the_run_started_is_refused(setup, finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    assert len(record["checkpoint_sha256"]) == 64
+    shutil.copy(setup / "huge.pt", tmp_path / "other.pt")
+    record["checkpoint"] = str(tmp_path / "other.pt")
+    (run / "run.json").write_text(json.dumps(record))
+    _one_line(_train("--resume", run), "the checkpoint changed since this run started")
+
+
+def test_a_scheduler_state_naming_an_unknown_quantizer_is_refused(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    _edit_record(run, rule="mixed")
+    state = torch.load(run / "state.pt", weights_only=True)
+    state["identity"]["rule"] = "mixed"
+    state["scheduler"] = {"frozen": ["layer9.no_such_quantizer"]}
+    torch.save(state, run / "state.pt")
+    _one_line(_train("--resume", run), "not a free quantizer")
+
+
+def test_a_fifo_state_pt_is_named_as_such(finished, tmp_path):
+    import os
+
+    run = _copy(finished, tmp_path)
+    (run / "state.pt").unlink()
+    os.mkfifo(run / "state.pt")
+    _one_line(_train("--resume", run), "not a regular file (a FIFO)")

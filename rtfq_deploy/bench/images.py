@@ -99,7 +99,25 @@ def input_spec(metadata: Mapping[str, str], name: str) -> tuple[int, list[float]
     except (KeyError, ValueError, TypeError, IndexError):
         raise RtfqError(f"{name}: no usable rtfq.input metadata (not written by rtfq-export?); "
                         "accuracy needs its resolution and normalisation") from None
+    check_normalization(mean, std, name)
     return resolution, mean, std
+
+
+# What an image normalisation can be: inputs are in [0, 1], so a mean far outside it or a
+# std near 0 (or NaN, which passes every comparison) makes every input meaningless.
+MEAN_RANGE = (-10.0, 10.0)
+STD_RANGE = (1e-4, 100.0)
+
+
+def check_normalization(mean: Sequence[float], std: Sequence[float], name: str) -> None:
+    """One RtfqError line unless every mean and std is finite and in range (std > 0)."""
+    import math
+
+    bad = [f"mean {v!r}" for v in mean if not (math.isfinite(v) and MEAN_RANGE[0] <= v <= MEAN_RANGE[1])]
+    bad += [f"std {v!r}" for v in std if not (math.isfinite(v) and STD_RANGE[0] <= v <= STD_RANGE[1])]
+    if bad:
+        raise RtfqError(f"{name}: the rtfq.input normalisation holds {bad[0]} (mean must be finite within "
+                        f"[{MEAN_RANGE[0]:g}, {MEAN_RANGE[1]:g}], std within [{STD_RANGE[0]:g}, {STD_RANGE[1]:g}])")
 
 
 def load_image(path: Path, resolution: int) -> Any:

@@ -73,8 +73,11 @@ def _entry(buf: bytes | mmap.mmap, start: int, stop: int) -> tuple[str, str]:
 
 def read_metadata(path: str | os.PathLike) -> Mapping[str, str]:
     """Every ``metadata_props`` entry of the ONNX file at ``path`` (MetadataError if it
-    is not a protobuf message)."""
-    with open(path, "rb") as f:
+    is not a protobuf message; an RtfqError for a FIFO, a device or a folder, which are
+    never waited on or mapped)."""
+    from rtfq_deploy.fileio import open_regular
+
+    with open_regular(path, "ONNX model") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise MetadataError("empty file")

@@ -51,6 +51,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,7 @@ from rtfq_deploy.bench.fingerprint import fingerprint
 from rtfq_deploy.bench.measure import MeasureConfig
 from rtfq_deploy.bench.runtimes import DEFAULT_RUNTIME, RUNTIMES, version
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write, is_number, read_json, sha256_file
+from rtfq_deploy.fileio import atomic_write, is_int, is_number, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,13 @@ def bench_model(path: Path, settings: BenchSettings, runtime: str = DEFAULT_RUNT
     row: dict[str, Any] = {"path": str(path.resolve()), "runtime": runtime, "ok": False, "error": None,
                            "subnet": path.stem}
     try:
-        row["sha256"], row["size_bytes"] = sha256_file(path), path.stat().st_size
+        size = path.stat().st_size
+        row["sha256"], row["size_bytes"] = sha256_file(path, what="model file"), size
     except OSError as e:
         row["error"] = f"cannot read: {e.strerror}"
+        return row
+    except RtfqError as e:  # not a regular file (any more): never hashed
+        row["error"] = str(e)
         return row
     template = replace(settings.measure, model=row["path"], runtime=runtime)
     first = run_child(replace(template, arena=True, latency=True), settings)
@@ -241,7 +246,8 @@ def _reference(path: Path, settings: BenchSettings) -> Path | None:
 
 
 def collect_models(paths: Sequence[Path]) -> list[Path]:
-    """Files as given; a directory stands for its ``*.onnx`` files (sorted)."""
+    """Files as given; a directory stands for its ``*.onnx`` files (sorted). Each must be a
+    regular file: a FIFO or /dev/zero named ``.onnx`` would be hashed without end."""
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
@@ -253,6 +259,15 @@ def collect_models(paths: Sequence[Path]) -> list[Path]:
             out.append(p)
     if not out:
         raise RtfqError("no model files given")
+    for p in out:
+        try:
+            mode = os.stat(p).st_mode
+        except FileNotFoundError:
+            continue  # its row reports it, as for a file that goes away while others are measured
+        except OSError as e:
+            raise RtfqError(f"{p}: cannot read the model file: {e.strerror or e}") from None
+        if not stat.S_ISREG(mode):
+            raise RtfqError(f"{p}: not a regular file; a model must be an .onnx file")
     return out
 
 
@@ -309,7 +324,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     data = read_json(path, "results", expect=dict)
     if data.get("format") != FORMAT:
         raise RtfqError(f"{path}: not an rtfq-bench results file")
-    if data.get("version") not in READABLE_VERSIONS:
+    if not is_int(data.get("version")) or data.get("version") not in READABLE_VERSIONS:
         raise RtfqError(f"{path}: results version {data.get('version')!r} is not supported "
                         f"(this toolkit reads {', '.join(map(str, READABLE_VERSIONS))})")
     if not isinstance(data.get("models"), list) or not isinstance(data.get("fingerprint"), dict):

@@ -16,6 +16,11 @@ the new manifest is in place (``prune=True``, the default): a download already i
 keeps its open file (POSIX), and a client holding the old manifest gets "not found" and
 reads the manifest again. With ``prune=False`` they stay until a later run prunes them.
 Only files the old entry named are ever removed.
+
+Nothing in the results is taken on trust where it can be checked: every measured row
+whose file is at hand must have that file's size and sha256 (:func:`verify_rows`), and an
+accuracy table measured on another checkpoint than the files were exported from is
+refused unless ``--force`` (:func:`check_table`).
 """
 
 from __future__ import annotations
@@ -72,6 +77,45 @@ class Selection:
         return [c for c in self.choices if c.met and c.entry.get("stable") is False]
 
 
+def verify_rows(results: Mapping[str, Any]) -> None:
+    """Each measured row against its file, where the file is at hand: the size and the
+    sha256 the manifest will state must be the file's (a row that says 5 bytes for a
+    142,540-byte file would have the server exclude the entry and the device get 422).
+    A file that is gone is left to :func:`publish`, which refuses it if it is chosen."""
+    import os
+    import stat
+
+    for i, row in enumerate(results["models"]):
+        if not row.get("ok"):
+            continue
+        path = Path(row["path"])
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        what = f"results row {i} ({str(row.get('subnet'))[:80]})"
+        if not stat.S_ISREG(info.st_mode):
+            raise RtfqError(f"{what}: {path} is not a regular file")
+        if info.st_size != row["size_bytes"]:
+            raise RtfqError(f"{what} states size_bytes {row['size_bytes']!r}, but {path} has {info.st_size} bytes "
+                            "(the row is wrong, or the file changed since it was benchmarked); benchmark it again")
+        if mf.sha256_file(path) != row["sha256"]:
+            raise RtfqError(f"{what}: the sha256 it states is not that of {path} (changed since it was benchmarked?); "
+                            "benchmark it again")
+
+
+def check_table(results: Mapping[str, Any], table: Any, force: bool = False) -> None:
+    """The accuracy table (an :class:`rtfq_deploy.accuracy.AccuracyTable`) must have been
+    measured on the checkpoint every row it gives an accuracy to was exported from (the
+    file's ``rtfq.checkpoint_sha256`` metadata); RtfqError unless ``force``."""
+    for row in results["models"]:
+        if not row.get("ok") or row.get("top1") is not None or row.get("subnet") not in table.top1:
+            continue
+        sha = (row.get("metadata") or {}).get("rtfq.checkpoint_sha256")
+        if isinstance(sha, str):
+            table.check_checkpoint(sha, f"{row['subnet']} ({row['path']}) was exported from", force)
+
+
 def candidates(results: Mapping[str, Any], accuracy: Mapping[str, float],
                memory: str = "arena") -> tuple[list[dict[str, Any]], list[str]]:
     """The measured rows as budget entries (manifest keys plus ``accuracy``, its source
@@ -126,6 +170,7 @@ def plan(results: Mapping[str, Any], accuracy: Mapping[str, float], budgets: Seq
     mf.check_name(device)
     if not budgets:
         raise RtfqError("give at least one budget")
+    verify_rows(results)
     entries, skipped = candidates(results, accuracy, options.memory)
     runtimes = [r for r in mf.RUNTIMES if any(e["runtime"] == r for e in entries)]
     choices = tuple(choose([e for e in entries if e["runtime"] == r], b) for b in budgets for r in runtimes)

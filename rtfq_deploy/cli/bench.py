@@ -96,6 +96,9 @@ def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threa
     runtimes = tuple(dict.fromkeys(runtimes or ("onnxruntime",)))
     if min_runs > max_runs:
         raise click.UsageError(f"--min-runs {min_runs} is above --max-runs {max_runs}")
+    from rtfq_deploy.fileio import check_output
+
+    check_output(output)  # a FIFO or device is refused even with --force
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists (use --force to overwrite)")
     if not re.fullmatch(r"[A-Za-z0-9_.:()-]{1,64}", openvino_device):
@@ -216,7 +219,9 @@ def _with_defaults(row: dict, columns: list = _RUN_COLUMNS) -> dict:
 @click.option("--report/--no-report", default=True, show_default=True,
               help="Write DIST_DIR/<device>/pareto.png and report.html (needs matplotlib).")
 @click.option("--dry-run", is_flag=True, help="Print the choices; write nothing.")
-@click.option("--force", is_flag=True, help="Replace a model file of the same name whose content differs.")
+@click.option("--force", is_flag=True, help="Replace a model file of the same name whose content differs, and use "
+                                        "an accuracy table measured on another checkpoint than the files were "
+                                        "exported from (refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the choices and fronts as JSON.")
 def select(results: Path, accuracy: Path, budgets: tuple[str, ...], dist_dir: Path, device: str | None, memory: str,
            prune: bool, report: bool, dry_run: bool, force: bool, as_json: bool) -> None:
@@ -226,10 +231,10 @@ def select(results: Path, accuracy: Path, budgets: tuple[str, ...], dist_dir: Pa
     devices are left as they are). An unmeetable budget is reported with its cheapest
     option and serves no file; the exit status is then 1. Choices that rest on a latency
     whose p50 did not settle when measured are named."""
-    from rtfq_deploy.accuracy import read_accuracy
+    from rtfq_deploy.accuracy import read_accuracy_table
     from rtfq_deploy.bench.fingerprint import device_slug
     from rtfq_deploy.bench.run import read_results
-    from rtfq_deploy.bench.select import FRONT_KEYS, SelectOptions, plan, publish
+    from rtfq_deploy.bench.select import FRONT_KEYS, SelectOptions, check_table, plan, publish
     from rtfq_deploy.budget import parse_budget
 
     parsed = [parse_budget(b) for b in budgets]
@@ -243,7 +248,11 @@ def select(results: Path, accuracy: Path, budgets: tuple[str, ...], dist_dir: Pa
     if accuracy is None and len(measured) < sum(r["ok"] for r in data["models"]):
         raise click.UsageError("give --accuracy (the rtfq eval table), or measure every model with "
                                "rtfq-bench run --images")
-    table = read_accuracy(accuracy) if accuracy is not None else {}
+    table = {}
+    if accuracy is not None:
+        read = read_accuracy_table(accuracy)
+        check_table(data, read, force)  # a table of another checkpoint: refused unless --force
+        table = read.top1
     name = device or device_slug(data["fingerprint"])
     options = SelectOptions(memory=memory, prune=prune, force=force)
     selection = plan(data, table, parsed, name, options)

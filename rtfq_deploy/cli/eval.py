@@ -41,6 +41,10 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str | None, plan_files: tup
           output: Path | None, force: bool, as_json: bool) -> None:
     """Accuracy table of the supernet's subnets (input of rtfq-export --accuracy and rtfq-bench select),
     uniform ones by id and mixed-precision ones from their plan files."""
+    if output is not None:
+        from rtfq_deploy.fileio import check_output
+
+        check_output(output)  # a FIFO or device is refused even with --force
     if output is not None and output.exists() and not force:
         raise click.UsageError(f"{output} exists (use --force to overwrite)")
     from rtfq_deploy.checkpoint import load_checkpoint

@@ -77,7 +77,8 @@ def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
               help="Images to calibrate on with --calib.")
 @search_options
 @click.option("--threads", type=BoundedInt(1, 1024), default=1, show_default=True, help="onnxruntime threads for verification.")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files (regular files only), and use an "
+                                        "--accuracy table measured on another checkpoint (refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget: str | None, bits: int | None,
            mixed: bool, data: Path | None, labeled: bool, resolution: int | None, width: float | None,
@@ -105,8 +106,13 @@ def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget:
     from rtfq_deploy.export.api import ExportOptions, VerificationFailed, export_subnet
     from rtfq_deploy.fileio import sha256_file, sweep_temporaries
     from rtfq_deploy.budget import parse_count
-    from rtfq_deploy.export.select import bucket_budgets, choose, read_accuracy
+    from rtfq_deploy.accuracy import read_accuracy_table
+    from rtfq_deploy.export.select import bucket_budgets, choose
+    from rtfq_deploy.fileio import check_output
     from rtfq_deploy.planfile import read_plan, resolve_plan
+
+    if subnet or plan_file or budget:
+        check_output(output)  # a FIFO or device is refused even with --force, before a slow search
 
     if (subnet or plan_file or budget) and output.exists() and not force and not output.is_dir():
         raise click.UsageError(f"{output} exists (use --force to overwrite)")  # before a slow search
@@ -116,9 +122,12 @@ def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget:
 
         check_budget(parse_budget(budget))  # bad input fails before the slow load
     budget_value = parse_count(budget) if budget and not mixed else None
-    table = read_accuracy(accuracy) if accuracy else None
+    accuracy_table = read_accuracy_table(accuracy) if accuracy else None
+    table = accuracy_table.top1 if accuracy_table is not None else None
     plan_doc = read_plan(plan_file) if plan_file else None
     ckpt = load_checkpoint(checkpoint)
+    if accuracy_table is not None:  # a table of another checkpoint: refused unless --force
+        accuracy_table.check_checkpoint(sha256_file(checkpoint, what="checkpoint"), f"{checkpoint}", force)
     space = ckpt.model.config.space
     # a walk per (R, W), only to choose: the space's subnets and the checkpoint's stored plans
     costs = costs_of(ckpt.model, ckpt.subnets()) if (budget and not mixed) or buckets else {}

@@ -35,7 +35,10 @@ def _server_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="Where to write the model file.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it holds a different file.")
 @click.option("--timeout", "timeout_s", type=FiniteFloat(0.1, 3600), default=30.0, show_default=True,
-              help="Seconds to wait on the network before a retry.")
+              help="Seconds any one network step may wait (connecting, each read) before the attempt is retried.")
+@click.option("--deadline", "deadline_s", type=FiniteFloat(1, 86400), default=600.0, show_default=True,
+              help="Seconds one attempt (the resolve, or one download) may take in all, however the server trickles "
+                   "its bytes; a download cut by it is resumed by the next attempt.")
 @click.option("--retries", type=BoundedInt(0, 100), default=3, show_default=True,
               help="Resumptions after a dropped connection before giving up (a later run resumes too).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -43,11 +46,12 @@ def _server_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
                    f"without it, the {TOKEN_ENV} environment variable is used if set.")
 @click.option("--cafile", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PEM certificate(s) of a private CA to trust for an https:// server.")
-def fetch(server: str, device: str, budget: str, runtime: str | None, out: Path, force: bool, timeout_s: float, retries: int,
-          token_file: Path | None, cafile: Path | None) -> None:
+def fetch(server: str, device: str, budget: str, runtime: str | None, out: Path, force: bool, timeout_s: float,
+          deadline_s: float, retries: int, token_file: Path | None, cafile: Path | None) -> None:
     """Resolve BUDGET on the server, download the chosen file (resuming a partial
     download), check its sha256 and move it into place atomically. Nothing is
-    downloaded when OUTPUT already holds the chosen file."""
+    downloaded when OUTPUT already holds the chosen file; an OUTPUT that is not a
+    regular file (a folder, a device, a FIFO) is refused even with --force."""
     from rtfq_deploy.fetch import FetchConfig
     from rtfq_deploy.fetch import fetch as run_fetch
     from rtfq_deploy.tokens import check_token, read_token_file
@@ -62,7 +66,8 @@ def fetch(server: str, device: str, budget: str, runtime: str | None, out: Path,
         click.echo("Warning: sending the bearer token over plain http to another host; anyone on the path can "
                    "read it (serve with --certfile/--keyfile and fetch from https://)", err=True)
     result = run_fetch(FetchConfig(server=server, device=device, budget=budget, out=out, force=force,
-                                   timeout_s=timeout_s, retries=retries, token=token, cafile=cafile, runtime=runtime))
+                                   timeout_s=timeout_s, retries=retries, token=token, cafile=cafile, runtime=runtime,
+                                   deadline_s=deadline_s))
     entry = result.entry
     what = (f"{result.reason}; for {entry.get('runtime', 'onnxruntime')}; {entry['size_bytes']} bytes, "
             f"sha256 {entry['sha256'][:16]}")

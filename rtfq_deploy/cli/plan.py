@@ -38,13 +38,17 @@ def _assignment(ctx: click.Context, param: click.Parameter, values: tuple[str, .
                    "(first and last layer, residual operands) keep their bits.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the plan file here (default: print it).")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file (a regular file; never a device or FIFO).")
 def plan(checkpoint: Path, subnet: str, from_plan: Path | None, assignments: list[tuple[str, int]],
          output: Path | None, force: bool) -> None:
     """Write the plan file of a subnet: its resolution, width and every quantizer's bits,
     with costs and its canonical id. A plan file is how a mixed-precision subnet is named
     to rtfq eval --plans, rtfq calibrate --plans and rtfq-export --plan. A plan that
     equals a uniform subnet's keeps the uniform id."""
+    if output is not None:
+        from rtfq_deploy.fileio import check_output
+
+        check_output(output)  # a FIFO or device is refused even with --force
     if output is not None and output.exists() and not force:
         raise click.UsageError(f"{output} exists (use --force to overwrite)")
     from fnmatch import fnmatchcase
@@ -52,7 +56,7 @@ def plan(checkpoint: Path, subnet: str, from_plan: Path | None, assignments: lis
     from rtfq_deploy.checkpoint import load_checkpoint
     from rtfq_deploy.costs import subnet_costs
     from rtfq_deploy.errors import RtfqError
-    from rtfq_deploy.planfile import plan_document, read_plan, resolve_plan, write_plan
+    from rtfq_deploy.planfile import check_plan_bits, plan_document, read_plan, resolve_plan, write_plan
     from rtfq_deploy.space import SpaceError
 
     ckpt = load_checkpoint(checkpoint)
@@ -74,6 +78,7 @@ def plan(checkpoint: Path, subnet: str, from_plan: Path | None, assignments: lis
         config = model.subnet(base.resolution, base.width, bits)
     except SpaceError as e:
         raise RtfqError(str(e)) from None
+    check_plan_bits(model, config, "--set")
     document = plan_document(model, config, subnet_costs(model, config).to_dict())
     if output is None:
         click.echo(json.dumps(document, indent=2))

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -103,7 +104,7 @@ def build_app(config: ServeConfig, store: Store) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(_poll, store, config.poll_interval_s)
+            tasks.start_soon(_poll, store, config.poll_interval_s, tokens)
             yield
             tasks.cancel_scope.cancel()
 
@@ -116,24 +117,35 @@ def build_app(config: ServeConfig, store: Store) -> Starlette:
     return app
 
 
-async def _poll(store: Store, interval: float) -> None:
-    """Pick up a republished manifest (or a changed file) without a restart.
+async def _poll(store: Store, interval: float, tokens: TokenFile | None = None) -> None:
+    """Pick up a republished manifest (or a changed file) and a changed token file's
+    content without a restart, in a worker thread: the event loop never reads them.
 
     ``Store.refresh`` records every failure to load in ``store.error`` (shown by
     /v1/health) and logs each distinct one once; this guard only keeps the watcher alive
     should the refresh itself fail (e.g. no worker thread), logging each distinct failure once.
+    A refresh that does not return (storage that hangs) is reported by /v1/health as
+    degraded after :func:`stuck_after_s`.
     """
     last: str | None = None
     while True:
         await anyio.sleep(interval)
         try:
             await anyio.to_thread.run_sync(store.refresh)
+            if tokens is not None:
+                await anyio.to_thread.run_sync(tokens.recheck)
             last = None
         except Exception as e:  # never let the watcher die; the old snapshot keeps serving
             message = f"manifest refresh failed: {type(e).__name__}: {e}"
             if message != last:
                 log.error("%s", message)
             last = message
+
+
+def stuck_after_s(config: ServeConfig) -> float:
+    """How long a reload may run before health calls the server degraded (hashing a large
+    new model file takes a while; a read that hangs takes for ever)."""
+    return max(30.0, 20 * config.poll_interval_s)
 
 
 class _Api:
@@ -147,13 +159,17 @@ class _Api:
         auth_error = None
         if self.tokens is not None and self.tokens.error is not None:  # the file's path is not for everyone
             auth_error = "the token file is unusable; every token is refused until it is fixed"
+        reload_error = self.store.error
+        started = self.store.refreshing_since
+        if reload_error is None and started is not None and time.monotonic() - started > stuck_after_s(self.config):
+            reload_error = f"a manifest reload has not finished for {time.monotonic() - started:.0f} s"
         return JSONResponse({
-            "status": "ok" if self.store.error is None and auth_error is None else "degraded",
+            "status": "ok" if reload_error is None and auth_error is None else "degraded",
             "version": __version__, "generation": snap.generation,
             "manifest_sha256": snap.manifest_sha256, "loaded_at": snap.loaded_at,
             "devices": len(snap.devices), "files": len(snap.files),
             "excluded": [{"device": e.device, "path": e.path, "reason": e.reason} for e in snap.excluded],
-            "reload_error": self.store.error,
+            "reload_error": reload_error,
             "auth_error": auth_error,
         })
 

@@ -2,14 +2,19 @@
 
 The ETag of a file is its sha256, a strong validator: the bytes behind a hash never
 change. Only a single byte range is served; a request for several, or a Range header
-that does not parse, gets the whole file, which the RFC allows.
+that does not parse, gets the whole file, which the RFC allows. Positions may have any
+number of digits (RFC 9110 sets no limit): a last position beyond the file is clipped to
+its end (206), a first one beyond it is unsatisfiable (416), however many digits either has.
 """
 
 from __future__ import annotations
 
 import re
 
-_RANGE_RE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)", re.IGNORECASE)
+# A longer header is ignored (the whole file is sent); within it a position has at most
+# ~1000 digits, which int() converts at once (its limit is 4300).
+_MAX_RANGE_CHARS = 1024
 
 
 class Unsatisfiable(Exception):
@@ -42,7 +47,7 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     Raises :class:`Unsatisfiable` for a range that starts at or after ``size``
     (or a suffix range of length 0).
     """
-    if header is None:
+    if header is None or len(header) > _MAX_RANGE_CHARS:
         return None
     match = _RANGE_RE.fullmatch(header.strip().replace(" ", ""))
     if match is None or (not match[1] and not match[2]):
@@ -58,3 +63,4 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     if first >= size:
         raise Unsatisfiable
     return first, min(int(match[2]) if match[2] else size - 1, size - 1)
+

@@ -7,12 +7,15 @@ of the listed files changes and swaps it in with one reference assignment, so a 
 sees one whole snapshot, never a mix. Hashes are cached by the file's identity
 (device, inode, size, mtime), so re-checking after a publish only hashes files that
 changed.
+
+Nothing here can block on a special file: the manifest and every listed file are opened
+with O_NONBLOCK and used only once fstat says they are regular files, so a manifest
+swapped for a FIFO is a reload error (health turns "degraded"), not a stuck watcher.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import stat
@@ -23,6 +26,7 @@ from typing import Mapping
 
 from rtfq_deploy import manifest as mf
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.fileio import JSON_MAX_BYTES, parse_json, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,7 @@ class Store:
         self._paths: tuple[str, ...] = ()
         self.snapshot = Snapshot()
         self.error: str | None = None  # why the last reload failed (the previous snapshot stays)
+        self.refreshing_since: float | None = None  # time.monotonic() of a refresh under way (health's watchdog)
         self._load_or_raise()  # a malformed manifest at start is the caller's error, raised
 
     def refresh(self) -> bool:
@@ -88,16 +93,20 @@ class Store:
         A manifest that cannot be read or parsed keeps the previous snapshot in service
         and is reported in :attr:`error`.
         """
-        if self._world_stamp() == self._world:
-            return False
+        self.refreshing_since = time.monotonic()
         try:
-            self._load_or_raise()
-        except RtfqError as e:
-            if str(e) != self.error:  # once per distinct failure, not once per poll
-                log.error("keeping the previous manifest: %s", e)
-            self.error = str(e)
-            return False
-        return True
+            if self._world_stamp() == self._world:
+                return False
+            try:
+                self._load_or_raise()
+            except RtfqError as e:
+                if str(e) != self.error:  # once per distinct failure, not once per poll
+                    log.error("keeping the previous manifest: %s", e)
+                self.error = str(e)
+                return False
+            return True
+        finally:
+            self.refreshing_since = None
 
     def _load_or_raise(self) -> None:
         """:meth:`_load`, with every failure one RtfqError: a manifest that breaks the
@@ -123,7 +132,9 @@ class Store:
         # up as a difference on the next poll, which rebuilds.
         manifest_stamp = _stat_identity(self.root / mf.MANIFEST)
         text, manifest_sha = self._read_manifest()
-        manifest = mf.Manifest({}) if text is None else mf.parse_manifest(_json(text), str(self.root / mf.MANIFEST))
+        where = str(self.root / mf.MANIFEST)
+        manifest = mf.Manifest({}) if text is None else mf.parse_manifest(
+            parse_json(text, where, "manifest", expect=dict), where)
         devices: dict[str, mf.Device] = {}
         files: dict[str, ServedFile] = {}
         excluded: list[Excluded] = []
@@ -154,12 +165,10 @@ class Store:
                  len(devices), len(files), len(excluded))
 
     def _read_manifest(self) -> tuple[str | None, str | None]:
-        try:
-            data = (self.root / mf.MANIFEST).read_bytes()
-        except FileNotFoundError:
+        path = self.root / mf.MANIFEST
+        if not os.path.lexists(path):
             return None, None
-        except OSError as e:
-            raise RtfqError(f"{self.root / mf.MANIFEST}: cannot read: {e.strerror}") from None
+        data = read_bounded(path, "manifest", JSON_MAX_BYTES)  # a FIFO or device: refused at once
         try:
             return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
         except UnicodeDecodeError:
@@ -171,7 +180,7 @@ class Store:
         if not real.startswith(str(self.root) + os.sep):
             return None, "resolves outside DIST_DIR"
         try:
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(real, _READ_FLAGS)
         except FileNotFoundError:
             return None, "file is missing"
         except OSError as e:
@@ -196,7 +205,7 @@ def open_verified(served: ServedFile) -> int | None:
     """An fd on the verified file, or None if the file at its path is no longer the one
     that was hashed (replaced or rewritten since): the caller must not serve it."""
     try:
-        fd = os.open(served.real_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(served.real_path, _READ_FLAGS)
     except OSError:
         return None
     try:
@@ -207,6 +216,11 @@ def open_verified(served: ServedFile) -> int | None:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+# O_NONBLOCK: opening a FIFO put where a model file was must not wait for a writer; the
+# fstat that follows refuses it (reads of a regular file are unaffected by the flag).
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def sha256_fd(fd: int, chunk: int = 1 << 20) -> str:
@@ -229,9 +243,3 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[:limit] + "..."
 
-
-def _json(text: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RtfqError(f"manifest.json: not JSON: {e.msg} (line {e.lineno})") from None

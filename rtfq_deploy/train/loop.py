@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,7 @@ from rtfq_deploy.data.folders import ImageFolder, check_same_classes, scan
 from rtfq_deploy.data.pipeline import (IMAGENET_NORMALIZATION, Stream, augment, load_domain, resize_to,
                                        stored_size)
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.fileio import atomic_write, sha256_file
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.quant.base import Quantizer
@@ -63,6 +65,12 @@ from rtfq_deploy.train.sampler import make_rule, step_rng
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "rtfq-train-state"
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _brief(value: Any) -> str:
+    text = str(value)
+    return text[:12] + "..." if len(text) > 16 else text
 SOURCE_STREAM, TARGET_STREAM = 1, 2
 
 
@@ -227,6 +235,8 @@ class Run:
         self.run_dir, self.cfg, self.checkpoint_path = run_dir, cfg, checkpoint
         self.source_dir, self.target_dir, self.dist = source, target, dist
         self._record: dict[str, Any] | None = None  # run.json, written once setup has succeeded
+        self._recorded_sha: str | None = None  # the checkpoint's sha256 as run.json states it (resume)
+        self._identity: dict[str, Any] | None = None  # what state.pt must carry to be this run's (see identity)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
         per_process = cfg.batch_size // 2 // dist.world
@@ -258,6 +268,7 @@ class Run:
     def _write_record(self) -> None:
         self.dist.barrier()  # every rank has loaded its inputs before rank 0 writes run.json
         if self.dist.main and self._record is not None:
+            self._record["checkpoint_sha256"] = (self._identity or {}).get("checkpoint_sha256")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.run_dir / "run.json", overwrite=False) as f:
                 f.write(json.dumps(self._record, indent=2).encode())
@@ -274,11 +285,34 @@ class Run:
         paths = [record.get(k) for k in ("checkpoint", "source", "target")]
         if not all(isinstance(p, str) and p and "\0" not in p for p in paths) or not isinstance(record.get("config"), dict):
             raise RtfqError(f"{path}: damaged run record (needs 'checkpoint', 'source', 'target' and 'config')")
+        recorded = record.get("checkpoint_sha256")  # absent in runs started before it was recorded
+        if recorded is not None and not (isinstance(recorded, str) and _SHA_RE.fullmatch(recorded)):
+            raise RtfqError(f"{path}: damaged run record ('checkpoint_sha256' is not a sha256)")
         try:
             cfg = TrainConfig.from_dict(record["config"])
         except RtfqError as e:
             raise RtfqError(f"{path}: {e}") from None
-        return cls(run_dir, cfg, *(Path(p) for p in paths), dist)
+        run = cls(run_dir, cfg, *(Path(p) for p in paths), dist)
+        run._recorded_sha = recorded
+        return run
+
+    def identity(self, model: Supernet, checkpoint_sha256: str) -> dict[str, Any]:
+        """What makes a training state this run's: the checkpoint it started from, the seed,
+        the sampling rule and the supernet's quantizers (names, roles, bit-widths). Stored in
+        state.pt and compared on resume, so another run's state (or a run.json edited to
+        another seed or rule) is refused instead of trained on."""
+        quantizers = [[name, q.role, list(q.bit_choices)] for name, q in model.quantizers()]
+        return {"checkpoint_sha256": checkpoint_sha256, "seed": self.cfg.seed, "rule": self.cfg.rule,
+                "quantizers": hashlib.sha256(json.dumps(quantizers).encode()).hexdigest()}
+
+    def _check_checkpoint(self, model: Supernet) -> None:
+        """The checkpoint must still be the one the run started from (run.json says which)."""
+        sha = sha256_file(self.checkpoint_path, what="checkpoint")
+        if self._recorded_sha is not None and sha != self._recorded_sha:
+            raise RtfqError(f"{self.checkpoint_path}: the checkpoint changed since this run started (its sha256 "
+                            f"{sha[:12]}... is not run.json's {self._recorded_sha[:12]}...); resume with the original "
+                            "checkpoint or start a new run")
+        self._identity = self.identity(model, sha)
 
     def _data(self, model: Supernet) -> tuple[ImageFolder, ImageFolder, Stream, Stream]:
         source, target = scan(self.source_dir, "source"), scan(self.target_dir, "target")
@@ -306,7 +340,7 @@ class Run:
                            f"was kept (lower --lr or the loss weights)")
         if not self.dist.main:
             return
-        state = {"format": STATE_FORMAT, "version": 1, "step": step,
+        state = {"format": STATE_FORMAT, "version": 1, "step": step, "identity": dict(self._identity or {}),
                  "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
                  "teacher": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
                  "optimizer": _to_cpu(opt.state_dict())}
@@ -331,12 +365,17 @@ class Run:
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.cfg.steps:
             raise RtfqError(f"{path}: damaged training state (step {step!r} is not in 0..{self.cfg.steps})")
+        self._check_identity(path, state.get("identity"))
         try:
             student.load_state_dict(state["student"])
             teacher.load_state_dict(state["teacher"])
             opt.load_state_dict(state["optimizer"])
             if scheduler is not None and step > 0:
                 scheduler.load(state["scheduler"])
+                unknown = sorted(scheduler.frozen - set(free_quantizers(student)))
+                if unknown:
+                    raise ValueError(f"the bit-width scheduler names {unknown[0][:80]!r}, not a free quantizer of "
+                                     "this supernet")
             if admm is not None and step > 0:
                 admm.load(state["admm"])
             if clusters is not None and step > 0:
@@ -348,6 +387,22 @@ class Run:
         if bad is not None:
             raise RtfqError(f"{path}: damaged training state ({bad} is not finite); remove it to restart from step 0")
         return step
+
+    def _check_identity(self, path: Path, stored: Any) -> None:
+        """Refuse a state.pt of another run (see :meth:`identity`)."""
+        if stored is None:  # written before states carried an identity
+            log.warning("%s carries no run identity (an older toolkit wrote it); trusting run.json", path)
+            return
+        mine = self._identity or {}
+        if not isinstance(stored, dict) or set(stored) != set(mine):
+            raise RtfqError(f"{path}: damaged training state (its run identity is malformed); remove it to restart "
+                            "from step 0")
+        for key, what in (("checkpoint_sha256", "starting checkpoint"), ("seed", "seed"), ("rule", "sampling rule"),
+                          ("quantizers", "quantizers")):
+            if stored[key] != mine[key] or type(stored[key]) is not type(mine[key]):
+                raise RtfqError(f"{path}: this training state belongs to another run (its {what} differs from "
+                                f"run.json's: {_brief(stored[key])} vs {_brief(mine[key])}); remove it to restart "
+                                "from step 0, or resume the run it belongs to")
 
     def _trim_metrics(self, start: int) -> None:
         """Drop lines a killed run logged after its last saved state (they will be redone)."""
@@ -377,6 +432,7 @@ class Run:
         cfg, dist = self.cfg, self.dist
         ckpt = load_checkpoint(self.checkpoint_path)
         student = ckpt.model
+        self._check_checkpoint(student)
         source, target, src_stream, tgt_stream = self._data(student)
         normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
         student.to(self.device).train()
