@@ -226,18 +226,84 @@ def read_json(path: str | os.PathLike, what: str, *, max_bytes: int = JSON_MAX_B
     NaN/Infinity, numbers that overflow a float, integers of more than 40 digits, and (with
     ``expect``) a top-level value of another type. Callers still check the fields they use.
     """
+    with open_regular(path, what) as f:
+        try:
+            raw = f.read(max_bytes + 1)
+        except OSError as e:
+            raise _cannot_read(path, what, e) from None
+    return parse_json(raw, f"{path}", what, max_bytes=max_bytes, max_depth=max_depth, expect=expect)
+
+
+def _cannot_read(path: str | os.PathLike, what: str, e: OSError) -> Exception:
+    from rtfq_deploy.errors import RtfqError
+
+    return RtfqError(f"{path}: cannot read {what}: {e.strerror or e}")
+
+
+def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
+    """``path`` opened for reading, refused (one RtfqError naming ``what``) unless it is a
+    regular file: the open does not block (O_NONBLOCK), so a FIFO, a device such as
+    /dev/zero or a link to one is an error, never a hang or an endless read."""
     from rtfq_deploy.errors import RtfqError
 
     try:
-        # O_NONBLOCK: a FIFO or device given as a JSON file must not hang the open
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise RtfqError(f"{path}: cannot read {what}: not a regular file")
-            raw = f.read(max_bytes + 1)
     except OSError as e:
-        raise RtfqError(f"{path}: cannot read {what}: {e.strerror or e}") from None
-    return parse_json(raw, f"{path}", what, max_bytes=max_bytes, max_depth=max_depth, expect=expect)
+        raise _cannot_read(path, what, e) from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError as e:
+        os.close(fd)
+        raise _cannot_read(path, what, e) from None
+    if not regular:
+        os.close(fd)
+        raise RtfqError(f"{path}: cannot read {what}: not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+JSON_LINE_MAX_BYTES = 1 << 20
+JSON_LINES_MAX_BYTES = 256 * 2**20
+
+
+def read_json_lines(path: str | os.PathLike, what: str, *, max_line: int = JSON_LINE_MAX_BYTES,
+                    max_bytes: int = JSON_LINES_MAX_BYTES, max_depth: int = JSON_MAX_DEPTH
+                    ) -> Iterator[tuple[int, bytes, Any]]:
+    """Each non-blank line of a JSON-lines file as (line number, its bytes without the
+    line break, the parsed value or the RtfqError that refused it), with :func:`read_json`'s
+    bounds per line (``max_line`` bytes, ``max_depth``, finite numbers) and ``max_bytes``
+    for the whole file, which must be a regular file. A damaged line is yielded, not
+    raised, so the caller decides (a line cut by a kill is usually the last one)."""
+    from rtfq_deploy.errors import RtfqError
+
+    with open_regular(path, what) as f:
+        if os.fstat(f.fileno()).st_size > max_bytes:
+            raise RtfqError(f"{path}: the {what} is larger than {max_bytes / 2**20:g} MiB")
+        number, total = 0, 0
+        while True:
+            try:
+                line = f.readline(max_line + 1)
+            except OSError as e:
+                raise _cannot_read(path, what, e) from None
+            if not line:
+                return
+            number += 1
+            total += len(line)
+            if total > max_bytes:
+                raise RtfqError(f"{path}: the {what} is larger than {max_bytes / 2**20:g} MiB")
+            if len(line) > max_line and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 16)) and not rest.endswith(b"\n"):  # skip the rest of the line
+                    total += len(rest)
+                total += len(rest)
+                yield number, b"", RtfqError(f"{path}: line {number} of the {what} is longer than {max_line} bytes")
+                continue
+            text = line.rstrip(b"\r\n")
+            if not text.strip():
+                continue
+            try:
+                value: Any = parse_json(text, f"{path}: line {number}", what, max_bytes=max_line, max_depth=max_depth)
+            except RtfqError as e:
+                value = e
+            yield number, text, value
 
 
 def parse_json(raw: bytes | str, where: str, what: str, *, max_bytes: int = JSON_MAX_BYTES,
