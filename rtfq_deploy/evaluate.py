@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from rtfq_deploy.calibrate import BNStats, calibrate_bn
 from rtfq_deploy.costs import costs_of
 from rtfq_deploy.data.pipeline import normalize
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.images import MIN_BN_IMAGES, readable_arrays, too_few_for_bn
+from rtfq_deploy.images import MIN_BN_IMAGES, readable_arrays
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.space import SubnetConfig
 
@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def load_at(paths: Sequence[Path], resolution: int, normalization: Mapping, where: str = "images",
-            warn: bool = True) -> tuple[Tensor, list[int]]:
+            warn: bool = True, min_count: int = 1) -> tuple[Tensor, list[int]]:
     """Normalised (N, 3, R, R) images and the indices of ``paths`` that were readable
-    (unreadable files skipped with one warning when ``warn``; none readable is an error)."""
-    arrays, kept = readable_arrays(paths, resolution, where, warn=warn)
+    (unreadable files skipped with one warning when ``warn``; fewer than ``min_count``
+    readable is an error)."""
+    arrays, kept = readable_arrays(paths, resolution, where, warn=warn, min_count=min_count)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return normalize(x, normalization), kept
 
@@ -61,17 +62,18 @@ def calibration_sample(paths: Sequence[Path], count: int, seed: int = 0) -> list
 
 
 def calibrate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], paths: Sequence[Path], normalization: Mapping,
-                      batch: int = 128, device: torch.device | str = "cpu", where: str = "calibration images"
-                      ) -> dict[str, BNStats]:
+                      batch: int = 128, device: torch.device | str = "cpu", where: str = "calibration images",
+                      announce: Callable[[int], None] | None = None) -> dict[str, BNStats]:
     """BatchNorm statistics of every subnet on the (unlabeled) images at ``paths``: at
     least MIN_BN_IMAGES of them must be readable (``where`` names them in the error), and
-    no batch holds a single image (BatchNorm in training mode cannot normalise one)."""
+    no batch holds a single image (BatchNorm in training mode cannot normalise one).
+    ``announce`` is told the number of readable images once they are known to suffice."""
     device = torch.device(device)
     out: dict[str, BNStats] = {}
     for i, (resolution, configs) in enumerate(_by_resolution(subnets).items()):
-        x, kept = load_at(paths, resolution, normalization, where, warn=i == 0)
-        if len(kept) < MIN_BN_IMAGES:
-            raise too_few_for_bn(where, len(kept))
+        x, kept = load_at(paths, resolution, normalization, where, warn=i == 0, min_count=MIN_BN_IMAGES)
+        if i == 0 and announce is not None:
+            announce(len(kept))
         while x.shape[0] % batch == 1:
             batch += 1  # the last batch would be one image
         for cfg in configs:

@@ -128,10 +128,11 @@ def _spread(files: list[Path], limit: int | None) -> list[Path]:
 
 
 def readable_arrays(paths: Sequence[Path], resolution: int, where: str, limit: int | None = None,
-                    warn: bool = True) -> tuple[list[np.ndarray], list[int]]:
+                    warn: bool = True, min_count: int = 1) -> tuple[list[np.ndarray], list[int]]:
     """:func:`load_image` of ``paths`` in order (at most ``limit``), skipping unreadable
     files with one warning (``warn``); the arrays and the indices of the files they are.
-    No readable file is an error naming ``where`` and the first files' reasons."""
+    Fewer than ``min_count`` readable files (BatchNorm statistics need MIN_BN_IMAGES) is
+    one error naming ``where`` and the skipped files' reasons, with no warning before it."""
     arrays, kept, skipped = [], [], []
     for i, path in enumerate(paths):
         if limit is not None and len(arrays) >= limit:
@@ -143,6 +144,8 @@ def readable_arrays(paths: Sequence[Path], resolution: int, where: str, limit: i
             skipped.append(e)
     if not arrays:
         raise no_readable(where, skipped, len(paths))
+    if len(arrays) < min_count:
+        raise too_few_for_bn(where, len(arrays), skipped)
     if skipped and warn:
         log.warning("%s: %s", where, describe_skipped(skipped, len(arrays) + len(skipped)))
     return arrays, kept

@@ -276,7 +276,7 @@ def make_scorer(ckpt, data, resolution: int, *, labeled: bool = False, images: i
     from rtfq_deploy.data.folders import scan
     from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.evaluate import calibration_sample, load_at
-    from rtfq_deploy.images import MIN_BN_IMAGES, image_files, too_few_for_bn
+    from rtfq_deploy.images import MIN_BN_IMAGES, image_files
 
     model = ckpt.model
     normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
@@ -292,9 +292,8 @@ def make_scorer(ckpt, data, resolution: int, *, labeled: bool = False, images: i
             raise RtfqError(f"{data}: no images")
     index = {p: i for i, p in enumerate(paths)}
     pick = calibration_sample(paths, images, seed)
-    x, kept = load_at(pick, resolution, normalization, str(data))
-    if len(kept) < MIN_BN_IMAGES:  # each plan is scored with BatchNorm on these images' statistics
-        raise too_few_for_bn(str(data), len(kept))
+    # each plan is scored with BatchNorm normalising by these images' own statistics
+    x, kept = load_at(pick, resolution, normalization, str(data), min_count=MIN_BN_IMAGES)
     if labels is not None:
         return PlanScorer(model, x, torch.tensor([labels[index[pick[i]]] for i in kept]))
     maxnet = model.config.space.maxnet

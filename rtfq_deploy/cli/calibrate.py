@@ -49,9 +49,9 @@ def calibrate(checkpoint: Path, data: Path, subnet_list: str | None, plan_files:
     if not files:
         raise RtfqError(f"{data}: no images")
     pick = calibration_sample(files, images)
-    click.echo(f"calibrating BatchNorm of {len(subnets)} subnet(s) on {len(pick)} images of {data}", err=True)
     stats = calibrate_subnets(model.to(dev), subnets, pick, ckpt.meta.get("normalization", IMAGENET_NORMALIZATION),
-                              device=dev, where=str(data))
+                              device=dev, where=str(data), announce=lambda n: click.echo(
+                                  f"calibrating BatchNorm of {len(subnets)} subnet(s) on {n} images of {data}", err=True))
     plans = {**ckpt.plans, **{str(c): c for c in subnets if not c.uniform}}
     save_checkpoint(output, model.cpu(), bn_stats={**ckpt.bn_stats, **stats}, meta=ckpt.meta, plans=plans,
                     overwrite=force)

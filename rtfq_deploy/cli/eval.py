@@ -70,9 +70,11 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str | None, plan_files: tup
     if missing:
         calib_folder = scan(calib, "calibration") if calib else folder
         pick = calibration_sample([p for p, _ in calib_folder.samples], calib_images)
-        click.echo(f"calibrating BatchNorm of {len(missing)} subnet(s) on {len(pick)} images of {calib_folder.root}"
-                   + ("" if calib else " (the evaluation images; pass --calib for separate target images)"), err=True)
-        stats.update(calibrate_subnets(model, missing, pick, normalization, device=dev, where=str(calib_folder.root)))
+        note = "" if calib else " (the evaluation images; pass --calib for separate target images)"
+        stats.update(calibrate_subnets(model, missing, pick, normalization, device=dev, where=str(calib_folder.root),
+                                       announce=lambda n: click.echo(f"calibrating BatchNorm of {len(missing)} "
+                                                                     f"subnet(s) on {n} images of {calib_folder.root}"
+                                                                     + note, err=True)))
     rows = evaluate_subnets(model.cpu() if dev.type == "cpu" else model, subnets, stats,
                             [p for p, _ in folder.samples], folder.labels, normalization, device=dev, where=str(data))
     for r in rows:

@@ -39,9 +39,10 @@ def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
     from rtfq_deploy.images import image_files
 
     pick = calibration_sample(image_files(calib), count)
-    click.echo(f"calibrating BatchNorm of {len(subnets)} subnet(s) on {len(pick)} images of {calib}", err=True)
     ckpt.bn_stats.update(calibrate_subnets(ckpt.model, subnets, pick,
-                                           ckpt.meta.get("normalization", IMAGENET_NORMALIZATION), where=str(calib)))
+                                           ckpt.meta.get("normalization", IMAGENET_NORMALIZATION), where=str(calib),
+                                           announce=lambda n: click.echo(f"calibrating BatchNorm of {len(subnets)} "
+                                                                         f"subnet(s) on {n} images of {calib}", err=True)))
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from rtfq_deploy.data.folders import ImageFolder
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.images import CROP_FRACTION, UnreadableImage, check_image, describe_skipped, no_readable, resized_crop
+from rtfq_deploy.images import (CROP_FRACTION, UnreadableImage, check_image, describe_skipped, no_readable,
+                                resized_crop, too_few_for_bn)
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,13 @@ class Domain:
         return len(self.paths)
 
 
-def load_domain(folder: ImageFolder, name: str, size: int, cache_mb: float, workers: int = 2) -> Domain:
+def load_domain(folder: ImageFolder, name: str, size: int, cache_mb: float, workers: int = 2,
+                min_count: int = 1) -> Domain:
     """Decode every image once, up front (kept when the set fits ``cache_mb``, else only
     checked), at the start of a run and at every resume: unreadable files (undecodable,
     truncated, decompression bombs) are skipped, named in one warning and counted, never
-    silently relabelled, and no image that passed can fail a later step."""
+    silently relabelled, and no image that passed can fail a later step. Fewer than
+    ``min_count`` readable images is one error."""
     paths = [p for p, _ in folder.samples]
     labels = [label for _, label in folder.samples]
     fits = len(paths) * 3 * size * size <= cache_mb * 2**20
@@ -102,6 +105,8 @@ def load_domain(folder: ImageFolder, name: str, size: int, cache_mb: float, work
     skipped = len(bad)
     if not keep:
         raise no_readable(f"{name} folder {folder.root}", bad, len(paths))
+    if len(keep) < min_count:
+        raise too_few_for_bn(f"{name} folder {folder.root}", len(keep), bad)
     if skipped:
         log.warning("%s folder %s: %s", name, folder.root, describe_skipped(bad, len(paths)))
     cache = torch.from_numpy(np.stack([arrays[i] for i in keep])) if fits else None

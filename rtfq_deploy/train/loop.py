@@ -49,7 +49,7 @@ from rtfq_deploy.data.pipeline import (IMAGENET_NORMALIZATION, Stream, augment, 
                                        stored_size)
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import atomic_write
-from rtfq_deploy.images import MIN_BN_IMAGES, too_few_for_bn
+from rtfq_deploy.images import MIN_BN_IMAGES
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.quant.base import Quantizer
@@ -291,9 +291,8 @@ class Run:
         size = stored_size(model.config.space.resolutions[0])
         cfg, half = self.cfg, self.cfg.batch_size // 2
         src = load_domain(source, "source", size, cfg.cache_mb, cfg.workers)
-        tgt = load_domain(target, "target", size, cfg.cache_mb, cfg.workers)
-        if len(tgt) < MIN_BN_IMAGES:  # checked now, not when the calibration at the end needs them
-            raise too_few_for_bn(f"target folder {target.root}", len(tgt))
+        # the calibration at the end needs two target images: checked now, not after the last step
+        tgt = load_domain(target, "target", size, cfg.cache_mb, cfg.workers, min_count=MIN_BN_IMAGES)
         self.skipped = {"source": src.skipped, "target": tgt.skipped}
         self.target_paths = list(tgt.paths)  # the readable ones, in the folder's order
         return (source, target, Stream(src, half, cfg.seed, SOURCE_STREAM, self.dist.rank, self.dist.world, cfg.workers),
