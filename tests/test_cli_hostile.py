@@ -792,3 +792,15 @@ def test_degenerate_search_settings_are_refused(env, images, command, args):
     else:
         line = _expect_one_line_error(command, export, [*common, "--mixed", "-o", work / "m.onnx"], work)
     assert args[0] in line, line
+
+
+@pytest.mark.parametrize("field,value", [("meta", _DEEP), ("config", _DEEP), ("plans", _DEEP), ("meta", "[1]"),
+                                         ("meta", '{"a": NaN}'), ("config", "1" * 5000)],
+                         ids=["deep-meta", "deep-config", "deep-plans", "meta-array", "meta-nan", "config-digits"])
+def test_json_strings_inside_a_checkpoint_go_through_the_bounded_reader(env, field, value):
+    work = _workdir(env)
+    obj = torch.load(env["ckpt"], weights_only=True)
+    obj[field] = value
+    torch.save(obj, work / "c.pt")
+    line = _expect_one_line_error("rtfq subnets", rtfq, ["subnets", "--checkpoint", work / "c.pt"], work)
+    assert f"its '{field}'" in line, line
