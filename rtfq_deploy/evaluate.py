@@ -19,7 +19,6 @@ from torch import Tensor
 from rtfq_deploy.calibrate import BNStats, calibrate_bn
 from rtfq_deploy.costs import costs_of
 from rtfq_deploy.data.pipeline import normalize
-from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.images import MIN_BN_IMAGES, readable_arrays
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.space import SubnetConfig
