@@ -38,7 +38,7 @@ from torch import Tensor
 
 from rtfq_deploy.calibrate import BNStats, pack_bn_stats, unpack_bn_stats
 from rtfq_deploy.errors import CheckpointError, RtfqError
-from rtfq_deploy.fileio import atomic_write, open_regular
+from rtfq_deploy.fileio import atomic_write, open_regular, parse_json
 from rtfq_deploy.layers import SlimBatchNorm2d
 from rtfq_deploy.models import Supernet, SupernetConfig, build_supernet
 from rtfq_deploy.space import MAX_QUANTIZERS, SpaceError, SubnetConfig, slim_channels, split_id
@@ -154,8 +154,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if isinstance(version, bool) or version != VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported (this toolkit reads {VERSION})")
     try:
-        config = SupernetConfig.from_dict(json.loads(obj["config"]))
-        meta = json.loads(obj["meta"])
+        config = SupernetConfig.from_dict(parse_json(obj["config"], "its 'config'", "configuration", expect=dict))
+        meta = parse_json(obj["meta"], "its 'meta'", "metadata", expect=dict)
         bn_stats = {key: unpack_bn_stats(stats) for key, stats in obj["bn_stats"].items()}
         state_dict = obj["state_dict"]
         model = build_supernet(config)
@@ -186,7 +186,7 @@ def _mixed_id(key: str) -> bool:
 
 def _read_plans(model: Supernet, text: Any) -> dict[str, SubnetConfig]:
     """Stored mixed plans by id, each checked against the supernet; a colliding id is refused."""
-    entries = json.loads(text) if isinstance(text, str) else None
+    entries = parse_json(text, "its 'plans'", "stored plans") if isinstance(text, str) else None
     if not isinstance(entries, list) or len(entries) > 100_000:
         raise ValueError("\"plans\" is not a list of plans")
     plans: dict[str, SubnetConfig] = {}

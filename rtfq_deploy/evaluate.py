@@ -10,35 +10,28 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 from torch import Tensor
 
 from rtfq_deploy.calibrate import BNStats, calibrate_bn
 from rtfq_deploy.costs import costs_of
 from rtfq_deploy.data.pipeline import normalize
-from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.images import load_image
+from rtfq_deploy.images import MIN_BN_IMAGES, readable_arrays
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.space import SubnetConfig
 
 log = logging.getLogger(__name__)
 
 
-def load_at(paths: Sequence[Path], resolution: int, normalization: Mapping) -> tuple[Tensor, list[int]]:
-    """Normalised (N, 3, R, R) images and the indices of ``paths`` that were readable."""
-    arrays, kept = [], []
-    for i, path in enumerate(paths):
-        try:
-            arrays.append(load_image(path, resolution))
-            kept.append(i)
-        except (UnidentifiedImageError, OSError, ValueError):
-            continue
-    if not arrays:
-        raise RtfqError("no readable images")
+def load_at(paths: Sequence[Path], resolution: int, normalization: Mapping, where: str = "images",
+            warn: bool = True, min_count: int = 1) -> tuple[Tensor, list[int]]:
+    """Normalised (N, 3, R, R) images and the indices of ``paths`` that were readable
+    (unreadable files skipped with one warning when ``warn``; fewer than ``min_count``
+    readable is an error)."""
+    arrays, kept = readable_arrays(paths, resolution, where, warn=warn, min_count=min_count)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return normalize(x, normalization), kept
 
@@ -68,12 +61,20 @@ def calibration_sample(paths: Sequence[Path], count: int, seed: int = 0) -> list
 
 
 def calibrate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], paths: Sequence[Path], normalization: Mapping,
-                      batch: int = 128, device: torch.device | str = "cpu") -> dict[str, BNStats]:
-    """BatchNorm statistics of every subnet on the (unlabeled) images at ``paths``."""
+                      batch: int = 128, device: torch.device | str = "cpu", where: str = "calibration images",
+                      announce: Callable[[int], None] | None = None) -> dict[str, BNStats]:
+    """BatchNorm statistics of every subnet on the (unlabeled) images at ``paths``: at
+    least MIN_BN_IMAGES of them must be readable (``where`` names them in the error), and
+    no batch holds a single image (BatchNorm in training mode cannot normalise one).
+    ``announce`` is told the number of readable images once they are known to suffice."""
     device = torch.device(device)
     out: dict[str, BNStats] = {}
-    for resolution, configs in _by_resolution(subnets).items():
-        x, _ = load_at(paths, resolution, normalization)
+    for i, (resolution, configs) in enumerate(_by_resolution(subnets).items()):
+        x, kept = load_at(paths, resolution, normalization, where, warn=i == 0, min_count=MIN_BN_IMAGES)
+        if i == 0 and announce is not None:
+            announce(len(kept))
+        while x.shape[0] % batch == 1:
+            batch += 1  # the last batch would be one image
         for cfg in configs:
             stats = calibrate_bn(model, model.active(cfg), _batches(x, batch, device))
             out[str(cfg)] = {k: (m.cpu(), v.cpu()) for k, (m, v) in stats.items()}
@@ -83,7 +84,7 @@ def calibrate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], paths: S
 @torch.no_grad()
 def evaluate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], bn_stats: Mapping[str, BNStats],
                      paths: Sequence[Path], labels: Sequence[int], normalization: Mapping, batch: int = 256,
-                     device: torch.device | str = "cpu") -> list[dict]:
+                     device: torch.device | str = "cpu", where: str = "evaluation images") -> list[dict]:
     """One row per subnet: top-1 accuracy on the labeled images, with its costs."""
     device = torch.device(device)
     costs = costs_of(model, subnets)
@@ -91,8 +92,8 @@ def evaluate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], bn_stats:
     was_training = model.training
     model.eval()
     try:
-        for resolution, configs in _by_resolution(subnets).items():
-            x, kept = load_at(paths, resolution, normalization)
+        for i, (resolution, configs) in enumerate(_by_resolution(subnets).items()):
+            x, kept = load_at(paths, resolution, normalization, where, warn=i == 0)
             y = torch.tensor([labels[i] for i in kept])
             for cfg in configs:
                 net = model.active(cfg, {k: (m.to(device), v.to(device)) for k, (m, v) in bn_stats[str(cfg)].items()})

@@ -341,6 +341,57 @@ def read_json(path: str | os.PathLike, what: str, *, max_bytes: int = JSON_MAX_B
     return parse_json(raw, f"{path}", what, max_bytes=max_bytes, max_depth=max_depth, expect=expect)
 
 
+def _cannot_read(path: str | os.PathLike, what: str, e: OSError) -> Exception:
+    from rtfq_deploy.errors import RtfqError
+
+    return RtfqError(f"{path}: cannot read {what}: {e.strerror or e}")
+
+
+JSON_LINE_MAX_BYTES = 1 << 20
+JSON_LINES_MAX_BYTES = 256 * 2**20
+
+
+def read_json_lines(path: str | os.PathLike, what: str, *, max_line: int = JSON_LINE_MAX_BYTES,
+                    max_bytes: int = JSON_LINES_MAX_BYTES, max_depth: int = JSON_MAX_DEPTH
+                    ) -> Iterator[tuple[int, bytes, Any]]:
+    """Each non-blank line of a JSON-lines file as (line number, its bytes without the
+    line break, the parsed value or the RtfqError that refused it), with :func:`read_json`'s
+    bounds per line (``max_line`` bytes, ``max_depth``, finite numbers) and ``max_bytes``
+    for the whole file, which must be a regular file. A damaged line is yielded, not
+    raised, so the caller decides (a line cut by a kill is usually the last one)."""
+    from rtfq_deploy.errors import RtfqError
+
+    with open_regular(path, what) as f:
+        if os.fstat(f.fileno()).st_size > max_bytes:
+            raise RtfqError(f"{path}: the {what} is larger than {max_bytes / 2**20:g} MiB")
+        number, total = 0, 0
+        while True:
+            try:
+                line = f.readline(max_line + 1)
+            except OSError as e:
+                raise _cannot_read(path, what, e) from None
+            if not line:
+                return
+            number += 1
+            total += len(line)
+            if total > max_bytes:
+                raise RtfqError(f"{path}: the {what} is larger than {max_bytes / 2**20:g} MiB")
+            if len(line) > max_line and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 16)) and not rest.endswith(b"\n"):  # skip the rest of the line
+                    total += len(rest)
+                total += len(rest)
+                yield number, b"", RtfqError(f"{path}: line {number} of the {what} is longer than {max_line} bytes")
+                continue
+            text = line.rstrip(b"\r\n")
+            if not text.strip():
+                continue
+            try:
+                value: Any = parse_json(text, f"{path}: line {number}", what, max_bytes=max_line, max_depth=max_depth)
+            except RtfqError as e:
+                value = e
+            yield number, text, value
+
+
 def parse_json(raw: bytes | str, where: str, what: str, *, max_bytes: int = JSON_MAX_BYTES,
                max_depth: int = JSON_MAX_DEPTH, expect: type | tuple[type, ...] | None = None) -> Any:
     """:func:`read_json` for bytes already in hand (a body, a file read elsewhere)."""

@@ -17,6 +17,7 @@ that orders plans as their distance from the most accurate network of the space
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -36,13 +37,28 @@ log = logging.getLogger(__name__)
 
 SEARCH_KINDS = {"bitops": "bitops", "size": "weight_bytes", "macs": "macs"}  # budget kind -> Costs field
 DEFAULT_LAMBDA = 1.5
+MIN_LAMBDA = 0.01  # below it the cost term no longer steers the search towards the budget
 
 
 @dataclass(frozen=True)
 class SearchOptions:
     lam: float = DEFAULT_LAMBDA
     rescore: int = 0  # lazy greedy: moves scored per step after the first (0: every move, exact Eq. 9)
-    max_steps: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= MIN_LAMBDA):
+            raise ValueError(f"lambda must be a finite number of at least {MIN_LAMBDA}, got {self.lam!r}")
+        if isinstance(self.rescore, bool) or not isinstance(self.rescore, int) or self.rescore < 0:
+            raise ValueError(f"rescore must be a non-negative integer, got {self.rescore!r}")
+
+
+def step_bound(quantizers: int, candidates: int) -> tuple[int, int]:
+    """(bidirectional steps, all steps) of a search over ``quantizers`` free quantizers
+    with ``candidates`` bit-widths each: L (C - 1) steps that may move up or down, then
+    at most L (C - 1) more that only move down (each lowers one quantizer by one
+    candidate, and the plan of every quantizer at its lowest candidate fits), so the
+    search ends within 2 L (C - 1) steps and 1 + 3 L^2 (C - 1) scored plans."""
+    return quantizers * (candidates - 1), 2 * quantizers * (candidates - 1)
 
 
 @dataclass
@@ -161,7 +177,13 @@ def greedy_search(model: Supernet, resolution: int, width: float, budget: Budget
     move made when last scored; J is then taken over every move (estimates for the
     rest) and the best scored move is kept. The first step scores every move; M = 0
     scores every move at every step. For a loss whose moves do not interact the
-    estimates are exact and lazy picks what exact picks (tested)."""
+    estimates are exact and lazy picks what exact picks (tested).
+
+    The search ends: after L (C - 1) steps without meeting the budget (a small lambda
+    lets the loss pull plans up again; L free quantizers, C candidates), or once every
+    upward or downward move leads to a plan already visited, it takes only downward
+    moves, each lowering one quantizer by one candidate, so it meets the budget within
+    2 L (C - 1) steps in all (:func:`step_bound`)."""
     t0 = time.perf_counter()
     shape = walk(model, resolution, width)
     candidates = sorted(model.config.space.bits)
@@ -177,17 +199,19 @@ def greedy_search(model: Supernet, resolution: int, width: float, budget: Budget
     start_over = over(current_costs, budget)
     change: dict[tuple[str, int], float] = {}  # (quantizer, direction) -> loss change when last scored
     result_steps: list[SearchStep] = []
-    for step in range(1, options.max_steps + 1):
+    bidirectional, limit = step_bound(len(free), len(candidates))
+    descending = False
+    for step in range(1, limit + 2):
         t_step = time.perf_counter()
-        moves: list[tuple[tuple[str, int], MixedBits]] = []
-        for name in free:
-            i = candidates.index(bits[name])
-            for d in (-1, 1):
-                if 0 <= i + d < len(candidates):
-                    plan = MixedBits.of({**bits, name: candidates[i + d]})
-                    if plan not in seen:
-                        moves.append(((name, d), plan))
-        if not moves:
+        if step > bidirectional and not descending:
+            descending = True
+            log.info("no plan within %s after %d steps in both directions: moving down only", budget, step - 1)
+        moves = _moves(bits, free, candidates, seen, descending)
+        if not moves and not descending:
+            descending = True
+            log.info("every move leads to a visited plan after %d steps: moving down only", step - 1)
+            moves = _moves(bits, free, candidates, seen, descending)
+        if not moves or step > limit:  # at the cheapest plan, which choose_shape found to fit: cannot happen
             raise RtfqError(f"budget {budget} is unreachable at r{resolution}: the search ran out of moves")
         configs = [SubnetConfig(resolution, width, m) for _, m in moves]
         costs = [over(plan_costs(model, shape, model.plan(c)), budget) for c in configs]
@@ -221,7 +245,23 @@ def greedy_search(model: Supernet, resolution: int, width: float, budget: Budget
             progress(record)
         if over(current_costs, budget) <= 1.0:
             return SearchResult(chosen, current_costs, loss, "", result_steps, evaluations, time.perf_counter() - t0)
-    raise RtfqError(f"no plan within budget {budget} after {options.max_steps} search steps")
+    raise RtfqError(f"no plan within budget {budget} after {limit} search steps")
+
+
+def _moves(bits: dict[str, int], free: Sequence[str], candidates: Sequence[int], seen: set, descending: bool
+           ) -> list[tuple[tuple[str, int], MixedBits]]:
+    """Plans one candidate up or down from ``bits`` for one free quantizer, not visited
+    yet; ``descending``: every plan one candidate down (each step lowers the plan, so
+    none repeats)."""
+    moves: list[tuple[tuple[str, int], MixedBits]] = []
+    for name in free:
+        i = candidates.index(bits[name])
+        for d in ((-1,) if descending else (-1, 1)):
+            if 0 <= i + d < len(candidates):
+                plan = MixedBits.of({**bits, name: candidates[i + d]})
+                if descending or plan not in seen:
+                    moves.append(((name, d), plan))
+    return moves
 
 
 def describe_costs(costs: Costs) -> str:
@@ -236,7 +276,7 @@ def make_scorer(ckpt, data, resolution: int, *, labeled: bool = False, images: i
     from rtfq_deploy.data.folders import scan
     from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.evaluate import calibration_sample, load_at
-    from rtfq_deploy.images import image_files
+    from rtfq_deploy.images import MIN_BN_IMAGES, image_files
 
     model = ckpt.model
     normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
@@ -252,7 +292,8 @@ def make_scorer(ckpt, data, resolution: int, *, labeled: bool = False, images: i
             raise RtfqError(f"{data}: no images")
     index = {p: i for i, p in enumerate(paths)}
     pick = calibration_sample(paths, images, seed)
-    x, kept = load_at(pick, resolution, normalization)
+    # each plan is scored with BatchNorm normalising by these images' own statistics
+    x, kept = load_at(pick, resolution, normalization, str(data), min_count=MIN_BN_IMAGES)
     if labels is not None:
         return PlanScorer(model, x, torch.tensor([labels[index[pick[i]]] for i in kept]))
     maxnet = model.config.space.maxnet
@@ -280,7 +321,7 @@ def _reference_at(model: Supernet, maxnet: SubnetConfig, stats, pick, kept, norm
     """The maxnet's predictions on the same images at its own resolution."""
     from rtfq_deploy.evaluate import load_at
 
-    x, kept_max = load_at([pick[i] for i in kept], maxnet.resolution, normalization)
+    x, kept_max = load_at([pick[i] for i in kept], maxnet.resolution, normalization, warn=False)
     if len(kept_max) != len(kept):
         raise RtfqError("an image readable at one resolution was not at another")
     model.train(stats is None)

@@ -85,8 +85,9 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
             for p in folder.rglob("*")}
 
 
-def _expect_one_line_error(name: str, command: click.Command, args: list[str], work: Path) -> None:
-    """Run ``command`` in-process and assert the hostile-input property; count the case."""
+def _expect_one_line_error(name: str, command: click.Command, args: list[str], work: Path) -> str:
+    """Run ``command`` in-process and assert the hostile-input property; count the case.
+    Returns the error line."""
     before = _snapshot(work)
     root_handlers = logging.getLogger().handlers[:]
     try:
@@ -101,6 +102,7 @@ def _expect_one_line_error(name: str, command: click.Command, args: list[str], w
     FAILED[name] += not ok
     shutil.rmtree(work, ignore_errors=True)
     assert ok, (args, result.exit_code, result.stdout[-500:], result.stderr[-2000:], repr(result.exception))
+    return lines[0]
 
 
 # -- hostile option values -----------------------------------------------------------------
@@ -448,3 +450,357 @@ def test_device_cuda_on_a_cpu_build_is_one_line(env):
         work = _workdir(env)
         out = ["-o", work / "a.json"] if name == "rtfq eval" else ["--out", work / "run"]
         _expect_one_line_error(name, command, [*args, *out], work)
+
+
+# -- hostile images, tiny folders, deep metadata, degenerate search settings (issue 26) ------
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels: Pillow's DecompressionBombError."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def images(env) -> dict[str, Any]:
+    """Class folders (circle, square, triangle) with hostile files among good images
+    (a decompression bomb, a truncated JPEG, junk), of hostile files only, a folder of one
+    image and one with a single readable image; a 2-step finished run; an export."""
+    import numpy as np
+    from PIL import Image
+
+    from rtfq_deploy.costs import subnet_costs
+    from rtfq_deploy.data.synth import SynthConfig, generate
+    from rtfq_deploy.space import SubnetConfig
+
+    root = env["root"] / "images"
+    generate(root / "data", SynthConfig(classes=3, per_class=3, test_per_class=2, size=32, seed=0))
+    good = root / "data" / "target_test"
+    bomb = png_claiming(100_000, 100_000)
+    mix = root / "mix"
+    shutil.copytree(good, mix)
+    (mix / "circle" / "zz_bomb.png").write_bytes(bomb)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "whole.jpg", quality=95)
+    whole = (root / "whole.jpg").read_bytes()
+    (mix / "square" / "zz_cut.jpg").write_bytes(whole[: len(whole) // 2])  # passes a header check, not a decode
+    (mix / "triangle" / "zz_junk.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    bombs, one_readable, one = root / "bombs", root / "one_readable", root / "one" / "x"
+    for c in ("circle", "square", "triangle"):
+        for folder in (bombs, one_readable):
+            (folder / c).mkdir(parents=True)
+            (folder / c / "b.png").write_bytes(bomb)
+    one.mkdir(parents=True)
+    for folder in (one_readable / "circle", one):
+        shutil.copy(good / "circle" / "00000.png", folder / "0.png")
+    model = __import__("rtfq_deploy.checkpoint", fromlist=["load_checkpoint"]).load_checkpoint(env["ckpt"]).model
+    q8 = subnet_costs(model, SubnetConfig(32, 1.0, 8)).bitops
+    result = CliRunner().invoke(export, ["--checkpoint", str(env["ckpt"]), "--subnet", "r24-w0.50-q4", "--no-verify",
+                                         "-o", str(root / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    import onnx
+
+    exported = onnx.load(root / "m.onnx")  # the tiny checkpoint has no class names; the folders do
+    next(p for p in exported.metadata_props if p.key == "rtfq.class_names").value = '["circle", "square", "triangle"]'
+    onnx.save(exported, root / "m.onnx")
+    run = root / "run"
+    result = _invoke(train, [*_TRAIN, "--checkpoint", env["ckpt"], "--source", good, "--target", good, "--out", run])
+    assert result.exit_code == 0, result.stderr
+    result = _invoke(rtfq, ["calibrate", "--checkpoint", env["ckpt"], "--data", good, "--subnets", "r24-w0.50-q4",
+                            "-o", root / "calibrated.pt"])  # exported without the warning of stored statistics
+    assert result.exit_code == 0, result.stderr
+    return {"calibrated": root / "calibrated.pt", "root": root, "good": good, "mix": mix, "bombs": bombs, "one_readable": one_readable,
+            "one": one.parent, "source": root / "data" / "source", "budget": f"bitops={q8 - 1}",  # one search step
+            "onnx": root / "m.onnx", "run": run}
+
+
+_TRAIN = ["--steps", "2", "--batch-size", "4", "--calib-images", "4", "--log-every", "1", "--workers", "0"]
+_BENCH = ["--warmup", "1", "--min-runs", "5", "--max-runs", "20", "--min-time", "0", "--max-time", "0.1"]
+
+
+def _invoke(command: click.Command, args: list) -> Any:
+    handlers = logging.getLogger().handlers[:]
+    try:
+        return CliRunner().invoke(command, [str(a) for a in args])
+    finally:
+        logging.getLogger().handlers[:] = handlers
+
+
+def _image_cases(env: dict, im: dict, folder: Path, w: Path) -> list[tuple[str, click.Command, list]]:
+    """Every command that reads images, given ``folder`` where it reads them."""
+    ck, budget = env["ckpt"], im["budget"]
+    train_args = [*_TRAIN[:-1]]
+    return [
+        ("rtfq eval", rtfq, ["eval", "--checkpoint", ck, "--data", folder, "--subnets", "r24-w0.50-q4", "-o", w / "a.json"]),
+        ("rtfq eval", rtfq, ["eval", "--checkpoint", ck, "--data", im["good"], "--calib", folder, "--subnets",
+                             "r24-w0.50-q4", "-o", w / "a.json"]),
+        ("rtfq calibrate", rtfq, ["calibrate", "--checkpoint", ck, "--data", folder, "--subnets", "r24-w0.50-q4",
+                                  "-o", w / "c.pt"]),
+        ("rtfq search", rtfq, ["search", "--checkpoint", ck, "--budget", budget, "--data", folder, "--search-images",
+                               "12", "-o", w / "p.json"]),
+        ("rtfq search", rtfq, ["search", "--checkpoint", ck, "--budget", budget, "--data", folder, "--labeled",
+                               "--search-images", "12", "-o", w / "p.json"]),
+        ("rtfq-export", export, ["--checkpoint", ck, "--subnet", "r24-w0.50-q4", "--calib", folder, "--no-verify",
+                                 "-o", w / "m.onnx"]),
+        ("rtfq-export", export, ["--checkpoint", im["calibrated"], "--subnet", "r24-w0.50-q4", "--verify-images",
+                                 folder, "-o", w / "m.onnx"]),
+        ("rtfq-export", export, ["--checkpoint", ck, "--budget", budget, "--mixed", "--data", folder, "--search-images",
+                                 "12", "--no-verify", "-o", w / "m.onnx"]),
+        ("rtfq-train", train, [*train_args, "0", "--checkpoint", ck, "--source", folder, "--target", im["good"],
+                               "--out", w / "run"]),
+        ("rtfq-train", train, [*train_args, "2", "--checkpoint", ck, "--source", im["good"], "--target", folder,
+                               "--out", w / "run"]),
+        ("rtfq-bench run", bench, ["run", im["onnx"], "--images", folder, *_BENCH, "-o", w / "r.json"]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_a_hostile_image_among_good_ones_is_skipped_with_a_warning_naming_it(env, images, case, caplog):
+    """Decided: a decompression bomb, a truncated or an undecodable file is skipped, named
+    in one warning line (with why), and the command goes on with the readable images."""
+    work = _workdir(env)
+    name, command, args = _image_cases(env, images, images["mix"], work)[case]
+    result = _invoke(command, args)
+    assert result.exit_code == 0 and "Traceback" not in result.stderr, (name, result.stderr[-2000:])
+    # one line each time the folder is read (eval: to calibrate, then to evaluate); in-process
+    # the log lines reach caplog rather than the runner's stderr
+    warnings = [r.getMessage() for r in caplog.records if "unreadable image file(s)" in r.getMessage()]
+    assert warnings and all("skipped 3 unreadable image file(s) of 9" in w and "zz_bomb.png" in w and "zz_cut.jpg" in w
+                            and "zz_junk.png" in w and "decompression bomb" in w for w in warnings), result.stderr
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_a_folder_of_hostile_images_is_one_line_naming_a_file(env, images, case):
+    work = _workdir(env)
+    name, command, args = _image_cases(env, images, images["bombs"], work)[case]
+    if name == "rtfq-bench run":  # the folder's images are read per model: that row's accuracy_error
+        result = _invoke(command, args)
+        row = json.loads((work / "r.json").read_text())["models"][0]
+        assert result.exit_code == 0 and "Traceback" not in result.stderr
+        assert "no readable images" in row["accuracy_error"] and "b.png" in row["accuracy_error"], row
+        return
+    line = _expect_one_line_error(name, command, args, work)
+    assert "no readable images" in line and "b.png" in line and "decompression bomb" in line, line
+
+
+def test_training_streams_only_images_it_decoded_up_front(env, images, caplog):
+    """Without the decoded cache (cache_mb 0), every image is still decoded once at the
+    start: a truncated JPEG that passes a header check does not end the run at step N."""
+    work = _workdir(env)
+    (work / "r.json").write_text('{"cache_mb": 0}')
+    result = _invoke(train, [*_TRAIN, "--recipe", work / "r.json", "--checkpoint", env["ckpt"], "--source",
+                             images["mix"], "--target", images["mix"], "--out", work / "run"])
+    assert result.exit_code == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "zz_cut.jpg" in caplog.text and (work / "run" / "supernet.pt").exists()
+
+
+def _resumable(images: dict, work: Path, edit: Callable[[Path], None]) -> Path:
+    run = work / "run"
+    shutil.copytree(images["run"], run)
+    edit(run)
+    return run
+
+
+def test_resume_after_a_hostile_image_reached_the_target_skips_it(env, images, caplog):
+    """A bomb added to the target folder after the run started: checked again at resume, skipped."""
+    work = _workdir(env)
+    target = work / "target"
+    shutil.copytree(images["good"], target)
+
+    def edit(run: Path) -> None:
+        record = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**record, "target": str(target)}))
+        (target / "circle" / "zz_bomb.png").write_bytes(png_claiming(100_000, 100_000))
+
+    result = _invoke(train, ["--resume", _resumable(images, work, edit)])
+    assert result.exit_code == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "zz_bomb.png" in caplog.text and "decompression bomb" in caplog.text
+
+
+def _record_edit(**config: Any) -> Callable[[Path], None]:
+    def edit(run: Path) -> None:
+        record = json.loads((run / "run.json").read_text())
+        record["config"].update(config)
+        (run / "run.json").write_text(json.dumps(record))
+    return edit
+
+
+@pytest.mark.parametrize("case", ["calibrate --images 1", "calibrate one image", "eval --calib one image",
+                                  "eval --calib-images 1", "eval one readable", "export --calib one image",
+                                  "export --calib-images 1", "export --mixed --data one image", "search one image",
+                                  "search --labeled one readable", "train --calib-images 1",
+                                  "train one readable target", "resume calib_images 1"])
+def test_batchnorm_statistics_need_two_images(env, images, case):
+    """One image cannot give BatchNorm statistics in training mode: the options, the folders
+    (after skipping unreadable files) and run.json are refused with one line."""
+    ck, one, one_readable, budget = env["ckpt"], images["one"], images["one_readable"], images["budget"]
+    work = _workdir(env)
+    sub = ["--subnets", "r24-w0.50-q4"]
+    name, command, args = {
+        "calibrate --images 1": ("rtfq calibrate", rtfq, ["calibrate", "--checkpoint", ck, "--data", images["good"],
+                                                         "--images", "1", *sub, "-o", work / "c.pt"]),
+        "calibrate one image": ("rtfq calibrate", rtfq, ["calibrate", "--checkpoint", ck, "--data", one, *sub,
+                                                        "-o", work / "c.pt"]),
+        "eval --calib one image": ("rtfq eval", rtfq, ["eval", "--checkpoint", ck, "--data", images["good"], "--calib",
+                                                      one, *sub]),
+        "eval --calib-images 1": ("rtfq eval", rtfq, ["eval", "--checkpoint", ck, "--data", images["good"],
+                                                     "--calib-images", "1", *sub]),
+        "eval one readable": ("rtfq eval", rtfq, ["eval", "--checkpoint", ck, "--data", one_readable, *sub]),
+        "export --calib one image": ("rtfq-export", export, ["--checkpoint", ck, "--subnet", "r24-w0.50-q4", "--calib",
+                                                            one, "-o", work / "m.onnx"]),
+        "export --calib-images 1": ("rtfq-export", export, ["--checkpoint", ck, "--subnet", "r24-w0.50-q4", "--calib",
+                                                           images["good"], "--calib-images", "1", "-o", work / "m.onnx"]),
+        "export --mixed --data one image": ("rtfq-export", export, ["--checkpoint", ck, "--budget", budget, "--mixed",
+                                                                   "--data", one, "-o", work / "m.onnx"]),
+        "search one image": ("rtfq search", rtfq, ["search", "--checkpoint", ck, "--budget", budget, "--data", one,
+                                                  "-o", work / "p.json"]),
+        "search --labeled one readable": ("rtfq search", rtfq, ["search", "--checkpoint", ck, "--budget", budget,
+                                                               "--data", one_readable, "--labeled", "-o", work / "p.json"]),
+        "train --calib-images 1": ("rtfq-train", train, ["--checkpoint", ck, "--source", images["good"], "--target",
+                                                        images["good"], "--calib-images", "1", "--out", work / "run"]),
+        "train one readable target": ("rtfq-train", train, [*_TRAIN, "--checkpoint", ck, "--source", images["good"],
+                                                           "--target", one_readable, "--out", work / "run"]),
+        "resume calib_images 1": ("rtfq-train", train, ["--resume", _resumable(images, work,
+                                                                              _record_edit(calib_images=1))]),
+    }[case]
+    line = _expect_one_line_error(name, command, args, work)
+    assert "at least 2" in line or "between 2 and" in line or "from 2 to" in line, line
+
+
+@pytest.mark.parametrize("bits", ["2", "6", "5"])
+def test_single_rule_bits_outside_the_space_is_one_line(env, images, bits):
+    """The space's bit-widths are 8 and 4: refused before any image is read, on start and resume."""
+    work = _workdir(env)
+    line = _expect_one_line_error("rtfq-train", train, [*_TRAIN, "--rule", "single", "--single-bits", bits,
+                                                        "--checkpoint", env["ckpt"], "--source", images["good"],
+                                                        "--target", images["good"], "--out", work / "run"], work)
+    assert f"--single-bits {bits}" in line and "(8, 4)" in line, line
+    work = _workdir(env)
+    run = _resumable(images, work, _record_edit(rule="single", single_bits=int(bits)))
+    line = _expect_one_line_error("rtfq-train", train, ["--resume", run], work)
+    assert f"--single-bits {bits}" in line and "(8, 4)" in line, line
+
+
+_DEEP = "[" * 10_000 + "]" * 10_000
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("rtfq.class_names", _DEEP, "nested deeper"), ("rtfq.class_names", "7", "must be a JSON array"),
+    ("rtfq.class_names", "null", "must be a JSON array"), ("rtfq.class_names", '[{"a": 1}, 2, 3]', "array of names"),
+    ("rtfq.class_names", '["a", "b", 1' + "0" * 5000 + "]", "digits"), ("rtfq.class_names", "[NaN]", "finite"),
+], ids=["deep", "number", "null", "types", "digits", "nan"])
+def test_deep_or_wrongly_typed_class_names_metadata_is_one_line(env, images, key, value, needle):
+    import onnx
+
+    work = _workdir(env)
+    model = onnx.load(images["onnx"])
+    next(p for p in model.metadata_props if p.key == key).value = value
+    onnx.save(model, work / "m.onnx")
+    line = _expect_one_line_error("rtfq-bench run", bench, ["run", work / "m.onnx", "--images", images["good"],
+                                                            *_BENCH, "-o", work / "r.json"], work)
+    assert needle in line and "rtfq.class_names" in line, line
+
+
+@pytest.mark.parametrize("value", [_DEEP, "7", "null", '{"shape": {"a": 1}, "mean": 1, "std": null}',
+                                   '{"shape": ["N", 3, 1' + "0" * 5000 + ', 24], "mean": [0, 0, 0], "std": [1, 1, 1]}',
+                                   '{"shape": ["N", 3, 24, 24], "mean": [0, 0, 0], "std": [1, 1, true]}'],
+                         ids=["deep", "number", "null", "types", "digits", "bool"])
+def test_deep_or_wrongly_typed_input_metadata_is_the_rows_accuracy_error(env, images, value):
+    """A model whose rtfq.input cannot be used is still timed; its row says why accuracy is missing."""
+    import onnx
+
+    work = _workdir(env)
+    model = onnx.load(images["onnx"])
+    next(p for p in model.metadata_props if p.key == "rtfq.input").value = value
+    onnx.save(model, work / "m.onnx")
+    result = _invoke(bench, ["run", work / "m.onnx", "--images", images["good"], *_BENCH, "-o", work / "r.json"])
+    assert result.exit_code == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    row = json.loads((work / "r.json").read_text())["models"][0]
+    assert row["ok"] and "no usable rtfq.input metadata" in row["accuracy_error"], row
+
+
+def _metrics(content: bytes | None) -> Callable[[Path], None]:
+    def edit(run: Path) -> None:
+        (run / "metrics.jsonl").unlink()
+        if content is None:
+            (run / "metrics.jsonl").symlink_to("/dev/zero")
+        else:
+            (run / "metrics.jsonl").write_bytes(content)
+    return edit
+
+
+_DEEP_LINE = b'{"step": ' + _DEEP.encode() + b"}\n"
+
+
+@pytest.mark.parametrize("content,needle", [
+    (_DEEP_LINE + b'{"step": 0}\n', "nested deeper"), (b'{"step": 1' + b"0" * 5000 + b'}\n{"step": 0}\n', "digits"),
+    (b'{"step": NaN}\n{"step": 0}\n', "finite"), (b"[" + b"1," * 600_000 + b"1]\n{}\n", "longer than"),
+    (None, "not a regular file"),
+], ids=["deep", "digits", "nan", "long", "dev-zero"])
+def test_resume_reads_metrics_jsonl_through_the_bounded_reader(env, images, content, needle):
+    work = _workdir(env)
+    run = _resumable(images, work, _metrics(content))
+    line = _expect_one_line_error("rtfq-train", train, ["--resume", run], work)
+    assert "metrics.jsonl" in line and needle in line, line
+
+
+def test_resume_drops_a_deep_last_metrics_line_as_cut(env, images, caplog):
+    work = _workdir(env)
+    run = _resumable(images, work, _metrics(b'{"step": 0}\n' + _DEEP_LINE))
+    result = _invoke(train, ["--resume", run])
+    assert result.exit_code == 0 and "dropped a cut last line" in caplog.text, result.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0]
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "\u00b2", "\u0661", "4" * 41, "1_0", "+4", " 4", "4 ", "", "0x4",
+                                   "\u0664", "\uff14", "1e1"],
+                         ids=["5000-digits", "superscript", "arabic-1", "41-digits", "underscore", "plus", "blank-before",
+                              "blank-after", "empty", "hex", "arabic-4", "fullwidth-4", "exponent"])
+def test_plan_set_bits_are_ascii_digits(env, value):
+    work = _workdir(env)
+    line = _expect_one_line_error("rtfq plan", rtfq, ["plan", "--checkpoint", env["ckpt"], "--subnet", "r32-w1.00-q8",
+                                                      "--set", f"layer1.*={value}", "-o", work / "p.json"], work)
+    assert "expected PATTERN=BITS" in line and len(line) < 300, line
+
+
+@pytest.mark.parametrize("value", ["\u0661\u0666", "1_6", "\uff11\uff16", "16\u00b2"])
+def test_integer_options_take_ascii_digits_only(env, value):
+    """int() reads '\u0661\u0666' and '1_6' as 16: every BoundedInt option refuses them."""
+    work = _workdir(env)
+    _expect_one_line_error("rtfq-export", export, ["--checkpoint", env["ckpt"], "--budget", "1G", "--verify-samples",
+                                                   value, "-o", work / "m.onnx"], work)
+
+
+@pytest.mark.parametrize("command,args", [
+    ("rtfq search", ["--lambda", "0"]), ("rtfq search", ["--lambda", "1e-320"]), ("rtfq search", ["--lambda", "0.001"]),
+    ("rtfq search", ["--rescore", "100000"]), ("rtfq search", ["--rescore", "1025"]),
+    ("rtfq search", ["--search-images", "100000"]), ("rtfq search", ["--search-images", "1"]),
+    ("rtfq-export", ["--lambda", "0"]), ("rtfq-export", ["--rescore", "100000"]),
+    ("rtfq-export", ["--search-images", "100000"]),
+])
+def test_degenerate_search_settings_are_refused(env, images, command, args):
+    """A search normally takes a second; these never returned (or scored 100,000 images per plan)."""
+    work = _workdir(env)
+    common = ["--checkpoint", env["ckpt"], "--budget", images["budget"], "--data", images["good"], *args]
+    if command == "rtfq search":
+        line = _expect_one_line_error(command, rtfq, ["search", *common, "-o", work / "p.json"], work)
+    else:
+        line = _expect_one_line_error(command, export, [*common, "--mixed", "-o", work / "m.onnx"], work)
+    assert args[0] in line, line
+
+
+@pytest.mark.parametrize("field,value", [("meta", _DEEP), ("config", _DEEP), ("plans", _DEEP), ("meta", "[1]"),
+                                         ("meta", '{"a": NaN}'), ("config", "1" * 5000)],
+                         ids=["deep-meta", "deep-config", "deep-plans", "meta-array", "meta-nan", "config-digits"])
+def test_json_strings_inside_a_checkpoint_go_through_the_bounded_reader(env, field, value):
+    work = _workdir(env)
+    obj = torch.load(env["ckpt"], weights_only=True)
+    obj[field] = value
+    torch.save(obj, work / "c.pt")
+    line = _expect_one_line_error("rtfq subnets", rtfq, ["subnets", "--checkpoint", work / "c.pt"], work)
+    assert f"its '{field}'" in line, line

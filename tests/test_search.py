@@ -172,3 +172,36 @@ def test_search_and_mixed_export_answer_help():
     for command, args in ((rtfq, ["search", "--help"]), (export, ["--help"])):
         result = CliRunner().invoke(command, args)
         assert result.exit_code == 0 and "Usage:" in result.output and "--search-images" in result.output
+
+
+@pytest.mark.parametrize("rescore", [0, 1])
+def test_a_search_pulled_up_by_its_loss_still_ends_within_its_step_bound(model, rescore):
+    """A loss that rewards every extra bit far more than lambda = MIN_LAMBDA penalises its
+    cost walks plans up again at every step; the search still meets the budget within
+    2 L (C - 1) steps and 1 + 3 L^2 (C - 1) scored plans (moving down only after L (C - 1))."""
+    from rtfq_deploy.search import MIN_LAMBDA, step_bound
+
+    free = free_quantizers(model)
+    weight = {n: 1.0 + i for i, n in enumerate(free)}
+
+    def scorer(cfg: SubnetConfig) -> float:
+        bits = model.plan(cfg).as_dict()
+        return -sum(weight[n] * bits[n] for n in free)
+
+    budget = parse_budget(f"bitops={(_bitops(model, 32, 1.0, 4) + _bitops(model, 32, 1.0, 2)) / 2}")
+    result = greedy_search(model, 32, 1.0, budget, scorer, SearchOptions(lam=MIN_LAMBDA, rescore=rescore))
+    bidirectional, limit = step_bound(len(free), len(SPACE.bits))
+    assert over(result.costs, budget) <= 1.0 and bidirectional < len(result.steps) <= limit
+    assert result.evaluations <= 1 + 3 * len(free) ** 2 * (len(SPACE.bits) - 1)
+
+
+def test_degenerate_search_options_are_refused_by_the_library():
+    from rtfq_deploy.cli.search import MIN_LAMBDA as CLI_MIN_LAMBDA
+    from rtfq_deploy.search import MIN_LAMBDA
+
+    assert CLI_MIN_LAMBDA == MIN_LAMBDA
+    for lam in (0.0, 1e-320, float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="lambda"):
+            SearchOptions(lam=lam)
+    with pytest.raises(ValueError, match="rescore"):
+        SearchOptions(rescore=-1)

@@ -1,9 +1,10 @@
 """Labeled held-out images for accuracy on the device, prepared as each exported file asks.
 
-The device has no torch, so this repeats the toolkit's one evaluation rule with numpy and
-Pillow only (``rtfq_deploy.images.load_image``, which ``rtfq eval`` uses: the short side
-resized bilinearly to round(R / 0.875), the centre R x R, RGB in [0, 1], then
-``(x - mean) / std`` per channel); a test holds the two equal bit for bit. The folder is
+The device has no torch; the toolkit's one evaluation rule needs numpy and Pillow only
+(``rtfq_deploy.images.load_image``, which ``rtfq eval`` uses: the short side resized
+bilinearly to round(R / 0.875), the centre R x R, RGB in [0, 1], then ``(x - mean) / std``
+per channel), and hostile image files are skipped with one warning as everywhere. The
+metadata's JSON goes through the bounded reader of ``rtfq_deploy.fileio``. The folder is
 read as ``rtfq eval`` reads it: one sub-folder per class, classes in sorted order, the
 files of each class sorted. R, mean and std come from the file's ``rtfq.input``
 metadata, and its ``rtfq.class_names`` must be the folder's classes.
@@ -39,14 +40,10 @@ class ImageSet:
 
     def check_model(self, metadata: Mapping[str, str], name: str) -> None:
         """The model's class list must be the folder's (labels are indices in that order)."""
-        text = metadata.get("rtfq.class_names")
-        if text is None:
+        names = class_names(metadata, name)
+        if names is None:
             return
-        try:
-            names = json.loads(text)
-        except ValueError:
-            raise RtfqError(f"{name}: malformed rtfq.class_names metadata") from None
-        if list(names) != list(self.classes):
+        if names != list(self.classes):
             only_model = sorted(set(map(str, names)) - set(self.classes))[:3]
             only_folder = sorted(set(self.classes) - set(map(str, names)))[:3]
             raise RtfqError(f"{name}: its classes differ from the image folder's {self.root} "
@@ -71,15 +68,11 @@ class ImageSet:
         if not images.exists():
             import numpy as np
 
-            arrays, kept = [], []
-            for path, label in zip(self.paths, self.labels):
-                try:
-                    arrays.append(load_image(path, resolution))
-                    kept.append(label)
-                except (OSError, ValueError) as e:  # Pillow's UnidentifiedImageError is an OSError
-                    log.warning("%s: skipped, unreadable (%s)", path, e)
-            if not arrays:
-                raise RtfqError(f"{self.root}: no readable images")
+            from rtfq_deploy.images import readable_arrays
+
+            _require_pillow()
+            arrays, indices = readable_arrays(self.paths, resolution, str(self.root))
+            kept = [self.labels[i] for i in indices]
             x = np.stack(arrays).transpose(0, 3, 1, 2)
             x = (x - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(std, np.float32).reshape(1, 3, 1, 1)
             np.save(labels, np.asarray(kept, dtype=np.int64), allow_pickle=False)
@@ -87,20 +80,51 @@ class ImageSet:
         return images, labels
 
 
+def _metadata_json(metadata: Mapping[str, str], key: str, name: str, expect: type) -> Any:
+    """A JSON metadata entry through the toolkit's bounded reader (depth, size, finite
+    numbers), of the expected top-level type; None when absent."""
+    from rtfq_deploy.fileio import parse_json
+
+    text = metadata.get(key)
+    if text is None:
+        return None
+    return parse_json(text, name, f"{key} metadata", max_bytes=1 << 20, max_depth=8, expect=expect)
+
+
+def class_names(metadata: Mapping[str, str], name: str) -> list[str] | None:
+    """The model's ``rtfq.class_names`` (a JSON array of strings), None when absent."""
+    names = _metadata_json(metadata, "rtfq.class_names", name, list)
+    if names is not None and not all(isinstance(n, str) for n in names):
+        raise RtfqError(f"{name}: malformed rtfq.class_names metadata (not an array of names)")
+    return names
+
+
 def input_spec(metadata: Mapping[str, str], name: str) -> tuple[int, list[float], list[float]]:
     """(resolution, mean, std) from an export's ``rtfq.input`` metadata."""
+    unusable = RtfqError(f"{name}: no usable rtfq.input metadata (not written by rtfq-export?); "
+                         "accuracy needs its resolution and normalisation")
     try:
-        spec = json.loads(metadata["rtfq.input"])
-        shape = spec["shape"]
-        resolution = int(shape[2])
-        mean, std = [float(v) for v in spec["mean"]], [float(v) for v in spec["std"]]
-        if shape[3] != shape[2] or not 0 < resolution <= 8192 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError
-    except (KeyError, ValueError, TypeError, IndexError):
-        raise RtfqError(f"{name}: no usable rtfq.input metadata (not written by rtfq-export?); "
-                        "accuracy needs its resolution and normalisation") from None
+        spec = _metadata_json(metadata, "rtfq.input", name, dict)
+    except RtfqError as e:
+        raise RtfqError(f"{unusable} ({e})") from None
+    if spec is None:
+        raise unusable
+    shape, mean, std = spec.get("shape"), spec.get("mean"), spec.get("std")
+    numbers = [*mean, *std] if isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3 else []
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(v) is int for v in shape[1:])
+            and shape[2] == shape[3] and 0 < shape[2] <= 8192 and numbers
+            and all(type(v) in (int, float) for v in numbers) and min(std) > 0):
+        raise unusable
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
     check_normalization(mean, std, name)
-    return resolution, mean, std
+    return shape[2], mean, std
+
+
+def _require_pillow() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("PIL") is None:
+        raise RtfqError("accuracy on images needs Pillow (pip install pillow)")
 
 
 # What an image normalisation can be: inputs are in [0, 1], so a mean far outside it or a
@@ -121,23 +145,13 @@ def check_normalization(mean: Sequence[float], std: Sequence[float], name: str) 
 
 
 def load_image(path: Path, resolution: int) -> Any:
-    """RGB in [0, 1], HWC float32: the short side resized to round(R / 0.875), centre R x R."""
-    import numpy as np
+    """RGB in [0, 1], HWC float32: the short side resized to round(R / 0.875), centre R x R
+    (:func:`rtfq_deploy.images.load_image`, Pillow and numpy only; an unreadable file
+    raises its UnreadableImage)."""
+    _require_pillow()
+    from rtfq_deploy.images import load_image as toolkit_load_image
 
-    try:
-        from PIL import Image
-    except ImportError:
-        raise RtfqError("accuracy on images needs Pillow (pip install pillow)") from None
-    short, crop = round(resolution / CROP_FRACTION), resolution
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = short / min(w, h)
-        img = img.resize((max(crop, round(w * scale)), max(crop, round(h * scale))), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - crop) // 2, (h - crop) // 2
-        pixels = np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
-    return pixels.astype(np.float32) / 255.0
+    return toolkit_load_image(path, resolution)
 
 
 def scan(root: Path) -> ImageSet:

@@ -90,7 +90,9 @@ class MeasureConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "MeasureConfig":
-        data = json.loads(text)
+        from rtfq_deploy.fileio import parse_json
+
+        data = parse_json(text, "the measuring process's argument", "configuration", expect=dict)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

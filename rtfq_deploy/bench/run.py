@@ -64,7 +64,7 @@ from rtfq_deploy.bench.fingerprint import fingerprint
 from rtfq_deploy.bench.measure import MeasureConfig
 from rtfq_deploy.bench.runtimes import DEFAULT_RUNTIME, RUNTIMES, version
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import atomic_write, is_int, is_number, read_json, sha256_file
+from rtfq_deploy.fileio import atomic_write, is_int, is_number, parse_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ def run_child(config: MeasureConfig, settings: BenchSettings) -> dict[str, Any]:
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             try:
-                result = json.loads(line)
-            except json.JSONDecodeError:
+                result = parse_json(line, "the measuring process", "result")
+            except RtfqError:
                 break
             if isinstance(result, dict) and "ok" in result:
                 return result

@@ -18,8 +18,8 @@ from rtfq_deploy.cli.common import BoundedInt, Command, torch_device
 @click.option("--plans", "plan_files", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Plan file of a (mixed-precision) subnet, or a folder of them; repeatable. Their plans are "
                    "stored in the checkpoint, so their ids work with --subnet afterwards.")
-@click.option("--images", type=BoundedInt(1, 10**6), default=512, show_default=True,
-              help="Images to calibrate each subnet's BatchNorm on (a fixed random subset).")
+@click.option("--images", type=BoundedInt(2, 10**6), default=512, show_default=True,
+              help="Images to calibrate each subnet's BatchNorm on (a fixed random subset; at least 2).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Checkpoint to write (the input itself with --force).")
@@ -49,9 +49,9 @@ def calibrate(checkpoint: Path, data: Path, subnet_list: str | None, plan_files:
     if not files:
         raise RtfqError(f"{data}: no images")
     pick = calibration_sample(files, images)
-    click.echo(f"calibrating BatchNorm of {len(subnets)} subnet(s) on {len(pick)} images of {data}", err=True)
     stats = calibrate_subnets(model.to(dev), subnets, pick, ckpt.meta.get("normalization", IMAGENET_NORMALIZATION),
-                              device=dev)
+                              device=dev, where=str(data), announce=lambda n: click.echo(
+                                  f"calibrating BatchNorm of {len(subnets)} subnet(s) on {n} images of {data}", err=True))
     plans = {**ckpt.plans, **{str(c): c for c in subnets if not c.uniform}}
     save_checkpoint(output, model.cpu(), bn_stats={**ckpt.bn_stats, **stats}, meta=ckpt.meta, plans=plans,
                     overwrite=force)

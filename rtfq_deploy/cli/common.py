@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -108,6 +109,22 @@ class FiniteFloat(click.ParamType):
         return number
 
 
+_SIGNED_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_UNSIGNED_INT = re.compile(r"[0-9]+", re.ASCII)
+
+
+def ascii_int(text: str, max_digits: int = 40, signed: bool = True) -> int | None:
+    """The integer that ``text`` spells in ASCII digits (an optional sign when ``signed``),
+    at most ``max_digits`` of them; None otherwise. Every integer a user types is read
+    here: int() alone also takes other scripts' digits ('\u0661'), '1_0' and surrounding
+    blanks, and str.isdigit() also takes '\u00b2', which int() then refuses."""
+    if len(text) > max_digits + 1 or not (_SIGNED_INT if signed else _UNSIGNED_INT).fullmatch(text):
+        return None
+    if len(text.lstrip("+-")) > max_digits:
+        return None
+    return int(text)
+
+
 class BoundedInt(click.ParamType):
     """An integer within [low, high]; both bounds are required, so no option takes a
     value that later overflows a C integer or allocates without limit."""
@@ -124,12 +141,12 @@ class BoundedInt(click.ParamType):
             number = value
         else:
             text = str(value).strip()
-            if len(text) > 40:
+            if len(text) > 41:
                 self.fail("is not an integer in range", param, ctx)
-            try:
-                number = int(text)
-            except ValueError:
+            parsed = ascii_int(text)
+            if parsed is None:
                 self.fail(f"{value!r} is not an integer", param, ctx)
+            number = parsed
         if not self.low <= number <= self.high:
             self.fail(f"{number} is not between {self.low} and {self.high}", param, ctx)
         return number

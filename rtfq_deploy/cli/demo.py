@@ -103,7 +103,9 @@ class _Stages:
 def _budgets(results: Path) -> list[str]:
     """A few budgets spread over what was measured here: the fastest quarter, the median
     latency, the median file size together with the median latency, and MACs."""
-    rows = [r for r in json.loads(results.read_text())["models"] if r.get("ok")]
+    from rtfq_deploy.fileio import read_json
+
+    rows = [r for r in read_json(results, "benchmark results", expect=dict)["models"] if r.get("ok")]
     lat = sorted(r["latency_p50_ms"] for r in rows)
     size = sorted(r["size_bytes"] for r in rows)
     macs = sorted(r["macs"] for r in rows if r.get("macs"))

@@ -30,8 +30,8 @@ COLUMNS = [
 @click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
               help="Unlabeled target images to calibrate BatchNorm of subnets the checkpoint has no statistics for "
                    "(default: the --data images themselves).")
-@click.option("--calib-images", type=BoundedInt(1, 10**6), default=512, show_default=True,
-              help="Images to calibrate each missing subnet's BatchNorm on.")
+@click.option("--calib-images", type=BoundedInt(2, 10**6), default=512, show_default=True,
+              help="Images to calibrate each missing subnet's BatchNorm on (at least 2).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as JSON (acc.json).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
@@ -74,11 +74,13 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str | None, plan_files: tup
     if missing:
         calib_folder = scan(calib, "calibration") if calib else folder
         pick = calibration_sample([p for p, _ in calib_folder.samples], calib_images)
-        click.echo(f"calibrating BatchNorm of {len(missing)} subnet(s) on {len(pick)} images of {calib_folder.root}"
-                   + ("" if calib else " (the evaluation images; pass --calib for separate target images)"), err=True)
-        stats.update(calibrate_subnets(model, missing, pick, normalization, device=dev))
+        note = "" if calib else " (the evaluation images; pass --calib for separate target images)"
+        stats.update(calibrate_subnets(model, missing, pick, normalization, device=dev, where=str(calib_folder.root),
+                                       announce=lambda n: click.echo(f"calibrating BatchNorm of {len(missing)} "
+                                                                     f"subnet(s) on {n} images of {calib_folder.root}"
+                                                                     + note, err=True)))
     rows = evaluate_subnets(model.cpu() if dev.type == "cpu" else model, subnets, stats,
-                            [p for p, _ in folder.samples], folder.labels, normalization, device=dev)
+                            [p for p, _ in folder.samples], folder.labels, normalization, device=dev, where=str(data))
     for r in rows:
         r["bn"] = "checkpoint" if r["subnet"] in ckpt.bn_stats else "calibrated now"
     if output is not None:

@@ -39,9 +39,10 @@ def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
     from rtfq_deploy.images import image_files
 
     pick = calibration_sample(image_files(calib), count)
-    click.echo(f"calibrating BatchNorm of {len(subnets)} subnet(s) on {len(pick)} images of {calib}", err=True)
     ckpt.bn_stats.update(calibrate_subnets(ckpt.model, subnets, pick,
-                                           ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)))
+                                           ckpt.meta.get("normalization", IMAGENET_NORMALIZATION), where=str(calib),
+                                           announce=lambda n: click.echo(f"calibrating BatchNorm of {len(subnets)} "
+                                                                         f"subnet(s) on {n} images of {calib}", err=True)))
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,8 +74,8 @@ def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
 @click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
               help="Target images (any folder tree) to calibrate BatchNorm on when the checkpoint has no statistics "
                    "for the subnet (needed for a mixed plan that rtfq calibrate has not stored).")
-@click.option("--calib-images", type=BoundedInt(1, 10**6), default=512, show_default=True,
-              help="Images to calibrate on with --calib.")
+@click.option("--calib-images", type=BoundedInt(2, 10**6), default=512, show_default=True,
+              help="Images to calibrate on with --calib (at least 2).")
 @search_options
 @click.option("--threads", type=BoundedInt(1, 1024), default=1, show_default=True, help="onnxruntime threads for verification.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files (regular files only), and use an "

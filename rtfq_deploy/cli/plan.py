@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import Command
+from rtfq_deploy.cli.common import Command, ascii_int
 
 MAX_SETS = 4096
 
@@ -18,11 +18,13 @@ def _assignment(ctx: click.Context, param: click.Parameter, values: tuple[str, .
         raise click.BadParameter(f"at most {MAX_SETS} assignments", ctx, param)
     out = []
     for value in values:
-        pattern, sep, bits = value.rpartition("=")
-        if not sep or not pattern or not bits.strip().isdigit() or not 2 <= int(bits) <= 8 or len(pattern) > 200:
-            raise click.BadParameter(f"expected PATTERN=BITS with BITS from 2 to 8, e.g. 'layer3.*=4', got {value!r}",
+        pattern, sep, text = value.rpartition("=")
+        bits = ascii_int(text, max_digits=2, signed=False)  # ASCII digits only: '\u00b2' passes isdigit()
+        if not sep or not pattern or bits is None or not 2 <= bits <= 8 or len(pattern) > 200:
+            shown = value if len(value) <= 80 else value[:80] + "..."
+            raise click.BadParameter(f"expected PATTERN=BITS with BITS from 2 to 8, e.g. 'layer3.*=4', got {shown!r}",
                                      ctx, param)
-        out.append((pattern, int(bits)))
+        out.append((pattern, bits))
     return out
 
 

@@ -9,6 +9,13 @@ import click
 
 from rtfq_deploy.cli.common import SEED, BoundedInt, Command, FiniteFloat
 
+# Bounds of the search's options (rtfq_deploy.search.MIN_LAMBDA is the library's; this
+# module stays torch-free). A search ends within 2 L (C - 1) steps of at most 2 L plans
+# each (L free quantizers, C candidate bit-widths; rtfq_deploy.search.step_bound).
+MIN_LAMBDA = 0.01
+MAX_SEARCH_IMAGES = 1024  # one forward pass of all of them per plan: memory grows with N
+MAX_RESCORE = 1024  # moves are 2 per free quantizer (ResNet-50: under 250): beyond them, the same as 0
+
 SEARCH_OPTIONS = [
     click.option("--data", type=click.Path(file_okay=False, path_type=Path),
                  help="Target images to score plans on: any folder tree (label-free score), or class folders "
@@ -19,12 +26,14 @@ SEARCH_OPTIONS = [
     click.option("--resolution", type=BoundedInt(1, 1024), help="Search at this resolution (default: the largest "
                  "resolution and width whose cheapest plan fits the budget)."),
     click.option("--width", type=FiniteFloat(0.0, 1.0, low_open=True), help="Search at this width."),
-    click.option("--search-images", type=BoundedInt(2, 100_000), default=256, show_default=True,
-                 help="Images each plan is scored on (one forward pass each, BatchNorm on their statistics)."),
-    click.option("--lambda", "lam", type=FiniteFloat(0.0, 1000.0), default=1.5, show_default=True,
-                 help="Weight of the normalised cost against the normalised loss (Eq. 9)."),
+    click.option("--search-images", type=BoundedInt(2, MAX_SEARCH_IMAGES), default=256, show_default=True,
+                 help=f"Images each plan is scored on, at least 2 readable (one forward pass of all of them per "
+                      f"plan, BatchNorm on their statistics; at most {MAX_SEARCH_IMAGES})."),
+    click.option("--lambda", "lam", type=FiniteFloat(MIN_LAMBDA, 1000.0), default=1.5, show_default=True,
+                 help=f"Weight of the normalised cost against the normalised loss (Eq. 9), from {MIN_LAMBDA} (below "
+                      "it the cost no longer steers the search to the budget) to 1000."),
     click.option("--search-seed", type=SEED, default=0, show_default=True, help="Which images are drawn."),
-    click.option("--rescore", type=BoundedInt(0, 100_000), default=8, show_default=True,
+    click.option("--rescore", type=BoundedInt(0, MAX_RESCORE), default=8, show_default=True,
                  help="Lazy greedy: after the first step, score the last-moved quantizer's moves and the M others "
                       "that look best by the loss change each made when last scored (0: score every move at every "
                       "step, Eq. 9 exactly; on the benchmark both found the same plans with 2.6x fewer scores)."),

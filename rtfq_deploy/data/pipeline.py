@@ -22,12 +22,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from rtfq_deploy.data.folders import ImageFolder
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.images import CROP_FRACTION, resized_crop
+from rtfq_deploy.images import (CROP_FRACTION, UnreadableImage, check_image, describe_skipped, no_readable,
+                                resized_crop, too_few_for_bn)
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,20 @@ class _Decoded(torch.utils.data.Dataset):
         return torch.from_numpy(decode(self.paths[index], self.size))
 
 
-def _readable(path: Path, size: int) -> np.ndarray | None:
+def _readable(path: Path, size: int) -> np.ndarray | UnreadableImage:
     try:
         return decode(path, size)
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
+    except UnreadableImage as e:
+        return e
+
+
+def _checked(path: Path) -> bool | UnreadableImage:
+    """Decode once without keeping the pixels: a file that passes cannot fail at step N."""
+    try:
+        check_image(path)
+        return True
+    except UnreadableImage as e:
+        return e
 
 
 @dataclass
@@ -76,9 +85,13 @@ class Domain:
         return len(self.paths)
 
 
-def load_domain(folder: ImageFolder, name: str, size: int, cache_mb: float, workers: int = 2) -> Domain:
-    """Decode (or, when too large for ``cache_mb``, check) every image once; unreadable
-    files are skipped, counted and reported, never silently relabelled."""
+def load_domain(folder: ImageFolder, name: str, size: int, cache_mb: float, workers: int = 2,
+                min_count: int = 1) -> Domain:
+    """Decode every image once, up front (kept when the set fits ``cache_mb``, else only
+    checked), at the start of a run and at every resume: unreadable files (undecodable,
+    truncated, decompression bombs) are skipped, named in one warning and counted, never
+    silently relabelled, and no image that passed can fail a later step. Fewer than
+    ``min_count`` readable images is one error."""
     paths = [p for p, _ in folder.samples]
     labels = [label for _, label in folder.samples]
     fits = len(paths) * 3 * size * size <= cache_mb * 2**20
@@ -86,24 +99,18 @@ def load_domain(folder: ImageFolder, name: str, size: int, cache_mb: float, work
         if fits:
             arrays = list(pool.map(functools.partial(_readable, size=size), paths))
         else:
-            arrays = list(pool.map(_header_ok, paths))
-    keep = [i for i, a in enumerate(arrays) if a is not None and a is not False]
-    skipped = len(paths) - len(keep)
-    if skipped:
-        log.warning("%s: skipped %d unreadable image file(s) of %d", name, skipped, len(paths))
+            arrays = list(pool.map(_checked, paths))
+    keep = [i for i, a in enumerate(arrays) if not isinstance(a, UnreadableImage)]
+    bad = [a for a in arrays if isinstance(a, UnreadableImage)]
+    skipped = len(bad)
     if not keep:
-        raise RtfqError(f"{name} folder {folder.root}: no readable images")
+        raise no_readable(f"{name} folder {folder.root}", bad, len(paths))
+    if len(keep) < min_count:
+        raise too_few_for_bn(f"{name} folder {folder.root}", len(keep), bad)
+    if skipped:
+        log.warning("%s folder %s: %s", name, folder.root, describe_skipped(bad, len(paths)))
     cache = torch.from_numpy(np.stack([arrays[i] for i in keep])) if fits else None
     return Domain(name, [paths[i] for i in keep], torch.tensor([labels[i] for i in keep]), size, cache, skipped)
-
-
-def _header_ok(path: Path) -> bool:
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        return True
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return False
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -152,8 +159,12 @@ class Stream:
         sampler = [self.indices(step) for step in range(start, end)]
         loader = torch.utils.data.DataLoader(_Decoded(self.domain.paths, self.domain.size), batch_sampler=sampler,
                                              num_workers=self.workers, persistent_workers=False)
-        for idx, images in zip(sampler, loader):
-            yield images, self.domain.labels[torch.tensor(idx)]
+        try:
+            for idx, images in zip(sampler, loader):
+                yield images, self.domain.labels[torch.tensor(idx)]
+        except UnreadableImage as e:  # from a worker, its message ends with the original one
+            last = str(e).strip().splitlines()[-1].split("UnreadableImage: ")[-1]
+            raise RtfqError(f"{last} (the file changed after the run checked it)") from None
 
 
 def augment(images: Tensor, crop: int, seed: int, stream: int, step: int, normalization: dict,

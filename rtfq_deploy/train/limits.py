@@ -52,7 +52,7 @@ SETTINGS: dict[str, Range] = {
     "seed": Range(True, 0, 2**31 - 1),
     "checkpoint_every": Range(True, 1, _MANY),
     "log_every": Range(True, 1, _MANY),
-    "calib_images": Range(True, 1, 10**7),
+    "calib_images": Range(True, 2, 10**7),  # BatchNorm statistics need two images
     "cache_mb": Range(False, 0.0, float(2**20)),
     "workers": Range(True, 0, 256),
     "inplace_distill": Range(False, 0.0, 1.0),

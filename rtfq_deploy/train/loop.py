@@ -51,6 +51,7 @@ from rtfq_deploy.data.pipeline import (IMAGENET_NORMALIZATION, Stream, augment, 
                                        stored_size)
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import atomic_write, sha256_file
+from rtfq_deploy.images import MIN_BN_IMAGES
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.quant.base import Quantizer
@@ -60,7 +61,7 @@ from rtfq_deploy.train.losses import distillation, information_maximization, pse
 from rtfq_deploy.train.admm import CorrelationADMM, aligning_quantizers, capture as admm_capture
 from rtfq_deploy.train.pseudo import ClusterLabels
 from rtfq_deploy.train.mixed import BitScheduler, DistortionMitigation, MixedRule, free_quantizers
-from rtfq_deploy.train.sampler import make_rule, step_rng
+from rtfq_deploy.train.sampler import check_rule, make_rule, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +325,10 @@ class Run:
         size = stored_size(model.config.space.resolutions[0])
         cfg, half = self.cfg, self.cfg.batch_size // 2
         src = load_domain(source, "source", size, cfg.cache_mb, cfg.workers)
-        tgt = load_domain(target, "target", size, cfg.cache_mb, cfg.workers)
+        # the calibration at the end needs two target images: checked now, not after the last step
+        tgt = load_domain(target, "target", size, cfg.cache_mb, cfg.workers, min_count=MIN_BN_IMAGES)
         self.skipped = {"source": src.skipped, "target": tgt.skipped}
+        self.target_paths = list(tgt.paths)  # the readable ones, in the folder's order
         return (source, target, Stream(src, half, cfg.seed, SOURCE_STREAM, self.dist.rank, self.dist.world, cfg.workers),
                 Stream(tgt, half, cfg.seed, TARGET_STREAM, self.dist.rank, self.dist.world, cfg.workers))
 
@@ -406,26 +409,27 @@ class Run:
 
     def _trim_metrics(self, start: int) -> None:
         """Drop lines a killed run logged after its last saved state (they will be redone)."""
+        from rtfq_deploy.fileio import read_json_lines
+
         path = self.run_dir / "metrics.jsonl"
-        if not self.dist.main or not path.exists():
+        if not self.dist.main or not os.path.lexists(path):
             return
-        lines = [line for line in path.read_bytes().decode("utf-8", "replace").splitlines() if line.strip()]
-        keep = []
-        for i, line in enumerate(lines):
-            try:
-                row = json.loads(line)
-                step = row["step"]
-                if isinstance(step, bool) or not isinstance(step, int):
-                    raise TypeError("step is not an integer")
-            except (ValueError, KeyError, TypeError) as e:
-                if i == len(lines) - 1:  # cut by a kill mid-write: the step is redone anyway
-                    log.warning("%s: dropped a cut last line", path)
-                    break
-                raise RtfqError(f"{path}: line {i + 1} is damaged ({e.__class__.__name__}); fix or remove it") from None
-            if step < start:
+        keep: list[bytes] = []
+        damaged: str | None = None  # why the latest line was refused: fatal unless it is the last one
+        for number, line, row in read_json_lines(path, "metrics log"):
+            if damaged is not None:
+                raise RtfqError(f"{damaged}; fix or remove it")
+            step = row.get("step") if isinstance(row, dict) else None
+            if isinstance(row, RtfqError):
+                damaged = str(row)
+            elif isinstance(step, bool) or not isinstance(step, int):
+                damaged = f"{path}: line {number} is damaged (no integer 'step')"
+            elif step < start:
                 keep.append(line)
+        if damaged is not None:  # cut by a kill mid-write: the step is redone anyway
+            log.warning("%s: dropped a cut last line", path)
         with atomic_write(path, overwrite=True) as f:
-            f.write("".join(line + "\n" for line in keep).encode())
+            f.write(b"".join(line + b"\n" for line in keep))
 
     # -- training --------------------------------------------------------------
     def train(self, progress: Callable[[dict], None] | None = None) -> Path:
@@ -433,6 +437,7 @@ class Run:
         ckpt = load_checkpoint(self.checkpoint_path)
         student = ckpt.model
         self._check_checkpoint(student)
+        check_rule(cfg.rule, student.config.space, cfg.single_bits)  # before the images are read
         source, target, src_stream, tgt_stream = self._data(student)
         normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
         student.to(self.device).train()
@@ -584,9 +589,10 @@ class Run:
         from rtfq_deploy.evaluate import calibrate_subnets
 
         g = torch.Generator().manual_seed(self.cfg.seed)
-        order = torch.randperm(len(target.samples), generator=g)[: self.cfg.calib_images].tolist()
-        paths = [target.samples[i][0] for i in sorted(order)]
-        stats = calibrate_subnets(student, list(student.config.space), paths, normalization, device=self.device)
+        order = torch.randperm(len(self.target_paths), generator=g)[: self.cfg.calib_images].tolist()
+        paths = [self.target_paths[i] for i in sorted(order)]
+        stats = calibrate_subnets(student, list(student.config.space), paths, normalization, device=self.device,
+                                  where=f"target folder {target.root}")
         student.cpu()
         meta = {**ckpt.meta, "created_by": "rtfq-train", "class_names": list(source.classes),
                 "normalization": normalization, "trained": {"steps": self.cfg.steps, "rule": self.cfg.rule,

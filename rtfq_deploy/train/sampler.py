@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.space import SearchSpace, SubnetConfig
 
 RULES = ("sandwichq", "sandwich", "max6min", "single", "mixed")  # mixed: rtfq_deploy.train.mixed
@@ -56,6 +57,18 @@ def single(space: SearchSpace, rng: random.Random, n: int, bits: int) -> list[Su
             + [SubnetConfig(lo.resolution, lo.width, bits)])
 
 
+class RuleError(RtfqError, ValueError):
+    """A sampling rule that does not fit the supernet's space (one line, exit 2)."""
+
+
+def check_rule(name: str, space: SearchSpace, single_bits: int | None = None) -> None:
+    """The single rule's bit-width must be one of the space's: checked when a run starts
+    or resumes, before any image is read."""
+    if name == "single" and (single_bits is None or single_bits not in space.bits):
+        raise RuleError(f"--rule single --single-bits {single_bits}: the single rule needs a bit-width of the "
+                        f"space ({', '.join(map(str, space.bits))})")
+
+
 def make_rule(name: str, space: SearchSpace, n_random: int = 2, single_bits: int | None = None
               ) -> Callable[[int, int], list[SubnetConfig]]:
     """``rule(seed, step)`` -> the step's subnets, a pure function of its arguments."""
@@ -63,8 +76,7 @@ def make_rule(name: str, space: SearchSpace, n_random: int = 2, single_bits: int
         raise ValueError(f"unknown sampling rule {name!r} (known: {', '.join(RULES)}; mixed is built from a "
                          "supernet by rtfq_deploy.train.mixed.MixedRule)")
     if name == "single":
-        if single_bits is None or single_bits not in space.bits:
-            raise ValueError(f"the single rule needs a bit-width of the space ({', '.join(map(str, space.bits))})")
+        check_rule(name, space, single_bits)
         return lambda seed, step: single(space, step_rng(seed, step), n_random, single_bits)
     fn = {"sandwichq": sandwichq, "sandwich": sandwich, "max6min": max6min}[name]
     return lambda seed, step: fn(space, step_rng(seed, step), n_random)
