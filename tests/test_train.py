@@ -79,14 +79,17 @@ def kill_after_logged_step(args: list[str], run: Path, step: int) -> None:
     """Start rtfq-train with ``args`` and SIGKILL it once ``run``'s metrics log ``step``."""
     proc = subprocess.Popen([str(Path(sys.executable).parent / "rtfq-train"), *args], stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 900  # a slow or busy machine: wait, rather than kill too early
+    reached = False
+    while time.monotonic() < deadline and proc.poll() is None:
         metrics = run / "metrics.jsonl"
         if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+            reached = True
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert reached, f"rtfq-train never logged step {step} (exit {proc.returncode}): {proc.stderr.read()[-2000:]}"
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(setup, tmp_path):
