@@ -80,13 +80,15 @@ def kill_after_logged_step(args: list[str], run: Path, step: int) -> None:
     proc = subprocess.Popen([str(Path(sys.executable).parent / "rtfq-train"), *args], stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 900  # a slow or busy machine: wait, rather than kill too early
+    metrics = run / "metrics.jsonl"
+
+    def logged() -> bool:
+        return metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines())
+
     reached = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
-            reached = True
-            break
+    while time.monotonic() < deadline and not (reached := logged()) and proc.poll() is None:
         time.sleep(0.02)
+    reached = reached or logged()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert reached, f"rtfq-train never logged step {step} (exit {proc.returncode}): {proc.stderr.read()[-2000:]}"
