@@ -662,9 +662,9 @@ def test_batchnorm_statistics_need_two_images(env, images, case):
         "search --labeled one readable": ("rtfq search", rtfq, ["search", "--checkpoint", ck, "--budget", budget,
                                                                "--data", one_readable, "--labeled", "-o", work / "p.json"]),
         "train --calib-images 1": ("rtfq-train", train, ["--checkpoint", ck, "--source", images["good"], "--target",
-                                                        images["good"], "--calib-images", "1", "--out", work / "run"]),
+                                                        images["good"], "--calib-images", "1", "--out", work / "new"]),
         "train one readable target": ("rtfq-train", train, [*_TRAIN, "--checkpoint", ck, "--source", images["good"],
-                                                           "--target", one_readable, "--out", work / "run"]),
+                                                           "--target", one_readable, "--out", work / "new"]),
         "resume calib_images 1": ("rtfq-train", train, ["--resume", _resumable(images, work,
                                                                               _record_edit(calib_images=1))]),
     }[case]

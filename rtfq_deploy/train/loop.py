@@ -421,7 +421,7 @@ class Run:
                 raise RtfqError(f"{damaged}; fix or remove it")
             step = row.get("step") if isinstance(row, dict) else None
             if isinstance(row, RtfqError):
-                damaged = str(row)
+                damaged = f"{path}: line {number} is damaged ({str(row).removeprefix(f'{path}: line {number}: ')})"
             elif isinstance(step, bool) or not isinstance(step, int):
                 damaged = f"{path}: line {number} is damaged (no integer 'step')"
             elif step < start:
