@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rtfq_deploy.calibrate import calibrate_bn, init_activation_steps
 from rtfq_deploy.checkpoint import load_pretrained
 from rtfq_deploy.layers import SlimBatchNorm2d
 from rtfq_deploy.models import ARCHS, SupernetConfig, build_supernet
@@ -68,11 +69,16 @@ def test_every_layer_reads_its_declared_quantizer_grid(arch, bits):
     grid of no other activation quantizer (every quantizer gets its own step first)."""
     model = build_supernet(SupernetConfig(arch, num_classes=10)).eval()
     acts = [(n, q) for n, q in model.quantizers() if q.channels is None]
+    # steps from data and BatchNorm statistics calibrated for the subnet, as after training:
+    # with the prior's steps and the initial running statistics a narrow MobileNetV2's small
+    # activations round to all zeros, which lie on every grid
+    x = torch.randn(4, 3, 64, 64)
+    init_activation_steps(model, ActiveSubnet(1.0, model.float_plan()), x)
     with torch.no_grad():
         for i, (_, q) in enumerate(acts):
             q.step.mul_(1.0 + 0.137 * math.sqrt(i + 2))  # pairwise irrational step ratios
     config = SubnetConfig(64, 0.73, bits)
-    net = model.active(config)
+    net = model.active(config, calibrate_bn(model, model.active(config), [x]))
     inputs: dict[str, torch.Tensor] = {}
     handles = [layer.register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
                for name, layer in model.layers()]
