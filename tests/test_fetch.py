@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -225,24 +226,23 @@ def test_fetch_cli_one_line_errors(dist, tmp_path):
     _one_line_error(_run("rtfq", "fetch", "--device", "pi", "--budget", "5ms", "-o", str(out)), "--server")
 
 
-class LyingServer:
-    """A raw HTTP server on 127.0.0.1 that resolves to an entry of ``size`` bytes and then
-    sends more: with no length (until it is stopped), announcing a larger length, or
-    chunked. Bounded: it stops after ``limit`` bytes or when the client goes away."""
+class RawServer:
+    """A raw HTTP server on 127.0.0.1 in a thread: ``_answer(conn)`` answers each
+    connection (a client hanging up ends that answer). Bounded: it stops when its context
+    exits, or ``lifetime_s`` after it started."""
 
-    def __init__(self, size: int, mode: str, limit: int = 64 << 20, url: str | None = None,
-                 resolution: tuple[int, bytes] | None = None) -> None:
-        self.size, self.mode, self.limit, self.resolution = size, mode, limit, resolution
-        self.data = random_bytes(size, 3)
-        self.sha = sha(self.data)
-        self.entry_url = url or f"/v1/files/{self.sha}"
-        self.sent = 0  # body bytes of file answers handed to the kernel
+    conn_timeout = 10.0
+
+    def __init__(self, lifetime_s: float = 600.0) -> None:
+        self.lifetime_s = lifetime_s
+        self.end = 0.0  # monotonic time at which it stops, set when it starts
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
+        self.listener.settimeout(0.1)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
 
     def __enter__(self) -> str:
+        self.end = time.monotonic() + self.lifetime_s
         self.thread.start()
         return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
 
@@ -252,17 +252,35 @@ class LyingServer:
         self.listener.close()
 
     def _serve(self) -> None:
-        while not self.stop.is_set():
+        while not self.stop.is_set() and time.monotonic() < self.end:
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
                 continue
             with conn:
-                conn.settimeout(10)
+                conn.settimeout(self.conn_timeout)
                 try:
                     self._answer(conn)
-                except OSError:  # the client hung up: what a refusing client does
+                except (OSError, IndexError):  # the client hung up, or sent no request line
                     pass
+
+    def _answer(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class LyingServer(RawServer):
+    """A raw HTTP server on 127.0.0.1 that resolves to an entry of ``size`` bytes and then
+    sends more: with no length (until it is stopped), announcing a larger length, or
+    chunked. Bounded: it stops after ``limit`` bytes or when the client goes away."""
+
+    def __init__(self, size: int, mode: str, limit: int = 64 << 20, url: str | None = None,
+                 resolution: tuple[int, bytes] | None = None) -> None:
+        super().__init__()
+        self.size, self.mode, self.limit, self.resolution = size, mode, limit, resolution
+        self.data = random_bytes(size, 3)
+        self.sha = sha(self.data)
+        self.entry_url = url or f"/v1/files/{self.sha}"
+        self.sent = 0  # body bytes of file answers handed to the kernel
 
     def _answer(self, conn: socket.socket) -> None:
         head = b""
@@ -449,55 +467,27 @@ def test_an_output_that_is_not_a_regular_file_is_refused_even_with_force(dist, t
     assert _parts(out) == []
 
 
-class TricklingServer:
+class TricklingServer(RawServer):
     """A raw HTTP server on 127.0.0.1 that answers the resolve at once and then sends
     either the file answer's headers (``phase="headers"``) or its body (``"body"``) one
     byte every ``gap_s``; or trickles the resolve answer itself (``"resolve"``). It stops
     by itself after ``lifetime_s`` (bounded), or when the client hangs up."""
 
+    conn_timeout = 2.0
+
     def __init__(self, phase: str, gap_s: float = 0.2, lifetime_s: float = 8.0) -> None:
-        self.phase, self.gap_s, self.lifetime_s = phase, gap_s, lifetime_s
+        super().__init__(lifetime_s)
+        self.phase, self.gap_s = phase, gap_s
         self.data = random_bytes(5000, 4)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
 
-    def __enter__(self) -> str:
-        self.thread.start()
-        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        self.listener.close()
-
-    def _serve(self) -> None:
-        import time
-
-        end = time.monotonic() + self.lifetime_s
-        while not self.stop.is_set() and time.monotonic() < end:
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(2)
-                try:
-                    self._answer(conn, end)
-                except OSError:
-                    pass
-
-    def _trickle(self, conn: socket.socket, data: bytes, end: float) -> None:
-        import time
-
+    def _trickle(self, conn: socket.socket, data: bytes) -> None:
         for i in range(len(data)):
-            if self.stop.is_set() or time.monotonic() > end:
+            if self.stop.is_set() or time.monotonic() > self.end:
                 return
             conn.sendall(data[i:i + 1])
             time.sleep(self.gap_s)
 
-    def _answer(self, conn: socket.socket, end: float) -> None:
+    def _answer(self, conn: socket.socket) -> None:
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = conn.recv(4096)
@@ -509,24 +499,22 @@ class TricklingServer:
                 "subnet": "m", "sha256": sha(self.data), "size_bytes": len(self.data)}}).encode()
             answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             if self.phase == "resolve":
-                self._trickle(conn, answer, end)
+                self._trickle(conn, answer)
             else:
                 conn.sendall(answer)
             return
         head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(self.data)
         if self.phase == "headers":
-            self._trickle(conn, head + self.data, end)
+            self._trickle(conn, head + self.data)
         else:
             conn.sendall(head)
-            self._trickle(conn, self.data, end)
+            self._trickle(conn, self.data)
 
 
 @pytest.mark.parametrize("phase", ["resolve", "headers", "body"])
 def test_a_trickling_server_cannot_hold_a_fetch_past_its_deadline(tmp_path, phase):
     """One byte every 0.2 s never trips the 5 s per-read timeout; the 1 s deadline of the
     attempt ends it anyway (with a part file kept for the body, to be resumed)."""
-    import time
-
     out = tmp_path / "m.onnx"
     with TricklingServer(phase) as url:
         start = time.monotonic()
@@ -538,8 +526,6 @@ def test_a_trickling_server_cannot_hold_a_fetch_past_its_deadline(tmp_path, phas
 
 
 def test_the_deadline_option_through_the_cli(tmp_path):
-    import time
-
     from tests.test_cli import _one_line_error, _run
 
     with TricklingServer("body", lifetime_s=10) as url:
@@ -552,41 +538,20 @@ def test_the_deadline_option_through_the_cli(tmp_path):
     assert "--deadline" in help_text and "each read" in help_text
 
 
-class Redirector:
+class Redirector(RawServer):
     """A raw HTTP server on 127.0.0.1 answering every request with a 302 to ``target``
     (another origin) plus the same path."""
 
+    conn_timeout = 2.0
+
     def __init__(self, target: str) -> None:
+        super().__init__()
         self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
 
-    def __enter__(self) -> str:
-        self.thread.start()
-        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        self.listener.close()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(2)
-                try:
-                    head = conn.recv(65536)
-                    path = head.split(b" ", 2)[1]
-                    conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: " + self.target.encode() + path
-                                 + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                except (OSError, IndexError):
-                    pass
+    def _answer(self, conn: socket.socket) -> None:
+        path = conn.recv(65536).split(b" ", 2)[1]
+        conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: " + self.target.encode() + path
+                     + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
 
 def test_a_resolve_answered_through_a_redirect_to_another_origin_is_refused(dist, tmp_path):
