@@ -91,6 +91,12 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
+def _cannot_read(path: str | os.PathLike, what: str, e: OSError) -> Exception:
+    from rtfq_deploy.errors import RtfqError
+
+    return RtfqError(f"{path}: cannot read {what}: {e.strerror or e}")
+
+
 def open_regular(path: str | os.PathLike, what: str, *, follow: bool = True) -> BinaryIO:
     """``path`` opened for reading, once it is known to be a regular file.
 
@@ -113,7 +119,7 @@ def open_regular(path: str | os.PathLike, what: str, *, follow: bool = True) -> 
     except OSError as e:
         if not follow and os.path.islink(path):
             raise RtfqError(f"{path}: cannot read {what}: a symbolic link, not a regular file") from None
-        raise RtfqError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+        raise _cannot_read(path, what, e) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -133,7 +139,7 @@ def read_bounded(path: str | os.PathLike, what: str, max_bytes: int) -> bytes:
         try:
             data = f.read(max_bytes + 1)
         except OSError as e:
-            raise RtfqError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+            raise _cannot_read(path, what, e) from None
     if len(data) > max_bytes:
         raise RtfqError(f"{path}: the {what} is larger than {_size(max_bytes)}")
     return data
@@ -339,12 +345,6 @@ def read_json(path: str | os.PathLike, what: str, *, max_bytes: int = JSON_MAX_B
     """
     raw = read_bounded(path, what, max_bytes)  # a FIFO or device: refused at once, never waited on
     return parse_json(raw, f"{path}", what, max_bytes=max_bytes, max_depth=max_depth, expect=expect)
-
-
-def _cannot_read(path: str | os.PathLike, what: str, e: OSError) -> Exception:
-    from rtfq_deploy.errors import RtfqError
-
-    return RtfqError(f"{path}: cannot read {what}: {e.strerror or e}")
 
 
 JSON_LINE_MAX_BYTES = 1 << 20

@@ -49,3 +49,16 @@ def test_arch_picks_the_supernet_and_its_recipe_and_never_mixes_two(tmp_path):
     result = _run("rtfq", "demo", "--quick", "--arch", "tiny_mobilenet", "--out", str(out))
     assert result.returncode == 2 and "holds a demo of tiny_resnet, not tiny_mobilenet" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and sorted(p.name for p in out.iterdir()) == ["demo.json"]
+    # a record that is not what the demo writes is an unknown supernet: one line, never a hang
+    import os
+
+    for name, write in (("deep", lambda p: p.write_text("[" * 10_000 + "]" * 10_000)),
+                        ("binary", lambda p: p.write_bytes(b"\xff\xfe\x00")),
+                        ("wrong type", lambda p: p.write_text('{"arch": 5}')),
+                        ("fifo", lambda p: os.mkfifo(p))):
+        bad = tmp_path / name.replace(" ", "_")
+        bad.mkdir()
+        write(bad / "demo.json")
+        result = _run("rtfq", "demo", "--quick", "--out", str(bad))
+        assert result.returncode == 2 and "holds a demo of an unknown supernet" in result.stderr, (name, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and [p.name for p in bad.iterdir()] == ["demo.json"]

@@ -62,17 +62,21 @@ def settings_for(quick: bool, arch: str) -> DemoSettings:
 
 def _claim(out: Path, arch: str) -> None:
     """Record which supernet OUT holds, so that its reused stages never mix two archs."""
+    from rtfq_deploy.errors import RtfqError
+    from rtfq_deploy.fileio import atomic_write, read_json
+
     marker = out / "demo.json"
-    if marker.exists():
-        try:
-            held = json.loads(marker.read_text()).get("arch")
-        except (OSError, ValueError, AttributeError):
+    if marker.exists() or marker.is_symlink():
+        try:  # bounded: a FIFO, a huge, deep or non-UTF-8 file is an unknown supernet, never a hang
+            held = read_json(marker, "demo record", max_bytes=1 << 16, expect=dict).get("arch")
+        except RtfqError:
             held = None
         if held != arch:
-            raise click.UsageError(f"{out} holds a demo of {held or 'an unknown supernet'}, not {arch} "
-                                   "(use --fresh, or another --out)")
+            raise click.UsageError(f"{out} holds a demo of {held if isinstance(held, str) else 'an unknown supernet'}, "
+                                   f"not {arch} (use --fresh, or another --out)")
     else:
-        marker.write_text(json.dumps({"arch": arch}) + "\n")
+        with atomic_write(marker) as f:
+            f.write((json.dumps({"arch": arch}) + "\n").encode())
 
 
 def _tool(name: str) -> str:
