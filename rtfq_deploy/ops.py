@@ -160,13 +160,9 @@ class ConvRule(OpRule):
         return LayerShape(node.layer, size * size * w.shape[0] * per_output, w.numel(), w.shape[0])
 
     def lower(self, node: graph.Conv, lw: Any) -> ConvOp:
-        from rtfq_deploy.export.lower import fold
-
-        model = lw.model
-        layer = model.get_submodule(node.layer)
-        bn = None if node.bn is None else model.get_submodule(node.bn)
+        layer = lw.model.get_submodule(node.layer)
         c_in = lw.channels[node.inp]
-        weight, scale, bias, bits = fold(layer, bn, c_in, lw.ir.qparams[node.inp].scale, lw.net)
+        weight, scale, bias, bits = lw.fold(node)
         out = lw.ir.output if node.out is None else lw.quantized(node.out, weight.shape[0], node.relu_max)
         if node.linear:
             return ConvOp(node.layer, node.inp, out, weight, scale, bias, bits, gemm=True)

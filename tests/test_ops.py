@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from rtfq_deploy import graph, ops
 from rtfq_deploy.calibrate import calibrate_bn, init_activation_steps

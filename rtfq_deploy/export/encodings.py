@@ -25,6 +25,16 @@ import numpy as np
 from rtfq_deploy.quant import CdfCodes, Encoding, LinearCodes
 
 
+def _activation(fe: Any, pre: str, out: str, signed: bool, relu_max: float | None) -> None:
+    """The float activation a quantizer stands for: none when signed, else ReLU (capped)."""
+    if signed:
+        fe.node("Identity", [pre], [out])
+    elif relu_max is not None:
+        fe.node("Clip", [pre, fe.scalar(f"{out}.relu_min", 0.0), fe.scalar(f"{out}.relu_max", relu_max)], [out])
+    else:
+        fe.node("Relu", [pre], [out])
+
+
 class LinearHandler:
     """Uniform codes: one QuantizeLinear."""
 
@@ -38,12 +48,7 @@ class LinearHandler:
         em.node("MaxPool", [em.saturated[inp]], [pooled], **attrs)
 
     def float_form(self, fe: Any, pre: str, out: str, q: LinearCodes, relu_max: float | None) -> None:
-        if q.signed:
-            fe.node("Identity", [pre], [out])
-        elif relu_max is not None:
-            fe.node("Clip", [pre, fe.scalar(f"{out}.relu_min", 0.0), fe.scalar(f"{out}.relu_max", relu_max)], [out])
-        else:
-            fe.node("Relu", [pre], [out])
+        _activation(fe, pre, out, q.signed, relu_max)
 
     def domain(self, q: LinearCodes) -> np.ndarray | None:
         return None
@@ -78,7 +83,7 @@ class CdfHandler:
 
     def float_form(self, fe: Any, pre: str, out: str, q: CdfCodes, relu_max: float | None) -> None:
         """The float transform the codes approximate: alpha erf(act(x) / (sigma sqrt 2))."""
-        LinearHandler().float_form(fe, pre, f"{out}.act", LinearCodes(1.0, q.bits, q.signed), relu_max)
+        _activation(fe, pre, f"{out}.act", q.signed, relu_max)
         fe.node("Mul", [f"{out}.act", fe.scalar(f"{out}.cdf_in", q.erf_scale / q.pre_scale)], [f"{out}.u"])
         fe.node("Erf", [f"{out}.u"], [f"{out}.erf"])
         fe.node("Mul", [f"{out}.erf", fe.scalar(f"{out}.alpha", q.alpha)], [out])

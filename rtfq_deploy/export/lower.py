@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rtfq_deploy import graph
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from rtfq_deploy.models.base import Supernet
@@ -105,6 +106,12 @@ class _Lowering:
             if cap < encoding.qrange[1]:
                 self.ir.ceilings[name] = cap
         return name
+
+    def fold(self, node: graph.Conv) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """``node``'s layer with its BatchNorm folded, on its input's grid (:func:`fold`)."""
+        layer = self.model.get_submodule(node.layer)
+        bn = None if node.bn is None else self.model.get_submodule(node.bn)
+        return fold(layer, bn, self.channels[node.inp], self.ir.qparams[node.inp].scale, self.net)
 
     def carry(self, inp: str, out: str) -> None:
         """``out`` carries ``inp``'s codes unchanged (max pooling)."""
