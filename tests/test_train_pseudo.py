@@ -82,8 +82,10 @@ def test_centroid_run_labels_every_target_image_and_resumes_exactly(setup, tmp_p
     run = tmp_path / "killed"
     args = ["--checkpoint", str(setup / "init.pt"), "--source", str(setup / "data" / "source"), "--target",
             str(setup / "data" / "target"), "--out", str(run), *FAST, *steps]
-    kill_after_logged_step(args, run, 5)  # state of step 4 saved: between the refreshes of steps 2 and 5
-    assert torch.load(run / "state.pt", weights_only=True)["step"] == 4 and not (run / "supernet.pt").exists()
+    kill_after_logged_step(args, run, 5)
+    # the last saved state lies strictly between two label refreshes (steps 2, 5, 8): step 4,
+    # or step 6 where a fast machine got one more step done before the kill landed
+    assert torch.load(run / "state.pt", weights_only=True)["step"] in (4, 6) and not (run / "supernet.pt").exists()
     resumed = _run("rtfq-train", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "whole" / "state.pt", weights_only=True)
