@@ -22,9 +22,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from rtfq_deploy.fileio import atomic_write
+from rtfq_deploy.scriptargs import Parser, out_dir, positive, seed_list
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,54 +39,13 @@ PrepareFn = Callable[[Path, int, list[str]], None]
 
 # ---- command line ---------------------------------------------------------------------------
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``prog: error: ...``) and exit 2, no usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive(text: str) -> int:
-    """argparse type: a whole number from 1 to 10^6."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= 10**6:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 1000000, got {value}")
-    return value
-
-
-def out_dir(text: str) -> Path:
-    """argparse type: a folder, made absolute so that the training runs' command lines and
-    run.json name absolute paths (``pkill -f``, ``--resume`` from anywhere)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty path")
-    try:
-        return Path(text).resolve()
-    except (ValueError, OSError) as e:  # a NUL byte, a name too long
-        raise argparse.ArgumentTypeError(f"not a usable path: {e}") from None
-
-
-def seed_list(text: str) -> list[int]:
-    """argparse type: 1 to 100 comma-separated seeds in 0..2^31-1."""
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}") from None
-    if not seeds or not all(0 <= s < 2**31 for s in seeds) or len(seeds) > 100:
-        raise argparse.ArgumentTypeError(f"expected 1 to 100 seeds in 0..2^31-1, got {text!r}")
-    return seeds
-
-
-def parser(doc: str, runs: Iterable[str], default_runs: Iterable[str] | None = None,
-           seeds: str = "1,2,3") -> Parser:
+def parser(doc: str, runs: Iterable[str], default_runs: Iterable[str] | None = None) -> Parser:
     """The options every ablation takes: --out, --runs, --seeds, --jobs (add the script's own)."""
     runs = list(runs)
     ap = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=out_dir, required=True)
     ap.add_argument("--runs", default=",".join(default_runs or runs), help="comma-separated subset of: " + ", ".join(runs))
-    ap.add_argument("--seeds", type=seed_list, default=seeds, help="data, initial weights and training seeds")
+    ap.add_argument("--seeds", type=seed_list, default="1,2,3", help="data, initial weights and training seeds")
     ap.add_argument("--jobs", type=positive, default=2, help=f"runs at a time (each with {CPUS} // jobs threads)")
     return ap
 
@@ -137,6 +97,13 @@ def scaled(steps: dict[str, int], share: float, override: int | None) -> list[st
     if share == 1.0:
         return []
     return [arg for key, value in steps.items() for arg in (f"--{key}", str(max(1, round(value * share))))]
+
+
+def make_data(out: Path, seed: int, shift: str) -> None:
+    """The seed's synthetic data set OUT/data (``rtfq data synth``), unless it is there."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "data").exists():
+        sh(tool("rtfq"), "data", "synth", str(out / "data"), "--shift", shift, "--seed", str(seed))
 
 
 def acc_path(seed_dir: Path, name: str) -> Path:

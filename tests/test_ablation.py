@@ -1,5 +1,5 @@
 """rtfq_deploy.ablation, the harness of train/*_ablation.py: resume trains only what is
-missing, the report's mean ± std, and one-line errors."""
+missing, the report's mean ± std, one-line errors, and no sys.path edits in the scripts."""
 
 from __future__ import annotations
 
@@ -122,3 +122,8 @@ def test_a_bad_runs_name_is_one_line_and_exit_2(script, runs, tmp_path):
     assert ("unknown runs: nope" in lines[0]) == (runs == "nope")
     assert not (tmp_path / "o").exists()
 
+
+def test_no_script_edits_sys_path():
+    scripts = [p for folder in ("train", "bench", "export") for p in (ROOT / folder).glob("*.py")]
+    assert len(scripts) > 10
+    assert [p.name for p in scripts if "sys.path" in p.read_text()] == []

@@ -47,9 +47,7 @@ DEFAULT_RUNS = ("lsq", "alignq", "alignq-admm")
 
 def prepare(out: Path, seed: int, names: list[str]) -> None:
     """The seed's data and the initial weights of the quantizer kinds ``names`` train with."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "data").exists():
-        sh(tool("rtfq"), "data", "synth", str(out / "data"), "--shift", "strong", "--seed", str(seed))
+    ablation.make_data(out, seed, "strong")
     for weights, acts in dict.fromkeys(RUNS[name][:2] for name in names):
         init = out / f"init-{weights}-{acts}.pt"
         if not init.exists():

@@ -54,9 +54,7 @@ def init_path(out: Path, bits: tuple[int, ...]) -> Path:
 
 def prepare(out: Path, seed: int, names: list[str]) -> None:
     """The seed's data and the initial weights of each candidate set ``names`` train with."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "data").exists():
-        sh(tool("rtfq"), "data", "synth", str(out / "data"), "--shift", "strong", "--seed", str(seed))
+    ablation.make_data(out, seed, "strong")
     for bits in dict.fromkeys(RUNS[name][1] for name in names):
         if not init_path(out, bits).exists():
             sh(tool("rtfq"), "init", "--arch", "tiny_resnet", "--num-classes", "16", *SPACE,

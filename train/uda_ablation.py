@@ -61,10 +61,8 @@ RUNS: dict[str, tuple[list[str], float]] = {  # in the order they run
 
 
 def prepare(out: Path, seed: int, shift: str, arch: str = "tiny_resnet") -> None:
-    data, init = out / "data", out / "init.pt"
-    out.mkdir(parents=True, exist_ok=True)
-    if not data.exists():
-        sh(tool("rtfq"), "data", "synth", str(data), "--shift", shift, "--seed", str(seed))
+    init = out / "init.pt"
+    ablation.make_data(out, seed, shift)
     if not init.exists():
         sh(tool("rtfq"), "init", "--arch", arch, "--num-classes", str(CLASSES[shift]), *SPACE,
            "--seed", str(seed), "-o", str(init))
