@@ -14,6 +14,7 @@ lazy one (`--rescore 8`, the default).
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -22,17 +23,16 @@ from tabulate import tabulate
 from rtfq_deploy.budget import parse_budget
 from rtfq_deploy.costs import subnet_costs
 from rtfq_deploy.models import SupernetConfig, build_supernet
-from rtfq_deploy.scriptargs import Parser, int_list, positive
 from rtfq_deploy.search import PlanScorer, SearchOptions, greedy_search
 from rtfq_deploy.space import SearchSpace, SubnetConfig
 from rtfq_deploy.train.mixed import free_quantizers
 
 
 def main() -> None:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int_list, default="32,64")
-    parser.add_argument("--threads", type=positive, default=2)
-    parser.add_argument("--resolution", type=positive, default=224)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", default="32,64")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=224)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def main() -> None:
     free = len(free_quantizers(model))
     plans = walk_only.evaluations
     rows = []
-    for n in args.images:
+    for n in (int(v) for v in args.images.split(",")):
         x = torch.randn(n, 3, r, r)
         with torch.no_grad():
             model.train()
@@ -62,7 +62,7 @@ def main() -> None:
         per_plan = (time.perf_counter() - started) / 3
         rows.append([n, f"{per_plan:.2f}", plans, len(walk_only.steps), f"{plans * per_plan / 60:.1f}",
                      lazy_walk.evaluations, f"{lazy_walk.evaluations * per_plan / 60:.1f}"])
-        if n == args.images[0]:
+        if n == int(args.images.split(",")[0]):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 scorer(cfg)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
@@ -71,7 +71,7 @@ def main() -> None:
           f"(the cost walks of those plans took {cost_only_s:.1f} s)")
     print(tabulate(rows, headers=["images", "s per plan", "exact: plans", "steps", "exact: est. min",
                                   "lazy M=8: plans", "lazy: est. min"], disable_numparse=True))
-    print(f"\nWhere one plan's scoring goes ({args.images[0]} images):")
+    print(f"\nWhere one plan's scoring goes ({args.images.split(',')[0]} images):")
     print(table)
 
 
