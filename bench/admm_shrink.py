@@ -12,14 +12,12 @@ not exceed the brute force's (+1e-12). It ends with one summary line. One core, 
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from rtfq_deploy.train.admm import shrink  # noqa: E402
+from rtfq_deploy.scriptargs import Parser, positive
+from rtfq_deploy.train.admm import shrink
 
 SIZES = (2, 8, 32, 64)
 SCALES = (0.02, 0.3, 1.0)  # per-entry std of V: the small one falls under the threshold
@@ -46,12 +44,10 @@ def brute_force(v: torch.Tensor, mu: float, rho: float) -> torch.Tensor:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=3, help="random V per (size, scale, mu, rho)")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=positive, default=3, help="random V per (size, scale, mu, rho)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.trials < 1:
-        parser.error("--trials must be >= 1")
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(args.seed)
     print(f"{'n':>3} {'scale':>5} {'mu':>5} {'rho':>5} {'||V||':>9} {'max|diff|':>10} "

@@ -14,12 +14,11 @@ for a matching input.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from tabulate import tabulate
 
 from rtfq_deploy.quant import AlignQQuantizer, LSQQuantizer
+from rtfq_deploy.scriptargs import Parser, positive
 
 BITS = (6, 5, 4, 3, 2)
 
@@ -31,8 +30,8 @@ def entropy(codes: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=200_000)
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=positive, default=200_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     g = torch.Generator().manual_seed(args.seed)

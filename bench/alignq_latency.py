@@ -13,26 +13,23 @@ QuantizeLinear on the codes (plus a Clip for signed ones).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from collections import Counter
-from pathlib import Path
 
 import onnx
 import torch
 from tabulate import tabulate
 
+from rtfq_deploy.bench.sessions import bench_rounds, median_ratio
 from rtfq_deploy.calibrate import init_activation_steps
 from rtfq_deploy.export.lower import lower
 from rtfq_deploy.export.onnx_graph import to_onnx
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.plan import ActiveSubnet
+from rtfq_deploy.scriptargs import Parser, name_list, positive
 from rtfq_deploy.space import SearchSpace, SubnetConfig
 
 BITS = (6, 4, 2)
@@ -47,10 +44,10 @@ def supernet(kind: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subnets", default="r224-w1.00-q4,r160-w0.73-q4,r224-w1.00-q2")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subnets", type=name_list, default="r224-w1.00-q4,r160-w0.73-q4,r224-w1.00-q2")
+    parser.add_argument("--threads", type=positive, default=1)
+    parser.add_argument("--rounds", type=positive, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     models = {kind: supernet(kind) for kind in ("lsq", "alignq")}
@@ -58,7 +55,7 @@ def main() -> None:
     paths: dict[tuple[str, str], str] = {}
     erfs: dict[str, int] = {}
     try:
-        for name in args.subnets.split(","):
+        for name in args.subnets:
             cfg = SubnetConfig.parse(name)
             for kind, model in models.items():
                 path = os.path.join(workdir, f"{name}-{kind}.onnx")
@@ -67,21 +64,14 @@ def main() -> None:
                 paths[(name, kind)] = path
                 if kind == "alignq":
                     erfs[name] = Counter(n.op_type for n in m.graph.node)["Erf"]
-        times: dict[tuple[str, str], list[float]] = {k: [] for k in paths}
-        for i in range(args.rounds):
-            results = os.path.join(workdir, f"round{i}.json")
-            subprocess.run([str(Path(sys.executable).parent / "rtfq-bench"), "run", *paths.values(), "-o", results,
-                            "--threads", str(args.threads)], check=True, stdout=subprocess.DEVNULL)
-            p50 = {row["path"]: row["latency_p50_ms"] for row in json.load(open(results))["models"]}
-            for key, path in paths.items():
-                times[key].append(p50[str(Path(path).resolve())])
+        times = bench_rounds(paths, args.rounds, args.threads, workdir)
     finally:
         shutil.rmtree(workdir)
     rows = []
-    for name in args.subnets.split(","):
+    for name in args.subnets:
         lsq, alq = times[(name, "lsq")], times[(name, "alignq")]
         rows.append([name, erfs[name], f"{statistics.median(lsq):.2f}", f"{statistics.median(alq):.2f}",
-                     f"{statistics.median(a / b for a, b in zip(alq, lsq)):.3f}"])
+                     f"{median_ratio(alq, lsq):.3f}"])
     print(f"ResNet-50, random weights, batch 1, {args.threads} thread(s), onnxruntime, rtfq-bench run over every "
           f"file, {args.rounds} rounds; medians")
     print(tabulate(rows, headers=["subnet", "CDF tensors", "LSQ p50 ms", "AlignQ p50 ms", "AlignQ / LSQ"],

@@ -9,72 +9,35 @@ ratios are free of process-to-process and machine drift.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
-import time
 
-import numpy as np
-import onnx
-import torch
 from tabulate import tabulate
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from export_latency import ort_quantize_static, session  # noqa: E402
-
-from rtfq_deploy.export.lower import lower  # noqa: E402
-from rtfq_deploy.export.onnx_graph import to_float_onnx, to_onnx  # noqa: E402
-from rtfq_deploy.models import SupernetConfig, build_supernet  # noqa: E402
-from rtfq_deploy.space import SubnetConfig  # noqa: E402
-
-
-def without_clips(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph with every Clip's readers reading the Clip's input instead."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    bypass = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Clip"}
-    kept = [n for n in graph.node if n.op_type != "Clip"]
-    for n in kept:
-        n.input[:] = [bypass.get(i, i) for i in n.input]
-    del graph.node[:]
-    graph.node.extend(kept)
-    return out
+from rtfq_deploy.bench.graphs import ort_quantize_static, random_supernet, subnet_graphs, without_clips
+from rtfq_deploy.bench.sessions import interleaved, median_ratio, runner
+from rtfq_deploy.scriptargs import Parser, int_list, name_list, positive
+from rtfq_deploy.space import SubnetConfig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subnets", default="r224-w1.00,r160-w0.73,r128-w0.60")
-    parser.add_argument("--bits", default="6,4")
-    parser.add_argument("--reps", type=int, default=300)
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subnets", type=name_list, default="r224-w1.00,r160-w0.73,r128-w0.60")
+    parser.add_argument("--bits", type=int_list, default="6,4")
+    parser.add_argument("--reps", type=positive, default=300)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_supernet(SupernetConfig("resnet50")).eval()
+    model = random_supernet("resnet50")
     rows = []
-    for shape in args.subnets.split(","):
-        for bits in (int(b) for b in args.bits.split(",")):
+    for shape in args.subnets:
+        for bits in args.bits:
             cfg = SubnetConfig.parse(f"{shape}-q{bits}")
-            ir = lower(model, model.active(cfg), cfg.resolution)
-            ours = to_onnx(ir, {})
+            ours, fp32 = subnet_graphs(model, cfg)
             variants = {"ours": ours.SerializeToString(), "no_clip": without_clips(ours).SerializeToString(),
-                        "ort_qdq": ort_quantize_static(to_float_onnx(ir), cfg.resolution)}
-            sessions = {k: session(v, 1) for k, v in variants.items()}
-            x = {"input": np.random.default_rng(1).standard_normal((1, 3, cfg.resolution, cfg.resolution)).astype(np.float32)}
-            for s in sessions.values():
-                for _ in range(5):
-                    s.run(None, x)
-            times: dict[str, list[float]] = {k: [] for k in sessions}
-            for _ in range(args.reps):
-                for name, s in sessions.items():
-                    start = time.perf_counter()
-                    s.run(None, x)
-                    times[name].append(time.perf_counter() - start)
+                        "ort_qdq": ort_quantize_static(fp32, cfg.resolution)}
+            times = interleaved({k: runner("onnxruntime", v, 1) for k, v in variants.items()}, args.reps)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
             def ratio(a: str, b: str) -> float:
-                return statistics.median(p / q for p, q in zip(times[a], times[b]))
+                return median_ratio(times[a], times[b])
 
             clips = sum(1 for n in ours.graph.node if n.op_type == "Clip")
             rows.append([str(cfg), clips, f"{med['ours']:.2f}", f"{med['no_clip']:.2f}", f"{med['ort_qdq']:.2f}",

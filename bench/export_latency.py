@@ -18,83 +18,24 @@ u8 x s8, 3136x576x256, measured here) that the full-width subnet reaches.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
+from argparse import Namespace
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-import torch
 from onnx import TensorProto, helper
 from tabulate import tabulate
 
+from rtfq_deploy.bench.graphs import ort_quantize_static, random_supernet
+from rtfq_deploy.bench.sessions import measure_in_child, median_ratio, median_run, ort_session
 from rtfq_deploy.costs import subnet_costs
 from rtfq_deploy.export.lower import lower
 from rtfq_deploy.export.onnx_graph import to_float_onnx, to_onnx
-from rtfq_deploy.models import SupernetConfig, build_supernet
+from rtfq_deploy.scriptargs import Parser, int_list, name_list, positive
 from rtfq_deploy.space import SubnetConfig
-
-
-def session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def ort_quantize_static(fp32: onnx.ModelProto, resolution: int) -> bytes:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            rng = np.random.default_rng(0)
-            self.batches = iter([{"input": rng.standard_normal((1, 3, resolution, resolution)).astype(np.float32)}
-                                 for _ in range(4)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "qdq.onnx")
-        onnx.save(fp32, src)
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        return open(dst, "rb").read()
-
-
-def median_run(s: ort.InferenceSession, feed: dict, runs: int, warmup: int) -> float:
-    """Median seconds of ``runs`` timed runs of ``s`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        s.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        s.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def child(path: str, threads: int, runs: int) -> None:
-    """Print the median seconds of ``runs`` runs of the model at ``path`` (after warm-up)."""
-    s = session(open(path, "rb").read(), threads)
-    r = s.get_inputs()[0].shape[2]
-    x = {"input": np.random.default_rng(1).standard_normal((1, 3, r, r)).astype(np.float32)}
-    print(median_run(s, x, runs, warmup=5))
-
-
-def measure(path: str, threads: int, runs: int) -> float:
-    done = subprocess.run([sys.executable, __file__, "--child", path, str(threads), str(runs)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"measuring {path} failed:\n{done.stderr[-2000:]}")
-    return float(done.stdout.split()[-1])
 
 
 def int8_gemm_rate(threads: int, reps: int = 20) -> float:
@@ -105,19 +46,19 @@ def int8_gemm_rate(threads: int, reps: int = 20) -> float:
                                helper.make_tensor_value_info("b", TensorProto.INT8, [k, n])],
                               [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    s = session(model.SerializeToString(), threads)
+    s = ort_session(model, threads)
     rng = np.random.default_rng(0)
     feed = {"a": rng.integers(0, 255, (m, k), dtype=np.uint8), "b": rng.integers(-128, 127, (k, n), dtype=np.int8)}
-    return m * k * n / median_run(s, feed, reps, warmup=1)
+    return m * k * n / median_run(lambda: s.run(None, feed), reps, warmup=1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subnets", default="r224-w1.00,r160-w0.73,r128-w0.60")
-    parser.add_argument("--bits", default="8,6,4")
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--rounds", type=int, default=5, help="alternations of the variants (one process each)")
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per process, after 5 warm-up runs")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subnets", type=name_list, default="r224-w1.00,r160-w0.73,r128-w0.60")
+    parser.add_argument("--bits", type=int_list, default="8,6,4")
+    parser.add_argument("--threads", type=int_list, default="1,2")
+    parser.add_argument("--rounds", type=positive, default=5, help="alternations of the variants (one process each)")
+    parser.add_argument("--runs", type=positive, default=20, help="timed runs per process, after 5 warm-up runs")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="export_latency_")
     try:
@@ -126,14 +67,12 @@ def main() -> None:
         shutil.rmtree(workdir)
 
 
-def run(args: argparse.Namespace, workdir: str) -> None:
-    torch.set_num_threads(1)  # no OpenMP pool left spinning in this process while children measure
-    torch.manual_seed(0)
-    model = build_supernet(SupernetConfig("resnet50")).eval()
-    threads = [int(t) for t in args.threads.split(",")]
+def run(args: Namespace, workdir: str) -> None:
+    model = random_supernet("resnet50")  # torch at one thread: no OpenMP pool spinning while children measure
+    threads = args.threads
     rows, size_rows, todo = [], [], []
-    for shape in args.subnets.split(","):
-        for bits in (int(b) for b in args.bits.split(",")):
+    for shape in args.subnets:
+        for bits in args.bits:
             cfg = SubnetConfig.parse(f"{shape}-q{bits}")
             ir = lower(model, model.active(cfg), cfg.resolution)
             ours = to_onnx(ir, {}).SerializeToString()
@@ -158,10 +97,11 @@ def run(args: argparse.Namespace, workdir: str) -> None:
             times: dict[str, list[float]] = {k: [] for k in paths}
             for _ in range(args.rounds):
                 for name, path in paths.items():
-                    times[name].append(measure(path, t, args.runs if name != "int4_direct" else 3))
+                    runs = args.runs if name != "int4_direct" else 3
+                    times[name].append(measure_in_child("onnxruntime", path, t, runs)["median_s"])
             med = {k: statistics.median(v) for k, v in times.items()}
-            ratio_q = statistics.median(a / b for a, b in zip(times["ours"], times["ort_qdq"]))
-            ratio_f = statistics.median(b / a for a, b in zip(times["ours"], times["fp32"]))
+            ratio_q = median_ratio(times["ours"], times["ort_qdq"])
+            ratio_f = median_ratio(times["fp32"], times["ours"])
             rows.append([str(cfg), t, f"{med['ours'] * 1e3:.2f}", f"{med['ort_qdq'] * 1e3:.2f}",
                          f"{med['fp32'] * 1e3:.2f}", f"{ratio_q:.3f}", f"{ratio_f:.2f}",
                          f"{macs / med['ours'] / rate[t]:.2f}",
@@ -176,7 +116,4 @@ def run(args: argparse.Namespace, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-    else:
-        main()
+    main()

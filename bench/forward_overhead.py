@@ -7,7 +7,6 @@ quantizers), measured interleaved in one run; prints medians and the ratio.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -16,6 +15,7 @@ from tabulate import tabulate
 
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.plan import ActiveSubnet
+from rtfq_deploy.scriptargs import Parser, name_list, positive
 from rtfq_deploy.space import SubnetConfig
 
 
@@ -27,16 +27,16 @@ def step_time(model, x: torch.Tensor, net: ActiveSubnet) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--subnets", default="r224-w1.00-q4,r160-w0.73-q4,r128-w0.60-q4")
+    parser.add_argument("--batch", type=positive, default=8)
+    parser.add_argument("--reps", type=positive, default=5)
+    parser.add_argument("--subnets", type=name_list, default="r224-w1.00-q4,r160-w0.73-q4,r128-w0.60-q4")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_supernet(SupernetConfig(args.arch)).train()
     rows = []
-    for text in args.subnets.split(","):
+    for text in args.subnets:
         config = SubnetConfig.parse(text)
         x = torch.randn(args.batch, 3, config.resolution, config.resolution)
         quant = model.active(config)

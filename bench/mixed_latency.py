@@ -13,26 +13,22 @@ Prints each variant's BitOPs, median latency and its ratio to the uniform 4-bit 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
-import subprocess
 import shutil
 import statistics
-import sys
 import tempfile
-from pathlib import Path
 
-import torch
 from tabulate import tabulate
 
-from rtfq_deploy.costs import plan_costs, walk  # noqa: E402
-from rtfq_deploy.export.lower import lower  # noqa: E402
-from rtfq_deploy.export.onnx_graph import to_onnx  # noqa: E402
-from rtfq_deploy.models import SupernetConfig, build_supernet  # noqa: E402
-from rtfq_deploy.space import MixedBits, SearchSpace, SubnetConfig  # noqa: E402
-from rtfq_deploy.train.mixed import free_quantizers  # noqa: E402
+from rtfq_deploy.bench.graphs import random_supernet
+from rtfq_deploy.bench.sessions import bench_rounds, median_ratio
+from rtfq_deploy.costs import plan_costs, walk
+from rtfq_deploy.export.lower import lower
+from rtfq_deploy.export.onnx_graph import to_onnx
+from rtfq_deploy.scriptargs import Parser, name_list, positive
+from rtfq_deploy.space import MixedBits, SearchSpace, SubnetConfig
+from rtfq_deploy.train.mixed import free_quantizers
 
 BITS = (8, 6, 5, 4, 3, 2)
 
@@ -59,19 +55,17 @@ def plans_near(model, resolution: int, width: float, target: int, count: int, se
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subnets", default="r224-w1.00,r160-w0.73")
-    parser.add_argument("--plans", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subnets", type=name_list, default="r224-w1.00,r160-w0.73")
+    parser.add_argument("--plans", type=positive, default=3)
+    parser.add_argument("--threads", type=positive, default=1)
+    parser.add_argument("--rounds", type=positive, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_supernet(SupernetConfig("resnet50", space=SearchSpace(bits=BITS))).eval()
+    model = random_supernet("resnet50", SearchSpace(bits=BITS))
     workdir = tempfile.mkdtemp(prefix="mixed_latency_")
     rows = []
     try:
-        for shape in args.subnets.split(","):
+        for shape in args.subnets:
             r, w = int(shape.split("-")[0][1:]), float(shape.split("-w")[1])
             walked = walk(model, r, w)
             uniform = {q: SubnetConfig(r, w, q) for q in (8, 4, 3)}
@@ -86,18 +80,11 @@ def main() -> None:
                 with open(paths[name], "wb") as f:
                     f.write(to_onnx(ir, {}).SerializeToString())
                 bitops[name] = plan_costs(model, walked, model.plan(cfg)).bitops
-            times: dict[str, list[float]] = {k: [] for k in paths}
-            for i in range(args.rounds):
-                results = os.path.join(workdir, f"{shape}-{i}.json")
-                subprocess.run([str(Path(sys.executable).parent / "rtfq-bench"), "run", *paths.values(), "-o", results,
-                                "--threads", str(args.threads)], check=True, stdout=subprocess.DEVNULL)
-                p50 = {row["path"]: row["latency_p50_ms"] / 1e3 for row in json.load(open(results))["models"]}
-                for name, path in paths.items():
-                    times[name].append(p50[str(Path(path).resolve())])
+            times = bench_rounds(paths, args.rounds, args.threads, workdir)
             for name, cfg in variants.items():
-                ratio = statistics.median(a / b for a, b in zip(times[name], times["uniform q4"]))
+                ratio = median_ratio(times[name], times["uniform q4"])
                 rows.append([shape, name, str(cfg), f"{bitops[name] / 1e9:.2f}",
-                             f"{statistics.median(times[name]) * 1e3:.2f}", f"{ratio:.3f}"])
+                             f"{statistics.median(times[name]):.2f}", f"{ratio:.3f}"])
     finally:
         shutil.rmtree(workdir)
     print(f"ResNet-50, random weights, batch 1, {args.threads} thread(s), onnxruntime, rtfq-bench run over every "

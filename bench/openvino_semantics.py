@@ -35,7 +35,6 @@ are identical.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 import tempfile
@@ -44,6 +43,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from rtfq_deploy.bench.graphs import add_input_clips, without_clips
+from rtfq_deploy.bench.runtimes import open_session
+from rtfq_deploy.bench.sessions import ort_session
+from rtfq_deploy.scriptargs import Parser, positive
 
 
 def build_checkpoint(path: Path, classes: int, seed: int, randomise_bn: bool, arch: str = "tiny_resnet") -> None:
@@ -138,90 +142,29 @@ def int8_signed(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, len(zps)
 
 
-def add_input_clips(model: onnx.ModelProto, every: bool = False) -> tuple[onnx.ModelProto, int]:
-    """A full-range integer Clip (an identity) between QuantizeLinear and DequantizeLinear
-    on every input of a residual Add that has none (``every``: on every activation
-    QuantizeLinear that has none): OpenVINO then keeps that tensor's requantization
-    instead of fusing the add into the producing convolution."""
-    from onnx import helper
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    inits = _inits(model)
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers = {i for n in model.graph.node for i in n.input if n.op_type == "Clip"}
-    targets = {n.output[0] for n in model.graph.node if every and n.op_type == "QuantizeLinear"
-               and n.output[0] not in consumers and n.input[0] != model.graph.input[0].name}
-    for node in model.graph.node:
-        if node.op_type == "Add":
-            for name in node.input:
-                dq = producers.get(name)
-                q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-                if q is not None and q.op_type == "QuantizeLinear":
-                    targets.add(q.output[0])
-    nodes = []
-    for node in model.graph.node:
-        nodes.append(node)
-        if node.op_type == "QuantizeLinear" and node.output[0] in targets:
-            name = node.output[0]
-            dtype = numpy_helper.to_array(inits[node.input[2]]).dtype
-            info = np.iinfo(dtype)
-            node.output[0] = f"{name}.unclipped"
-            model.graph.initializer.extend([numpy_helper.from_array(np.array(info.min, dtype), f"{name}.cmin"),
-                                            numpy_helper.from_array(np.array(info.max, dtype), f"{name}.cmax")])
-            nodes.append(helper.make_node("Clip", [f"{name}.unclipped", f"{name}.cmin", f"{name}.cmax"], [name]))
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return model, len(targets)
-
-
-def no_clips(model: onnx.ModelProto) -> onnx.ModelProto:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    rename = {}
-    keep = []
-    for node in model.graph.node:
-        if node.op_type == "Clip" and node.input[1] in _inits(model):
-            rename[node.output[0]] = node.input[0]
-        else:
-            keep.append(node)
-    for node in keep:
-        for i, name in enumerate(node.input):
-            node.input[i] = rename.get(name, name)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    return model
-
-
 # ---- running ---------------------------------------------------------------------------------
 
-def run_ort(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The first output of onnxruntime (one thread) on ``x``, 32 inputs at a time."""
+    session = ort_session(model, 1)
     name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: x[i:i + 32]}) for i in range(0, len(x), 32)]
-    return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+    return np.concatenate([session.run(None, {name: x[i:i + 32]})[0] for i in range(0, len(x), 32)])
 
 
-def run_ov(model: onnx.ModelProto, x: np.ndarray, folder: Path) -> list[np.ndarray]:
-    import openvino as ov
-
+def run_ov(model: onnx.ModelProto, x: np.ndarray, folder: Path) -> np.ndarray:
+    """The first output of OpenVINO's CPU plugin (one thread, batch 32, the last batch
+    padded with zeros) on ``x``."""
     path = folder / "ov.onnx"
     onnx.save(model, path)
-    core = ov.Core()
-    m = core.read_model(str(path))
-    m.reshape({m.inputs[0].get_any_name(): [32, *x.shape[1:]]})
-    compiled = core.compile_model(m, "CPU", {"INFERENCE_NUM_THREADS": 1})
+    session = open_session("openvino", str(path), threads=1, batch_size=32)
+    name = session.inputs[0].name
     outs = []
     for i in range(0, len(x), 32):
         chunk = x[i:i + 32]
         pad = 32 - len(chunk)
         batch = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-        result = compiled({0: batch})
-        outs.append([np.asarray(result[o])[:len(chunk)] for o in compiled.outputs])
-    return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+        outs.append(np.asarray(session.infer({name: batch}))[:len(chunk)])
+    return np.concatenate(outs)
 
 
 def output_step(model: onnx.ModelProto) -> np.ndarray:
@@ -233,7 +176,7 @@ def output_step(model: onnx.ModelProto) -> np.ndarray:
 
 
 def compare(model: onnx.ModelProto, x: np.ndarray, folder: Path) -> dict[str, float]:
-    a, b = run_ort(model, x)[0], run_ov(model, x, folder)[0]
+    a, b = run_ort(model, x), run_ov(model, x, folder)
     steps = np.abs(a - b) / output_step(model)
     return {"agree": float((a.argmax(1) == b.argmax(1)).mean()), "max_steps": float(steps.max()),
             "mean_steps": float(steps.mean()), "exact": float((steps < 1e-3).all(axis=1).mean())}
@@ -274,13 +217,13 @@ def per_tensor(model: onnx.ModelProto, x: np.ndarray, folder: Path) -> None:
         scale = numpy_helper.to_array(inits[scale_name]).astype(np.float64)
         zp = numpy_helper.to_array(inits[zp_name]).astype(np.float64)
         sub = prefix_model(model, dq_out)
-        a, b = run_ort(sub, x)[0], run_ov(sub, x, folder)[0]
+        a, b = run_ort(sub, x), run_ov(sub, x, folder)
         diff = np.abs(np.round(a / scale + zp) - np.round(b / scale + zp))
         clip = any(n.op_type == "Clip" and n.output[0] == codes for n in model.graph.node)
         ties = "-"
         pre = _pre_quantization(model, codes)
         if diff.max() > 0 and pre is not None:
-            value = run_ort(prefix_model(model, pre), x)[0].astype(np.float64) / scale
+            value = run_ort(prefix_model(model, pre), x).astype(np.float64) / scale
             if value.size == diff.size:
                 value = value.reshape(diff.shape)
                 frac = np.abs(value - np.floor(value) - 0.5)
@@ -307,7 +250,7 @@ def on_images(models: Path, images: Path) -> None:
             model = onnx.load(path)
             row = [path.stem]
             for variant in (model, add_input_clips(model)[0]):
-                a, b = run_ort(variant, x)[0], run_ov(variant, x, folder)[0]
+                a, b = run_ort(variant, x), run_ov(variant, x, folder)
                 steps = np.abs(a - b) / output_step(variant)
                 row += [f"{float((a.argmax(1) == y).mean()):.4f}", f"{float((b.argmax(1) == y).mean()):.4f}",
                         f"{float((a.argmax(1) == b.argmax(1)).mean()):.2%}", f"{float((steps < 1e-3).all(1).mean()):.2%}"]
@@ -319,10 +262,10 @@ def on_images(models: Path, images: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--subnets", default="r128-w1.00-q8,r128-w1.00-q6,r128-w1.00-q4")
-    p.add_argument("--inputs", type=int, default=256)
-    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--inputs", type=positive, default=256)
+    p.add_argument("--classes", type=positive, default=10)
     p.add_argument("--arch", default="tiny_resnet", choices=["tiny_resnet", "resnet50", "tiny_mobilenet", "mobilenet_v2"],
                    help="resnet50: bottleneck blocks with identity shortcuts (subnets like r128-w0.60-q8)")
     p.add_argument("--seed", type=int, default=0)
@@ -335,12 +278,12 @@ def main() -> None:
     p.add_argument("--images", type=Path, help="labeled images (one sub-folder per class) for --models")
     args = p.parse_args()
     if (args.models is None) != (args.images is None):
-        raise SystemExit("--models and --images go together")
+        p.error("--models and --images go together")
     if args.models is not None:
         on_images(args.models, args.images)
         return
-    if not 1 <= args.inputs <= 100_000:
-        raise SystemExit("--inputs must be between 1 and 100000")
+    if args.inputs > 100_000:
+        p.error("--inputs must be between 1 and 100000")
     import importlib.metadata
 
     print(f"onnxruntime {importlib.metadata.version('onnxruntime')}, openvino {importlib.metadata.version('openvino')}; "
@@ -369,7 +312,7 @@ def main() -> None:
             variants = {"as exported": model, "positive scales": pos, "int8 signed": signed, "both": both,
                         "add-input clips": clipped, "add-input clips, both": add_input_clips(both)[0],
                         "clips on every tensor": add_input_clips(model, every=True)[0],
-                        "no clips (diagnostic)": no_clips(model)}
+                        "no clips (diagnostic)": without_clips(model)}
             print(f"{'variant':30s} {'top-1 agrees':>12s} {'exact rows':>10s} {'max steps':>9s} {'mean steps':>10s}")
             for name, variant in variants.items():
                 c = compare(variant, x, folder)

@@ -12,37 +12,27 @@ grows layer by layer, is float32 requantization at a .5 tie, not an export error
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
+from rtfq_deploy.bench.sessions import ort_session
 from rtfq_deploy.checkpoint import load_checkpoint
 from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
 from rtfq_deploy.export.api import build_model
 from rtfq_deploy.export.verify import output_step, torch_logits
 from rtfq_deploy.images import load_folder
+from rtfq_deploy.scriptargs import Parser, positive
 from rtfq_deploy.space import SubnetConfig
 
 
-def session(model: onnx.ModelProto, fused: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    if not fused:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--subnet", required=True)
     ap.add_argument("--images", required=True)
-    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--limit", type=positive, default=300)
     args = ap.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt.model.config.space.parse(args.subnet)
@@ -53,7 +43,7 @@ def main() -> None:
     step = output_step(expected) or 1.0  # all-zero logits: plain logit units
     worst = 0
     for fused in (True, False):
-        got = session(model, fused).run(None, {ir.input: x.numpy()})[0]
+        got = ort_session(model, 1, fused).run(None, {ir.input: x.numpy()})[0]
         steps = np.abs(expected - got).max(1) / step
         worst = int(steps.argmax()) if fused else worst
         print(f"{'fused integer kernels' if fused else 'unfused float32 Q/DQ':22s} max {steps.max():.2f} steps, "
@@ -64,8 +54,8 @@ def main() -> None:
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in codes)
     xi = x[worst:worst + 1].numpy()
     ref = ReferenceEvaluator(probe).run(codes, {ir.input: xi})
-    fused_codes = session(probe, True).run(codes, {ir.input: xi})
-    plain_codes = session(probe, False).run(codes, {ir.input: xi})
+    fused_codes = ort_session(probe, 1, True).run(codes, {ir.input: xi})
+    plain_codes = ort_session(probe, 1, False).run(codes, {ir.input: xi})
     print(f"\ncodes differing from the ONNX reference on image {worst}:")
     print(f"{'tensor':44s} {'size':>8s} {'fused':>7s} {'unfused':>8s}")
     for name, r, f, p in zip(codes, ref, fused_codes, plain_codes):

@@ -71,8 +71,10 @@ def test_an_empty_out_folder_is_one_line_and_exit_2(script, out, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_out_folder_is_absolute_and_a_nul_is_refused(ablation, tmp_path, monkeypatch):
+def test_out_folder_is_absolute_and_a_nul_is_refused(tmp_path, monkeypatch):
+    from rtfq_deploy.ablation import out_dir
+
     monkeypatch.chdir(tmp_path)
-    assert ablation._out_dir("runs") == tmp_path.resolve() / "runs"
+    assert out_dir("runs") == tmp_path.resolve() / "runs"
     with pytest.raises(Exception, match="not a usable path"):  # argv cannot carry a NUL; Python callers can
-        ablation._out_dir("a\0b")
+        out_dir("a\0b")

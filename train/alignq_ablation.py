@@ -25,16 +25,12 @@ two at a time). The diagnostic rows: `--seeds 1 --runs alignq-w,alignq-a`, then
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_ablation import _out_dir, _positive, _seeds, mean_std, recipe_steps, scaled, sh, tool, train_and_eval  # noqa: E402
+from rtfq_deploy import ablation
+from rtfq_deploy.ablation import mean_std, recipe_steps, scaled, sh, tool, train_and_eval
 
 RECIPE = "synth_strong_paper_cpu"
 SPACE = ["--resolutions", "64,56,48,40", "--widths", "1.0,0.86,0.73,0.6", "--bits", "4,2"]
@@ -49,11 +45,10 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {  # name -> (weights' kind, activ
 DEFAULT_RUNS = ("lsq", "alignq", "alignq-admm")
 
 
-def prepare(out: Path, seed: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "data").exists():
-        sh(tool("rtfq"), "data", "synth", str(out / "data"), "--shift", "strong", "--seed", str(seed))
-    for weights, acts, _ in RUNS.values():
+def prepare(out: Path, seed: int, names: list[str]) -> None:
+    """The seed's data and the initial weights of the quantizer kinds ``names`` train with."""
+    ablation.make_data(out, seed, "strong")
+    for weights, acts in dict.fromkeys(RUNS[name][:2] for name in names):
         init = out / f"init-{weights}-{acts}.pt"
         if not init.exists():
             sh(tool("rtfq"), "init", "--arch", "tiny_resnet", "--num-classes", "16", *SPACE, "--weight-quantizer",
@@ -85,39 +80,22 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, o
             for q in BITS:
                 diffs = [results[a][s][f"q{q}"] - results[b][s][f"q{q}"] for s in done]
                 print(f"{label:<18} q{q}: {mean_std(diffs)}  per seed " + ", ".join(f"{d:+.3f}" for d in diffs))
-    (out / "alignq_ablation.json").write_text(json.dumps(
-        {"seeds": seeds, "results": {n: {str(s): v for s, v in r.items()} for n, r in results.items()}}, indent=2))
+    ablation.write_json(out / "alignq_ablation.json", {
+        "seeds": seeds, "results": {n: {str(s): v for s, v in r.items()} for n, r in results.items()}}, newline=False)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=_out_dir, required=True)
-    ap.add_argument("--seeds", type=_seeds, default="1,2,3")
-    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
-    ap.add_argument("--steps", type=_positive, help="override the recipe's steps (every phase scaled alike)")
-    ap.add_argument("--jobs", type=_positive, default=2, help="runs trained at a time (one thread each)")
+    ap = ablation.parser(__doc__.split("\n\n")[0], RUNS, DEFAULT_RUNS)
+    ap.add_argument("--steps", type=ablation.positive, help="override the recipe's steps (every phase scaled alike)")
     ap.add_argument("--report-only", action="store_true", help="report the kept runs, train nothing")
     args = ap.parse_args()
-    seeds = args.seeds
-    names = [n for n in args.runs.split(",") if n]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown or not names:
-        ap.error(f"unknown runs: {', '.join(unknown)} (known: {', '.join(RUNS)})")
+    names = ablation.run_names(ap, args.runs, RUNS)
     steps = recipe_steps(RECIPE)
     started = time.monotonic()
-    def kept(seed: int, name: str) -> bool:
-        return (args.out / f"seed{seed}" / f"{name}.acc.json").exists()
-
-    jobs = [(seed, name) for seed in seeds for name in names if kept(seed, name) or not args.report_only]
-    for seed in sorted({seed for seed, name in jobs if not kept(seed, name)}):
-        prepare(args.out / f"seed{seed}", seed)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        done = list(pool.map(lambda j: one(args.out / f"seed{j[0]}", j[0], j[1], steps, args.steps,
-                                           max(1, 2 // args.jobs)), jobs))
-    results: dict[str, dict[int, dict]] = {n: {} for n in names}
-    for (seed, name), figures in zip(jobs, done):
-        results[name][seed] = figures
-    report(results, seeds, time.monotonic() - started, args.out)
+    results = ablation.run_table(args.out, args.seeds, names,
+                                 lambda out, seed, name, threads: one(out, seed, name, steps, args.steps, threads),
+                                 jobs=args.jobs, prepare=prepare, report_only=args.report_only)
+    report(results, args.seeds, time.monotonic() - started, args.out)
 
 
 if __name__ == "__main__":

@@ -26,18 +26,15 @@ the tables kept in the repository.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import statistics
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_ablation import _out_dir, _positive, _seeds, mean_std, sh, tool, train_and_eval  # noqa: E402  (same folder)
+from rtfq_deploy import ablation
+from rtfq_deploy.ablation import mean_std, sh, tool, train_and_eval
 
 BITS = (6, 5, 4, 3, 2)
 SPACE = ["--resolutions", "64", "--widths", "1.0"]
@@ -51,21 +48,23 @@ BUDGETS = ((4, 3), (3, 2))  # halfway between these uniform levels' BitOPs
 RECIPE = "synth_strong_paper_cpu"
 
 
-def prepare(out: Path, seed: int, bits: tuple[int, ...]) -> Path:
-    data, init = out / "data", out / f"init-{''.join(map(str, bits))}.pt"
-    out.mkdir(parents=True, exist_ok=True)
-    if not data.exists():
-        sh(tool("rtfq"), "data", "synth", str(data), "--shift", "strong", "--seed", str(seed))
-    if not init.exists():
-        sh(tool("rtfq"), "init", "--arch", "tiny_resnet", "--num-classes", "16", *SPACE,
-           "--bits", ",".join(map(str, bits)), "--seed", str(seed), "-o", str(init))
-    return init
+def init_path(out: Path, bits: tuple[int, ...]) -> Path:
+    return out / f"init-{''.join(map(str, bits))}.pt"
+
+
+def prepare(out: Path, seed: int, names: list[str]) -> None:
+    """The seed's data and the initial weights of each candidate set ``names`` train with."""
+    ablation.make_data(out, seed, "strong")
+    for bits in dict.fromkeys(RUNS[name][1] for name in names):
+        if not init_path(out, bits).exists():
+            sh(tool("rtfq"), "init", "--arch", "tiny_resnet", "--num-classes", "16", *SPACE,
+               "--bits", ",".join(map(str, bits)), "--seed", str(seed), "-o", str(init_path(out, bits)))
 
 
 def train_one(out: Path, seed: int, name: str, threads: int) -> dict:
     options, bits = RUNS[name]
     table = train_and_eval(out, seed, name, lambda: [
-        "--checkpoint", str(prepare(out, seed, bits)), "--recipe", RECIPE, "--rule", "mixed", "--n-random", "3",
+        "--checkpoint", str(init_path(out, bits)), "--recipe", RECIPE, "--rule", "mixed", "--n-random", "3",
         *options], threads)
     return {"top1": {r["subnet"]: r["top1"] for r in table["subnets"]}, "train_seconds": table["train_seconds"],
             "bitops": {r["subnet"]: r["bitops"] for r in table["subnets"]}}
@@ -160,7 +159,7 @@ def plans_one(out: Path, seed: int, count: int, search_images: int, threads: int
         b["top1"] = {name: top1[name] for name in b["score"]}
         b["bitops"] = {name: bitops[name] for name in b["score"]}
     result = {"budgets": budgets}
-    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    ablation.write_json(result_path, result)
     return result
 
 
@@ -193,8 +192,8 @@ def report(trained: dict[str, dict[int, dict]], plans: dict[int, dict], seeds: l
     rows = []
     for name, per_seed in trained.items():
         bits = RUNS[name][1]
-        cells = [mean_std([per_seed[s]["top1"][f"r64-w1.00-q{q}"] for s in per_seed]) if q in bits else "-"
-                 for q in BITS]
+        figures = {s: {f"q{q}": r["top1"][f"r64-w1.00-q{q}"] for q in bits} for s, r in per_seed.items()}
+        cells = ablation.mean_std_cells(figures, [f"q{q}" for q in BITS])
         seconds = statistics.fmean(r["train_seconds"] for r in per_seed.values())
         rows.append([name, *cells, f"{seconds:.0f}"])
     print(tabulate(rows, headers=["run", *(f"q{q}" for q in BITS), "train s"], disable_numparse=True))
@@ -233,36 +232,23 @@ def report(trained: dict[str, dict[int, dict]], plans: dict[int, dict], seeds: l
                                       "BGS - uniform", "rank corr"], disable_numparse=True))
         summary["plans"] = {str(s): p for s, p in plans.items()}
     print(f"\nwall time: {wall:.0f} s")
-    (out / "mpq.json").write_text(json.dumps({"seeds": seeds, **summary, "wall_seconds": wall}, indent=2) + "\n")
+    ablation.write_json(out / "mpq.json", {"seeds": seeds, **summary, "wall_seconds": wall})
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=_out_dir, required=True)
-    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
-    ap.add_argument("--seeds", type=_seeds, default="1,2,3", help="data, initial weights and training seeds")
-    ap.add_argument("--jobs", type=_positive, default=2, help="runs at a time (each with 2 // jobs threads)")
-    ap.add_argument("--random-plans", type=_positive, default=20, help="random plans per budget")
-    ap.add_argument("--search-images", type=_positive, default=128, help="images each plan is scored on")
+    ap = ablation.parser(__doc__, RUNS)
+    ap.add_argument("--random-plans", type=ablation.positive, default=20, help="random plans per budget")
+    ap.add_argument("--search-images", type=ablation.positive, default=128, help="images each plan is scored on")
     ap.add_argument("--no-plans", action="store_true", help="train and evaluate only (no search, no random plans)")
     args = ap.parse_args()
-    names = [n for n in args.runs.split(",") if n]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        ap.error(f"unknown runs: {', '.join(unknown)}")
-    threads = max(1, 2 // args.jobs)
+    names = ablation.run_names(ap, args.runs, RUNS)
     started = time.monotonic()
-    tasks = [(seed, name) for name in names for seed in args.seeds]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        done = list(pool.map(lambda t: train_one(args.out / f"seed{t[0]}", t[0], t[1], threads), tasks))
-    trained: dict[str, dict[int, dict]] = {name: {} for name in names}
-    for (seed, name), result in zip(tasks, done):
-        trained[name][seed] = result
+    trained = ablation.run_table(args.out, args.seeds, names, train_one, jobs=args.jobs, prepare=prepare)
     plans = {}
     if "mixed" in names and not args.no_plans:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            found = list(pool.map(lambda s: plans_one(args.out / f"seed{s}", s, args.random_plans,
-                                                      args.search_images, threads), args.seeds))
+        threads = max(1, ablation.CPUS // args.jobs)
+        found = ablation.parallel(lambda s: plans_one(args.out / f"seed{s}", s, args.random_plans, args.search_images,
+                                                      threads), args.seeds, args.jobs)
         plans = dict(zip(args.seeds, found))
     report(trained, plans, args.seeds, time.monotonic() - started, args.out)
 

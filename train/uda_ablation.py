@@ -33,16 +33,12 @@ tuned on seed-0 data, so the default seeds leave seed 0 out.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+
+from rtfq_deploy import ablation
+from rtfq_deploy.ablation import mean_std, recipe_steps, scaled, sh, tool, train_and_eval
 
 RECIPES = {"mild": "synth_cpu", "strong": "synth_strong_cpu"}
 CLASSES = {"mild": 10, "strong": 16}
@@ -64,72 +60,12 @@ RUNS: dict[str, tuple[list[str], float]] = {  # in the order they run
 }
 
 
-def tool(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
-def sh(*args: str, env: dict | None = None, log: Path | None = None) -> None:
-    """Run a command; its progress (stderr) goes to ``log`` when given."""
-    if log is None:
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, env=env)
-        return
-    with open(log, "a") as f:
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=f, env=env)
-
-
-def recipe_steps(recipe: str) -> dict[str, int]:
-    import rtfq_deploy
-    from rtfq_deploy.train.config import TrainConfig
-
-    path = Path(recipe) if recipe.endswith(".json") else Path(rtfq_deploy.__file__).parent / "train/recipes" / f"{recipe}.json"
-    cfg = TrainConfig.from_dict({k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")})
-    return {"steps": cfg.steps, "warmup-steps": cfg.warmup_steps, "target-start": cfg.target_start,
-            "rampup-steps": cfg.rampup_steps, "checkpoint-every": cfg.checkpoint_every}
-
-
-def scaled(steps: dict[str, int], share: float, override: int | None) -> list[str]:
-    """Options that run ``share`` of the recipe's schedule (every phase scaled alike)."""
-    if override:
-        share *= override / steps["steps"]
-    if share == 1.0:
-        return []
-    return [arg for key, value in steps.items() for arg in (f"--{key}", str(max(1, round(value * share))))]
-
-
 def prepare(out: Path, seed: int, shift: str, arch: str = "tiny_resnet") -> None:
-    data, init = out / "data", out / "init.pt"
-    out.mkdir(parents=True, exist_ok=True)
-    if not data.exists():
-        sh(tool("rtfq"), "data", "synth", str(data), "--shift", shift, "--seed", str(seed))
+    init = out / "init.pt"
+    ablation.make_data(out, seed, shift)
     if not init.exists():
         sh(tool("rtfq"), "init", "--arch", arch, "--num-classes", str(CLASSES[shift]), *SPACE,
            "--seed", str(seed), "-o", str(init))
-
-
-def train_and_eval(out: Path, seed: int, name: str, args: Callable[[], list[str]], threads: int) -> dict:
-    """Train OUT/NAME (``args()``: the checkpoint, recipe and options; called only when the
-    run is missing; an interrupted run is resumed), then evaluate every subnet on the
-    seed's held-out target images. The accuracy table OUT/NAME.acc.json, with the training
-    time and the data's pixel digest, is all that is kept and what a later call reuses."""
-    run, acc = out / name, out / f"{name}.acc.json"
-    if not acc.exists():
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        started = time.monotonic()
-        train = ["--resume", str(run)] if (run / "run.json").exists() else [
-            "--source", str(out / "data/source"), "--target", str(out / "data/target"), "--out", str(run),
-            "--seed", str(seed), *args()]
-        sh(tool("rtfq-train"), *train, env=env, log=out / f"{name}.log")
-        train_s = time.monotonic() - started
-        sh(tool("rtfq"), "eval", "--checkpoint", str(run / "supernet.pt"), "--data", str(out / "data/target_test"),
-           "-o", str(acc), env=env)
-        table = json.loads(acc.read_text())
-        table["train_seconds"] = train_s
-        # which pixels it trained on: runs on two CPUs differ, and this tells whether the data did
-        record = json.loads((out / "data/synth.json").read_text())
-        table["data_pixels_sha256"] = record.get("pixels_sha256") if isinstance(record, dict) else None
-        acc.write_text(json.dumps(table, indent=2))
-        print(f"seed {seed} {name}: trained in {train_s:.0f} s", flush=True)
-    return json.loads(acc.read_text())
 
 
 def one(out: Path, seed: int, name: str, recipe: str, steps: dict[str, int], override: int | None,
@@ -151,12 +87,6 @@ def summarise(top1: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, out: Path) -> None:
     from tabulate import tabulate
 
@@ -165,7 +95,7 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, o
     rows = []
     for name, per_seed in summary.items():
         seconds = statistics.fmean(results[name][s]["train_seconds"] for s in per_seed)
-        rows.append([name, *(mean_std([per_seed[s][k] for s in per_seed]) for k in keys), f"{seconds:.0f}"])
+        rows.append([name, *ablation.mean_std_cells(per_seed, keys), f"{seconds:.0f}"])
     print(f"\nTarget top-1 on held-out target images, mean ± std over seeds {','.join(map(str, seeds))}: the mean over "
           f"all 48 subnets, over the 16 of each bit-width, maxnet {MAXNET} and minnet {MINNET}")
     print(tabulate(rows, headers=["run", *keys, "train s"], disable_numparse=True))
@@ -184,101 +114,28 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, o
                               for k in ("mean", *(f"q{q}" for q in BITS)))] for seed in seeds]
             print(tabulate(table, headers=["seed", "mean", *(f"q{q}" for q in BITS)], disable_numparse=True))
     print(f"\nwall time of these runs: {wall:.0f} s")
-    (out / "ablation.json").write_text(json.dumps({"seeds": seeds, "summary": summary, "wall_seconds": wall,
-                                                   "runs": results}, indent=2) + "\n")
-    plot(summary, seeds, out / "ablation.png")
-
-
-def plot(summary: dict[str, dict[int, dict]], seeds: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(summary)
-    keys = ["mean", *(f"q{q}" for q in BITS)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 3.6))
-    width = 0.8 / len(keys)
-    for i, key in enumerate(keys):
-        values = np.array([[summary[n][s][key] for s in seeds] for n in names])
-        std = values.std(axis=1, ddof=1) if len(seeds) > 1 else None
-        ax.bar(np.arange(len(names)) + (i - (len(keys) - 1) / 2) * width, values.mean(axis=1), width, yerr=std,
-               capsize=2, label=key)
-    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel("target top-1")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"mean ± std over seeds {','.join(map(str, seeds))}")
-    ax.legend(ncols=len(keys), fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _positive(text: str) -> int:
-    """argparse type: a whole number from 1 to 10^6 (a bad one is argparse's one-line error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= 10**6:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 1000000, got {value}")
-    return value
-
-
-def _out_dir(text: str) -> Path:
-    """argparse type: a folder, made absolute so that the training runs' command lines and
-    run.json name absolute paths (``pkill -f``, ``--resume`` from anywhere)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty path")
-    try:
-        return Path(text).resolve()
-    except (ValueError, OSError) as e:  # a NUL byte, a name too long
-        raise argparse.ArgumentTypeError(f"not a usable path: {e}") from None
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}") from None
-    if not seeds or not all(0 <= s < 2**31 for s in seeds) or len(seeds) > 100:
-        raise argparse.ArgumentTypeError(f"expected 1 to 100 seeds in 0..2^31-1, got {text!r}")
-    return seeds
+    ablation.write_json(out / "ablation.json", {"seeds": seeds, "summary": summary, "wall_seconds": wall,
+                                                "runs": results})
+    ablation.bar_chart(summary, ["mean", *(f"q{q}" for q in BITS)], seeds, out / "ablation.png")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=_out_dir, required=True)
-    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
-    ap.add_argument("--seeds", type=_seeds, default="1,2,3", help="data, initial weights and training seeds")
+    ap = ablation.parser(__doc__, RUNS)
     ap.add_argument("--shift", choices=sorted(RECIPES), default="strong")
     ap.add_argument("--arch", choices=["tiny_resnet", "tiny_mobilenet"], default="tiny_resnet",
                     help="supernet of every run (tiny_mobilenet uses its own recipe of the shift)")
     ap.add_argument("--recipe", help="override the shift's recipe (a name or a JSON file)")
-    ap.add_argument("--steps", type=_positive, help="override the recipe's steps (every phase scaled alike)")
-    ap.add_argument("--jobs", type=_positive, default=2, help="runs at a time (each with 2 // jobs threads)")
+    ap.add_argument("--steps", type=ablation.positive, help="override the recipe's steps (every phase scaled alike)")
     args = ap.parse_args()
-    names = [n for n in args.runs.split(",") if n]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        ap.error(f"unknown runs: {', '.join(unknown)}")
-    seeds = args.seeds
+    names = ablation.run_names(ap, args.runs, RUNS)
     recipe = args.recipe or RECIPES[args.shift] + ("_mobilenet" if args.arch == "tiny_mobilenet" else "")
     steps = recipe_steps(recipe)
-    for seed in seeds:  # data and initial weights only where a run is still to train
-        if any(not (args.out / f"seed{seed}" / f"{name}.acc.json").exists() for name in names):
-            prepare(args.out / f"seed{seed}", seed, args.shift, args.arch)
-    tasks = [(seed, name) for name in names for seed in seeds]  # every seed of a row before the next row
-    threads = max(1, 2 // args.jobs)
     started = time.monotonic()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        done = list(pool.map(lambda t: one(args.out / f"seed{t[0]}", t[0], t[1], recipe, steps, args.steps, threads),
-                             tasks))
-    results: dict[str, dict[int, dict]] = {name: {} for name in names}
-    for (seed, name), result in zip(tasks, done):
-        results[name][seed] = result
-    report(results, seeds, time.monotonic() - started, args.out)
+    results = ablation.run_table(
+        args.out, args.seeds, names, lambda out, seed, name, threads: one(out, seed, name, recipe, steps, args.steps,
+                                                                          threads),
+        jobs=args.jobs, prepare=lambda out, seed, _missing: prepare(out, seed, args.shift, args.arch))
+    report(results, args.seeds, time.monotonic() - started, args.out)
 
 
 if __name__ == "__main__":
