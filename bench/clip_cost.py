@@ -13,7 +13,7 @@ import statistics
 
 from tabulate import tabulate
 
-from rtfq_deploy.bench.graphs import ort_quantize_static, random_supernet, subnet_graphs, without_clips
+from rtfq_deploy.export.reference_graphs import ort_quantize_static, random_supernet, subnet_graphs, without_clips
 from rtfq_deploy.bench.sessions import interleaved, median_ratio, runner
 from rtfq_deploy.scriptargs import Parser, int_list, name_list, positive
 from rtfq_deploy.space import SubnetConfig

@@ -29,7 +29,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from tabulate import tabulate
 
-from rtfq_deploy.bench.graphs import ort_quantize_static, random_supernet
+from rtfq_deploy.export.reference_graphs import ort_quantize_static, random_supernet
 from rtfq_deploy.bench.sessions import measure_in_child, median_ratio, median_run, ort_session
 from rtfq_deploy.costs import subnet_costs
 from rtfq_deploy.export.lower import lower

@@ -21,7 +21,7 @@ import tempfile
 
 from tabulate import tabulate
 
-from rtfq_deploy.bench.graphs import random_supernet
+from rtfq_deploy.export.reference_graphs import random_supernet
 from rtfq_deploy.bench.sessions import bench_rounds, median_ratio
 from rtfq_deploy.costs import plan_costs, walk
 from rtfq_deploy.export.lower import lower

@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from rtfq_deploy.bench.graphs import add_input_clips, without_clips
+from rtfq_deploy.export.reference_graphs import add_input_clips, without_clips
 from rtfq_deploy.bench.runtimes import open_session
 from rtfq_deploy.bench.sessions import ort_session
 from rtfq_deploy.scriptargs import Parser, positive

@@ -49,7 +49,7 @@ def build(shape: str, bits: int, model, workdir: str) -> dict[str, str]:  # noqa
     """The subnet's four graphs as files; returns {graph name: path}."""
     import onnx
 
-    from rtfq_deploy.bench.graphs import add_input_clips, ort_quantize_static, subnet_graphs
+    from rtfq_deploy.export.reference_graphs import add_input_clips, ort_quantize_static, subnet_graphs
     from rtfq_deploy.space import SubnetConfig
 
     cfg = SubnetConfig.parse(f"{shape}-q{bits}")
@@ -84,7 +84,7 @@ def main() -> None:
                         help="instead: one process, one thread, the pairs run in turn N times")
     args = parser.parse_args()
     threads = [1] if args.interleaved else args.threads
-    from rtfq_deploy.bench.graphs import random_supernet
+    from rtfq_deploy.export.reference_graphs import random_supernet
 
     model = random_supernet(args.arch)
     workdir = tempfile.mkdtemp(prefix="runtime_latency_")

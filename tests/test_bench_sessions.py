@@ -12,7 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rtfq_deploy.bench import graphs, sessions
+from rtfq_deploy.bench import sessions
+from rtfq_deploy.export import reference_graphs as graphs
 from rtfq_deploy.scriptargs import int_list, name_list
 
 ROOT = Path(__file__).resolve().parents[1]
