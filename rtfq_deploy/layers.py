@@ -9,7 +9,8 @@ selection state. Layers never touch ONNX: the exporter reads them.
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,31 @@ class _Slim:
         if c_in > self.full_in or (not self.slim_in and c_in != self.full_in):
             raise ValueError(f"{self.__class__.__name__} expects {'<= ' if self.slim_in else ''}{self.full_in} "
                              f"input channels, got {c_in}")
+        if net.weights is not None:
+            return net.weights.get(self, c_in, net)
         return self.weight_quant(self.active_weight(c_in, net.width), net)
+
+
+class WeightCache:
+    """Fake-quantized weight slices kept across forward passes that do not train.
+
+    A search scores hundreds of plans of one width in which each layer takes one of a
+    few bit-widths, so each (layer, bits, input channels) is quantized once instead of
+    at every pass. Valid only while the weights and step sizes stay as they are.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, int | None, int, float], Tensor] = {}
+
+    def get(self, layer: _Slim, c_in: int, net: ActiveSubnet) -> Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError("a WeightCache serves forward passes without gradients only")
+        name = layer.weight_quant.name
+        key = (name, net.bits[name], c_in, net.width)
+        w = self._kept.get(key)
+        if w is None:
+            w = self._kept[key] = layer.weight_quant(layer.active_weight(c_in, net.width), net)
+        return w
 
 
 class SlimConv2d(_Slim, nn.Conv2d):
@@ -160,3 +185,19 @@ def conv_bn(conv: SlimConv2d, bn: SlimBatchNorm2d, x: Tensor, net: ActiveSubnet,
         if w_bits is not None and a_bits is not None:
             lsb = x_quant.scale(a_bits) * conv.weight_quant.scale(w_bits, y.shape[1]).clamp_min(1e-8)
     return bn(y, net, lsb)
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm normalising by the batch's own statistics and everything else in eval
+    mode (dropout off): how a network is run to judge a plan without training it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, SlimBatchNorm2d):
+            m.train(True)
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

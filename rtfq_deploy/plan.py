@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 if TYPE_CHECKING:  # torch-free at run time: devices read plans and ids
     from torch import Tensor
 
+    from rtfq_deploy.layers import WeightCache
+
 
 @dataclass(frozen=True)
 class BitPolicy:
@@ -105,9 +107,12 @@ class ActiveSubnet:
     ``bn_stats`` maps BatchNorm module names to (mean, var) over the subnet's active
     channels; without it eval-mode BatchNorm uses the supernet's stored running
     statistics, which are right only for the network they came from (e.g. a
-    pretrained full-width float network).
+    pretrained full-width float network). ``weights``, when given, keeps each layer's
+    fake-quantized weights for the next forward pass (see :class:`~rtfq_deploy.layers.WeightCache`).
     """
 
     width: float
     bits: BitPlan
     bn_stats: "Mapping[str, tuple[Tensor, Tensor]] | None" = field(default=None, compare=False, hash=False)
+    # fake-quantized weights reused across forward passes that do not train (a search)
+    weights: "WeightCache | None" = field(default=None, compare=False, hash=False)

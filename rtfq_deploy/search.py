@@ -29,7 +29,10 @@ from torch import Tensor
 from rtfq_deploy.budget import Budget, format_value
 from rtfq_deploy.costs import Costs, LayerShape, plan_costs, walk
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.layers import WeightCache, batch_statistics
 from rtfq_deploy.models.base import Supernet
+from rtfq_deploy.plan import ActiveSubnet
+from rtfq_deploy.quant import Quantizer
 from rtfq_deploy.space import MixedBits, SubnetConfig
 from rtfq_deploy.train.mixed import free_quantizers
 
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 SEARCH_KINDS = {"bitops": "bitops", "size": "weight_bytes", "macs": "macs"}  # budget kind -> Costs field
 DEFAULT_LAMBDA = 1.5
 MIN_LAMBDA = 0.01  # below it the cost term no longer steers the search towards the budget
+DEFAULT_KEEP_BYTES = 2 << 30  # stage inputs a scorer keeps (ResNet-50 at 224 px: about 24 MB an image)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class SearchStep:
     candidates: int
     seconds: float
     done: float  # share of the way from the start plan's cost down to the budget
+    eta: float = 0.0  # seconds the rest of the search is expected to take (see _eta)
 
 
 @dataclass
@@ -118,27 +123,88 @@ def choose_shape(model: Supernet, budget: Budget, resolution: int | None, width:
 
 
 class PlanScorer:
-    """Loss of a plan on fixed target images (lower is better); see the module docstring."""
+    """Loss of a plan on fixed target images (lower is better); see the module docstring.
+
+    Plans of a search differ from the current one in one quantizer, so a score re-runs
+    only the model's stages from that quantizer's on, from the inputs the current plan
+    gave them (kept by :meth:`rebase`, within ``keep_bytes``; BatchNorm before that
+    stage has the same batch statistics either way), with each layer's fake-quantized
+    weights computed once (:class:`~rtfq_deploy.layers.WeightCache`). The values are
+    those of a whole forward pass: the same operations on the same tensors.
+    """
 
     def __init__(self, model: Supernet, images: Tensor, labels: Tensor | None = None,
-                 reference_probs: Tensor | None = None, reference: str = "the maxnet") -> None:
+                 reference_probs: Tensor | None = None, reference: str = "the maxnet",
+                 keep_bytes: int = DEFAULT_KEEP_BYTES) -> None:
         if (labels is None) == (reference_probs is None):
             raise ValueError("score with labels or with reference predictions, not both or neither")
         self.model, self.images, self.labels, self.reference_probs = model, images, labels, reference_probs
         self.kind = "cross-entropy on labeled images" if labels is not None else \
             f"KL divergence from {reference}'s predictions on unlabeled images"
-
-    @torch.no_grad()
-    def _logits(self, net, train_bn: bool) -> Tensor:
-        was = self.model.training
-        self.model.train(train_bn)
-        try:
-            return self.model(self.images, net)
-        finally:
-            self.model.train(was)
+        self.keep_bytes = keep_bytes
+        self._stages = model.stages()
+        self._stage_of = {name: next(i for i, st in enumerate(self._stages) if st.has(name))
+                          for name, _ in model.quantizers()}
+        self._weights = WeightCache()
+        self._base: ActiveSubnet | None = None
+        self._kept: dict[int, tuple[Tensor, Quantizer | None]] = {}  # stage -> the base plan's input to it
+        self._keep: set[int] | None = None  # which stages' inputs fit within keep_bytes
 
     def __call__(self, config: SubnetConfig) -> float:
-        logits = self._logits(self.model.active(config), train_bn=True)
+        return self._score(config, keep=False)
+
+    def rebase(self, config: SubnetConfig) -> None:
+        """Make ``config`` the plan the next scores start from (the search's current plan)."""
+        self._score(config, keep=True)
+
+    def _net(self, config: SubnetConfig) -> ActiveSubnet:
+        return ActiveSubnet(config.width, self.model.plan(config), None, self._weights)
+
+    def _start(self, net: ActiveSubnet) -> int:
+        """The first stage whose quantizers' bits differ from the base plan's."""
+        base = self._base
+        if base is None or base.width != net.width:
+            return 0
+        now, was = net.bits.as_dict(), base.bits.as_dict()
+        changed = [self._stage_of[n] for n, b in now.items() if was.get(n) != b]
+        return min(changed, default=len(self._stages))
+
+    @torch.no_grad()
+    def _score(self, config: SubnetConfig, keep: bool) -> float:
+        net = self._net(config)
+        keep = keep or self._base is None
+        if self._keep is None:
+            self._keep = self._choose_kept(net)
+        first = self._start(net)
+        start = max((i for i in self._kept if i <= first), default=0) if first else 0
+        if keep:
+            self._kept = {i: v for i, v in self._kept.items() if i <= first}
+            self._base = net
+        x, quant = self._kept[start] if start in self._kept else (self.images, None)
+        with batch_statistics(self.model):
+            for i in range(start, len(self._stages)):
+                if keep and i > first and i in self._keep:
+                    self._kept[i] = (x, quant)
+                x, quant = self._stages[i].run(x, quant, net)
+        return self._loss(x)
+
+    def _choose_kept(self, net: ActiveSubnet) -> set[int]:
+        """The stages whose inputs are kept: from the last one back while they fit (sizes
+        from a pass over two images: a stage input's size is proportional to the batch)."""
+        sizes, x, quant = [], self.images[:2], None
+        with batch_statistics(self.model):
+            for stage in self._stages:
+                sizes.append(x.element_size() * x.numel() * len(self.images) // len(x))
+                x, quant = stage.run(x, quant, net)
+        kept, total = set(), 0
+        for i in range(len(sizes) - 1, 0, -1):
+            if total + sizes[i] <= self.keep_bytes:
+                kept.add(i)
+                total += sizes[i]
+        log.debug("search: keeping the inputs of %d of %d stages (%.0f MB)", len(kept), len(sizes), total / 2**20)
+        return kept
+
+    def _loss(self, logits: Tensor) -> float:
         if self.labels is not None:
             return float(F.cross_entropy(logits, self.labels))
         return float(F.kl_div(F.log_softmax(logits, dim=1), self.reference_probs, reduction="batchmean"))
@@ -188,6 +254,7 @@ def greedy_search(model: Supernet, resolution: int, width: float, budget: Budget
     shape = walk(model, resolution, width)
     candidates = sorted(model.config.space.bits)
     free = free_quantizers(model)
+    rebase = getattr(scorer, "rebase", lambda config: None)  # a PlanScorer re-runs only what a move changes
     current = start_plan(model, shape, resolution, width, budget)
     current_costs = plan_costs(model, shape, model.plan(current))
     loss = scorer(current)
@@ -214,6 +281,7 @@ def greedy_search(model: Supernet, resolution: int, width: float, budget: Budget
         if not moves or step > limit:  # at the cheapest plan, which choose_shape found to fit: cannot happen
             raise RtfqError(f"budget {budget} is unreachable at r{resolution}: the search ran out of moves")
         configs = [SubnetConfig(resolution, width, m) for _, m in moves]
+        over_now = over(current_costs, budget)
         costs = [over(plan_costs(model, shape, model.plan(c)), budget) for c in configs]
         norm_costs = _minmax(costs)
         estimate = [loss + change.get(key, float("-inf")) for key, _ in moves]  # -inf: never scored
@@ -234,18 +302,43 @@ def greedy_search(model: Supernet, resolution: int, width: float, budget: Budget
         judged = _judge(estimate, norm_costs, options.lam, loss)
         best = min(scored, key=lambda k: (judged[k], str(configs[k])))
         bits, loss = moves[best][1].as_dict(), scored[best]
+        rebase(configs[best])
         current_costs = plan_costs(model, shape, model.plan(configs[best]))
         seen.add(moves[best][1])
         change = {key: value for key, value in change.items() if key[0] != moves[best][0][0]}  # its moves changed
         chosen = model.subnet(resolution, width, bits)
-        record = SearchStep(step, str(chosen), loss, current_costs.to_dict(), len(scored), time.perf_counter() - t_step,
-                            min(1.0, (start_over - over(current_costs, budget)) / (start_over - 1.0)))
+        seconds = time.perf_counter() - t_step
+        timing = (seconds, len(scored)) if step == 1 else (timing[0] + seconds, timing[1] + len(scored) + 1)
+        drops = [over_now - costs[k] for k, ((name, d), _) in enumerate(moves) if d < 0
+                 for _ in range(candidates.index(bits[name]))]
+        record = SearchStep(step, str(chosen), loss, current_costs.to_dict(), len(scored), seconds,
+                            min(1.0, (start_over - over(current_costs, budget)) / (start_over - 1.0)),
+                            _eta(drops, over(current_costs, budget) - 1.0, timing,
+                                 options.rescore + 2 if options.rescore else len(moves)))
         result_steps.append(record)
         if progress:
             progress(record)
         if over(current_costs, budget) <= 1.0:
             return SearchResult(chosen, current_costs, loss, "", result_steps, evaluations, time.perf_counter() - t0)
     raise RtfqError(f"no plan within budget {budget} after {limit} search steps")
+
+
+def _eta(drops: Sequence[float], gap: float, timing: tuple[float, int], plans_per_step: int) -> float:
+    """Seconds left: the fewest further steps that could close ``gap`` (each step lowers
+    one quantizer by one candidate, by about what that move lowered the cost this step:
+    ``drops``, one per candidate still below each quantizer) times a step's plans
+    (``plans_per_step``: lazy M plus the moved quantizer's two) at the seconds per plan
+    so far (``timing``: seconds, plans; after the first step a step's re-based plan
+    counts as one)."""
+    if gap <= 0:
+        return 0.0
+    steps, closed = 0, 0.0
+    for drop in sorted(drops, reverse=True):
+        if closed >= gap or drop <= 0:
+            break
+        steps, closed = steps + 1, closed + drop
+    seconds, plans = timing
+    return steps * plans_per_step * seconds / max(1, plans)
 
 
 def _moves(bits: dict[str, int], free: Sequence[str], candidates: Sequence[int], seen: set, descending: bool
@@ -324,8 +417,7 @@ def _reference_at(model: Supernet, maxnet: SubnetConfig, stats, pick, kept, norm
     x, kept_max = load_at([pick[i] for i in kept], maxnet.resolution, normalization, warn=False)
     if len(kept_max) != len(kept):
         raise RtfqError("an image readable at one resolution was not at another")
-    model.train(stats is None)
-    try:
-        return F.softmax(model(x, model.active(maxnet, stats)), dim=1)
-    finally:
-        model.eval()
+    if stats is not None:
+        return F.softmax(model.eval()(x, model.active(maxnet, stats)), dim=1)
+    with batch_statistics(model):
+        return F.softmax(model(x, model.active(maxnet)), dim=1)

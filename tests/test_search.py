@@ -19,7 +19,7 @@ from rtfq_deploy.data.synth import SynthConfig, generate
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.search import PlanScorer, SearchOptions, choose_shape, greedy_search, over, start_plan
-from rtfq_deploy.space import SearchSpace, SubnetConfig
+from rtfq_deploy.space import MixedBits, SearchSpace, SubnetConfig
 from rtfq_deploy.train.mixed import free_quantizers
 
 SPACE = SearchSpace(resolutions=(32, 24), widths=(1.0, 0.5), bits=(6, 4, 2))
@@ -205,3 +205,84 @@ def test_degenerate_search_options_are_refused_by_the_library():
             SearchOptions(lam=lam)
     with pytest.raises(ValueError, match="rescore"):
         SearchOptions(rescore=-1)
+
+
+def _plain_loss(model, x, labels, cfg) -> float:
+    """A whole forward pass, no kept inputs, no weight cache: what a plan's score means."""
+    from rtfq_deploy.layers import batch_statistics
+
+    with torch.no_grad(), batch_statistics(model):
+        return float(torch.nn.functional.cross_entropy(model(x, model.active(cfg)), labels))
+
+
+@pytest.mark.parametrize("arch", ["tiny_resnet", "tiny_mobilenet"])
+@pytest.mark.parametrize("keep_bytes", [0, 150_000, 1 << 30])
+def test_scores_from_kept_stage_inputs_equal_whole_forward_passes(arch, keep_bytes):
+    """A walk of one-quantizer moves with re-basing, as the search makes, scored from
+    kept stage inputs (all, some, none) and cached weights: every score is the whole
+    forward pass's (MobileNetV2's dropout stays off, so a score is a function of the plan)."""
+    import random
+
+    torch.manual_seed(0)
+    net = build_supernet(SupernetConfig(arch, num_classes=3, space=SPACE))
+    x, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    scorer = PlanScorer(net, x, labels=labels, keep_bytes=keep_bytes)
+    free, rng = free_quantizers(net), random.Random(0)
+    bits = net.plan(SubnetConfig(32, 1.0, 4)).as_dict()
+    first = SubnetConfig(32, 1.0, 4)
+    assert scorer(first) == pytest.approx(_plain_loss(net, x, labels, first), rel=1e-6)
+    assert scorer(first) == scorer(first)
+    for _ in range(12):
+        cfg = SubnetConfig(32, 1.0, MixedBits.of({**bits, rng.choice(free): rng.choice(SPACE.bits)}))
+        assert scorer(cfg) == pytest.approx(_plain_loss(net, x, labels, cfg), rel=1e-6)
+        if rng.random() < 0.4:
+            scorer.rebase(cfg)
+            bits = cfg.bits.as_dict()
+    other_width = SubnetConfig(32, 0.5, 4)
+    assert scorer(other_width) == pytest.approx(_plain_loss(net, x, labels, other_width), rel=1e-6)
+
+
+def test_a_move_late_in_the_network_runs_only_the_stages_after_it(model):
+    x, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    scorer = PlanScorer(model, x, labels=labels)
+    calls = []
+    handle = model.conv1.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        start = SubnetConfig(32, 1.0, 4)
+        scorer(start)
+        runs = len(calls)
+        bits = model.plan(start).as_dict()
+        last = [n for n in free_quantizers(model) if n.startswith("layer4.")][-1]
+        scorer(SubnetConfig(32, 1.0, MixedBits.of({**bits, last: 2})))
+        assert len(calls) == runs  # the stem did not run again
+        scorer(SubnetConfig(32, 1.0, MixedBits.of({**bits, "q_stem": 2})))
+        assert len(calls) == runs + 1
+    finally:
+        handle.remove()
+
+
+def test_progress_says_how_long_the_search_has_left(model):
+    """Every step's record carries an estimate of the seconds left; it ends at zero."""
+    from rtfq_deploy.search import _eta
+
+    assert _eta([0.3, 0.2, 0.2, 0.1], 0.45, (10.0, 5), 4) == 2 * 4 * 2.0  # two steps of 4 plans at 2 s
+    assert _eta([0.1, 0.2, 0.3, 0.2], 0.55, (10.0, 5), 4) == 3 * 4 * 2.0
+    assert _eta([0.3], 0.0, (10.0, 5), 4) == 0.0
+    records = []
+    budget = parse_budget(f"bitops={(_bitops(model, 32, 1.0, 4) + _bitops(model, 32, 1.0, 2)) / 2}")
+    x, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    greedy_search(model, 32, 1.0, budget, PlanScorer(model, x, labels=labels), SearchOptions(rescore=4),
+                  progress=records.append)
+    assert all(r.eta >= 0 for r in records) and records[-1].eta == 0.0
+    assert len(records) == 1 or records[0].eta > 0
+
+
+def test_the_search_takes_the_same_path_with_kept_stage_inputs_as_with_whole_passes(model):
+    """What issue 24 promised: the faster scorer changes the time of a search, not its plan."""
+    x, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    budget = parse_budget(f"bitops={(_bitops(model, 32, 1.0, 4) + _bitops(model, 32, 1.0, 2)) / 2}")
+    options = SearchOptions(rescore=3)
+    fast = greedy_search(model, 32, 1.0, budget, PlanScorer(model, x, labels=labels), options)
+    whole = greedy_search(model, 32, 1.0, budget, lambda cfg: _plain_loss(model, x, labels, cfg), options)
+    assert fast.subnet == whole.subnet and fast.evaluations == whole.evaluations
+    assert [s.subnet for s in fast.steps] == [s.subnet for s in whole.steps]

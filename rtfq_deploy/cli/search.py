@@ -54,8 +54,12 @@ def progress_printer():
         click.echo(f"[{100 * max(0.0, step.done):3.0f}%] step {step.step}: {step.subnet}  loss {step.loss:.4f}  "
                    f"{format_value('bitops', step.costs['bitops'], 4)} BitOPs  "
                    f"{format_value('size', step.costs['weight_bytes'], 4)}  "
-                   f"{step.candidates} plans in {step.seconds:.1f} s", err=True)
+                   f"{step.candidates} plans in {step.seconds:.1f} s, about {_duration(step.eta)} left", err=True)
     return show
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def run_search(ckpt, budget_text: str, data: Path, labeled: bool, resolution, width, search_images: int, lam: float,

@@ -4,7 +4,7 @@ turns a subnet choice into an :class:`~rtfq_deploy.plan.ActiveSubnet`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from torch import Tensor, nn
 
@@ -80,6 +80,26 @@ def _parse_kinds(text: str) -> dict[str, str]:
 
 
 Layer = SlimConv2d | SlimLinear
+
+# (tensor, the quantizer that produced it or None, subnet) -> the same after the stage.
+StageFn = Callable[[Tensor, "Quantizer | None", ActiveSubnet], "tuple[Tensor, Quantizer | None]"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A run of the forward pass that reads only the previous stage's output, so a
+    forward may start at any stage from a kept input (the search scores plans that
+    differ in one quantizer by re-running only the stages from its own on).
+
+    ``owns``: the module paths inside the stage; a quantizer belongs to the stage whose
+    path is its name or a prefix of it.
+    """
+
+    owns: tuple[str, ...]
+    run: StageFn
+
+    def has(self, name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in self.owns)
 
 
 class Supernet(nn.Module):
@@ -197,5 +217,13 @@ class Supernet(nn.Module):
     def active(self, config: SubnetConfig, bn_stats: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> ActiveSubnet:
         return ActiveSubnet(config.width, self.plan(config), bn_stats)
 
-    def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def stages(self) -> list[Stage]:
+        """The forward pass as stages, in order (the image in, the logits out). An
+        architecture gives these; one that overrides :meth:`forward` instead is one stage."""
+        return [Stage(tuple(n for n, _ in self.named_children()), lambda x, quant, net: (self.forward(x, net), None))]
+
+    def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:
+        quant = None
+        for stage in self.stages():
+            x, quant = stage.run(x, quant, net)
+        return x

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from rtfq_deploy.graph import Add, AvgPool, Conv, IntGraph, Node, Quantize
 from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, conv_bn
-from rtfq_deploy.models.base import Supernet, SupernetConfig
+from rtfq_deploy.models.base import Stage, StageFn, Supernet, SupernetConfig
 from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.quant import Quantizer
 
@@ -160,12 +160,20 @@ class MobileNetV2(Supernet):
                   Conv("classifier.1", "q_pool", None, linear=True)]
         return IntGraph(tuple(nodes))
 
-    def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # type: ignore[override]
-        x = self.q_input(x, net)
-        quant: Quantizer = self.q_input
-        for m in self.features:
-            x = m(x, net, quant)
-            quant = m.q if isinstance(m, ConvBNReLU6) else m.output
-        x = self.q_pool(F.adaptive_avg_pool2d(x, 1).flatten(1), net)
-        dropout, fc = self.classifier
-        return fc(dropout(x), net)
+    def stages(self) -> list[Stage]:
+        feats = list(self.features)
+
+        def stem(x: Tensor, _: Quantizer | None, net: ActiveSubnet) -> tuple[Tensor, Quantizer]:
+            return feats[0](self.q_input(x, net), net, self.q_input), feats[0].q
+
+        def feature(m: nn.Module) -> StageFn:
+            out = m.q if isinstance(m, ConvBNReLU6) else m.output
+            return lambda x, quant, net: (m(x, net, quant), out)
+
+        def head(x: Tensor, _: Quantizer | None, net: ActiveSubnet) -> tuple[Tensor, None]:
+            dropout, fc = self.classifier
+            return fc(dropout(self.q_pool(F.adaptive_avg_pool2d(x, 1).flatten(1), net)), net), None
+
+        return ([Stage(("q_input", "features.0"), stem)]
+                + [Stage((f"features.{i}",), feature(m)) for i, m in enumerate(feats) if i > 0]
+                + [Stage(("q_pool", "classifier"), head)])

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from rtfq_deploy.graph import Add, AvgPool, Conv, IntGraph, MaxPool, Node, Quantize
 from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, conv_bn
-from rtfq_deploy.models.base import Supernet, SupernetConfig
+from rtfq_deploy.models.base import Stage, StageFn, Supernet, SupernetConfig
 from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.quant import Quantizer
 
@@ -158,12 +158,18 @@ class ResNet(Supernet):
         nodes += [AvgPool(x, "q_pool"), Conv("fc", "q_pool", None, linear=True)]
         return IntGraph(tuple(nodes))
 
-    def forward(self, x: Tensor, net: ActiveSubnet) -> Tensor:  # type: ignore[override]
-        x = self.q_input(x, net)
-        x = self.q_stem(self.relu(conv_bn(self.conv1, self.bn1, x, net, self.q_input)), net)
-        x = self.maxpool(x)
-        x_quant = self.q_stem
-        for _, blk in self.blocks():
-            x, x_quant = blk(x, net, x_quant), blk.q_out
-        x = self.q_pool(self.avgpool(x).flatten(1), net)
-        return self.fc(x, net)
+    def stages(self) -> list[Stage]:
+        def stem(x: Tensor, _: Quantizer | None, net: ActiveSubnet) -> tuple[Tensor, Quantizer]:
+            x = self.q_input(x, net)
+            x = self.q_stem(self.relu(conv_bn(self.conv1, self.bn1, x, net, self.q_input)), net)
+            return self.maxpool(x), self.q_stem
+
+        def block(blk: BasicBlock | Bottleneck) -> StageFn:
+            return lambda x, quant, net: (blk(x, net, quant), blk.q_out)
+
+        def head(x: Tensor, _: Quantizer | None, net: ActiveSubnet) -> tuple[Tensor, None]:
+            return self.fc(self.q_pool(self.avgpool(x).flatten(1), net), net), None
+
+        return ([Stage(("q_input", "conv1", "bn1", "q_stem"), stem)]
+                + [Stage((p,), block(blk)) for p, blk in self.blocks()]
+                + [Stage(("q_pool", "fc"), head)])
