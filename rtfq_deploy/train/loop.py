@@ -47,10 +47,10 @@ from torch import Tensor, nn
 from rtfq_deploy.calibrate import init_activation_steps
 from rtfq_deploy.checkpoint import Checkpoint, load_checkpoint, safe_torch_load, save_checkpoint
 from rtfq_deploy.data.folders import ImageFolder, check_same_classes, scan
-from rtfq_deploy.data.pipeline import (IMAGENET_NORMALIZATION, Stream, augment, load_domain, resize_to,
-                                       stored_size)
+from rtfq_deploy.data.pipeline import Stream, augment, load_domain, resize_to, stored_size
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import atomic_write, sha256_file
+from rtfq_deploy.formats import NORMALIZATION_KEY, normalization_of
 from rtfq_deploy.images import MIN_BN_IMAGES
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.plan import ActiveSubnet
@@ -439,7 +439,7 @@ class Run:
         self._check_checkpoint(student)
         check_rule(cfg.rule, student.config.space, cfg.single_bits)  # before the images are read
         source, target, src_stream, tgt_stream = self._data(student)
-        normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
+        normalization = normalization_of(ckpt.meta)
         student.to(self.device).train()
         teacher = copy.deepcopy(student).requires_grad_(False)
         opt = make_optimizer(student, cfg)
@@ -595,7 +595,7 @@ class Run:
                                   where=f"target folder {target.root}")
         student.cpu()
         meta = {**ckpt.meta, "created_by": "rtfq-train", "class_names": list(source.classes),
-                "normalization": normalization, "trained": {"steps": self.cfg.steps, "rule": self.cfg.rule,
+                NORMALIZATION_KEY: normalization, "trained": {"steps": self.cfg.steps, "rule": self.cfg.rule,
                                                             "config": self.cfg.to_dict(), "skipped": self.skipped},
                 "calibration": {"images": len(paths), "domain": "target"}}
         save_checkpoint(out, student, bn_stats=stats, meta=meta, overwrite=True)
