@@ -176,7 +176,7 @@ def test_strong_aug_settings_are_checked(setup, tmp_path):  # noqa: F811
 
 def test_step_losses_train_on_the_labels_they_are_given():
     from rtfq_deploy.models import SupernetConfig, build_supernet
-    from rtfq_deploy.train.loop import step_losses
+    from rtfq_deploy.train.step import step_losses
     from tests.test_train import SPACE
 
     torch.manual_seed(0)
