@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.formats import DEFAULT_RUNTIME, RUNTIMES  # noqa: F401  (part of this API)
+from rtfq_deploy.formats import DEFAULT_RUNTIME, RUNTIMES
 from rtfq_deploy.fileio import atomic_write, is_int, is_number, read_json, sha256_file  # noqa: F401  (sha256_file: part of this API)
 
 FORMAT = "rtfq-manifest"

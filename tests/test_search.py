@@ -14,7 +14,7 @@ from rtfq_deploy.budget import parse_budget
 from rtfq_deploy.checkpoint import save_checkpoint
 from rtfq_deploy.cli.export import export
 from rtfq_deploy.cli.main import rtfq
-from rtfq_deploy.costs import plan_costs, subnet_costs, walk
+from rtfq_deploy.costs import subnet_costs, walk
 from rtfq_deploy.data.synth import SynthConfig, generate
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.models import SupernetConfig, build_supernet
