@@ -28,7 +28,7 @@ from rtfq_deploy.export.lower import lower
 from rtfq_deploy.export.onnx_graph import to_onnx
 from rtfq_deploy.scriptargs import Parser, name_list, positive
 from rtfq_deploy.space import MixedBits, SearchSpace, SubnetConfig
-from rtfq_deploy.train.mixed import free_quantizers
+from rtfq_deploy.planfile import free_quantizers
 
 BITS = (8, 6, 5, 4, 3, 2)
 

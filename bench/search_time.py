@@ -39,7 +39,7 @@ from rtfq_deploy.layers import batch_statistics
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.search import PlanScorer, SearchOptions, greedy_search
 from rtfq_deploy.space import SearchSpace, SubnetConfig
-from rtfq_deploy.train.mixed import free_quantizers
+from rtfq_deploy.planfile import free_quantizers
 
 
 @contextlib.contextmanager

@@ -1,4 +1,9 @@
-"""The accuracy table (top-1 per subnet) that ``rtfq eval`` writes.
+"""The accuracy table (top-1 per subnet) that ``rtfq eval`` writes, written and read here.
+
+Layout (version 1)::
+
+    {"format": "rtfq-accuracy", "version": 1, "checkpoint": "...", "checkpoint_sha256": "...",
+     "data": "...", "subnets": [{"subnet": "r160-w0.73-q4", "top1": 0.71, ...}, ...]}
 
 Torch-free, since ``rtfq-bench select`` reads it on a device. The table carries the
 sha256 of the checkpoint it was measured on; ``rtfq-export --accuracy`` checks it against
@@ -8,19 +13,23 @@ the checkpoint and ``rtfq-bench select`` against each measured file's
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import is_number, read_json
+from rtfq_deploy.fileio import atomic_write, is_number, read_json
 
 log = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
+FORMAT = "rtfq-accuracy"
+VERSION = 1
 MAX_BYTES = 16 * 2**20  # an honest table is a few kB per hundred subnets
 MAX_ROWS = 100_000
 
@@ -48,6 +57,16 @@ class AccuracyTable:
             raise RtfqError(f"{message}; its accuracies are not this network's (use --force to use it anyway)")
         log.warning("%s; used anyway (--force)", message)
         return False
+
+
+def write_accuracy_table(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], checkpoint: str | os.PathLike,
+                         checkpoint_sha256: str, data: str | os.PathLike, overwrite: bool = False) -> None:
+    """Write the table atomically (a killed ``rtfq eval`` leaves no half table for
+    ``rtfq-bench select`` to read); ``rows`` are :func:`rtfq_deploy.evaluate.evaluate_subnets`'s."""
+    table = {"format": FORMAT, "version": VERSION, "checkpoint": str(checkpoint),
+             "checkpoint_sha256": checkpoint_sha256, "data": str(data), "subnets": list(rows)}
+    with atomic_write(Path(path), overwrite=overwrite) as f:
+        f.write((json.dumps(table, indent=2) + "\n").encode())
 
 
 def read_accuracy(path: str | Path) -> dict[str, float]:

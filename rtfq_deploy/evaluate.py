@@ -1,5 +1,9 @@
 """Per-subnet BatchNorm calibration and top-1 accuracy over a whole space.
 
+:func:`ensure_calibrated` is the one rule of ``rtfq calibrate``, ``rtfq eval`` and
+``rtfq-export`` for subnets a checkpoint has no statistics for: measure them now on a
+fixed sample of target images, saying so on one line.
+
 Images are preprocessed exactly as deployment does (:func:`rtfq_deploy.images.load_image`:
 resize to R / 0.875, centre crop R), once per resolution, and shared by every subnet of
 that resolution.
@@ -10,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +23,13 @@ from torch import Tensor
 from rtfq_deploy.calibrate import BNStats, calibrate_bn
 from rtfq_deploy.costs import costs_of
 from rtfq_deploy.data.pipeline import normalize
+from rtfq_deploy.formats import normalization_of
 from rtfq_deploy.images import MIN_BN_IMAGES, readable_arrays
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.space import SubnetConfig
+
+if TYPE_CHECKING:
+    from rtfq_deploy.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,27 @@ def calibrate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], paths: S
             stats = calibrate_bn(model, model.active(cfg), _batches(x, batch, device))
             out[str(cfg)] = {k: (m.cpu(), v.cpu()) for k, (m, v) in stats.items()}
     return out
+
+
+def ensure_calibrated(ckpt: "Checkpoint", subnets: Sequence[SubnetConfig], images: Sequence[Path], count: int,
+                      where: str | Path, *, device: torch.device | str = "cpu", recalibrate: bool = False,
+                      note: str = "", say: Callable[[str], None] | None = None) -> dict[str, BNStats]:
+    """BatchNorm statistics of the ``subnets`` the checkpoint has none for (every one with
+    ``recalibrate``), measured now on a fixed random sample of ``count`` of ``images`` (the
+    files under ``where``) with the checkpoint's normalisation. ``say`` gets one line
+    (how many subnets, on how many readable images of ``where``, then ``note``) once the
+    images are known to suffice. Returned, not stored: the caller decides where they go.
+    The model stays where it is (move it to ``device`` first)."""
+    todo = list(subnets) if recalibrate else [c for c in subnets if str(c) not in ckpt.bn_stats]
+    if not todo:
+        return {}
+
+    def announce(n: int) -> None:
+        if say is not None:
+            say(f"calibrating BatchNorm of {len(todo)} subnet(s) on {n} images of {where}{note}")
+
+    return calibrate_subnets(ckpt.model, todo, calibration_sample(images, count), normalization_of(ckpt.meta),
+                             device=device, where=str(where), announce=announce)
 
 
 @torch.no_grad()

@@ -43,8 +43,9 @@ from typing import Any
 
 from rtfq_deploy.budget import parse_budget
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.fileio import check_output, open_regular, publish, read_bounded, sha256_fileobj
-from rtfq_deploy.manifest import RUNTIMES, check_name, sha256_file
+from rtfq_deploy.fileio import check_output, publish, read_bounded, sha256_fileobj
+from rtfq_deploy.formats import DEFAULT_RUNTIME, RUNTIMES
+from rtfq_deploy.manifest import check_name, sha256_file
 from rtfq_deploy.tokens import check_token
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def fetch(config: FetchConfig) -> FetchResult:
     sha, size = str(entry.get("sha256", "")), entry.get("size_bytes")
     if not _SHA_RE.fullmatch(sha) or isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 2**63:
         raise RtfqError(f"server answered a malformed entry for {config.device!r}")
-    got = entry.get("runtime", RUNTIMES[0])  # servers from before runtimes serve onnxruntime entries
+    got = entry.get("runtime", DEFAULT_RUNTIME)  # servers from before runtimes serve onnxruntime entries
     if got not in RUNTIMES or (config.runtime is not None and got != config.runtime):
         raise RtfqError(f"server answered an entry for runtime {_short(got)!r} where {config.runtime} was asked for")
     out = Path(config.out)

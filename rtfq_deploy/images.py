@@ -21,14 +21,13 @@ import numpy as np
 from PIL import Image
 
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.formats import CROP_FRACTION, IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
-CROP_FRACTION = 0.875  # the usual eval preprocessing: resize the short side to R / 0.875, crop R x R
 # Pillow's own decompression-bomb threshold (about 9459 x 9459): above it open_image refuses
 # the file from its header. Pillow only warns between 1x and 2x of it (and then decodes);
 # that warning is silenced because this check refuses those files first.

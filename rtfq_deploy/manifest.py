@@ -46,13 +46,12 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.formats import DEFAULT_RUNTIME, RUNTIMES
 from rtfq_deploy.fileio import atomic_write, is_int, is_number, read_json, sha256_file  # noqa: F401  (sha256_file: part of this API)
 
 FORMAT = "rtfq-manifest"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
-DEFAULT_RUNTIME = "onnxruntime"
-RUNTIMES = ("onnxruntime", "openvino")  # rtfq_deploy.bench.runtimes.RUNTIMES
 MANIFEST = "manifest.json"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")

@@ -85,6 +85,13 @@ def read_plan(path: str | os.PathLike) -> PlanDocument:
     return PlanDocument(path, resolution, float(width), bits, data.get("subnet"), data.get("arch"))
 
 
+def free_quantizers(model: "Supernet") -> list[str]:
+    """Quantizers a mixed plan may set (the policy fixes the others): what training
+    samples, the search chooses and a plan file's bits are checked against."""
+    policy = model.config.policy
+    return [n for n, q in model.quantizers() if policy.fixed_bits(q.role) is None]
+
+
 def check_plan_bits(model: "Supernet", config: SubnetConfig, where: str) -> None:
     """Every quantizer's bits must be a candidate of its role: the policy's bits for a
     fixed role (first and last layer, residual operands), one of the space's bit-widths for

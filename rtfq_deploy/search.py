@@ -29,12 +29,13 @@ from torch import Tensor
 from rtfq_deploy.budget import Budget, format_value
 from rtfq_deploy.costs import Costs, LayerShape, plan_costs, walk
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.formats import normalization_of
 from rtfq_deploy.layers import WeightCache, batch_statistics
 from rtfq_deploy.models.base import Supernet
 from rtfq_deploy.plan import ActiveSubnet
+from rtfq_deploy.planfile import free_quantizers
 from rtfq_deploy.quant import Quantizer
 from rtfq_deploy.space import MixedBits, SubnetConfig
-from rtfq_deploy.train.mixed import free_quantizers
 
 log = logging.getLogger(__name__)
 
@@ -367,12 +368,11 @@ def make_scorer(ckpt, data, resolution: int, *, labeled: bool = False, images: i
     """The scorer ``rtfq search`` uses: ``images`` drawn (seeded) from ``data`` (class
     folders when ``labeled``; any folder tree otherwise), at ``resolution``."""
     from rtfq_deploy.data.folders import scan
-    from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.evaluate import calibration_sample, load_at
     from rtfq_deploy.images import MIN_BN_IMAGES, image_files
 
     model = ckpt.model
-    normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
+    normalization = normalization_of(ckpt.meta)
     if labeled:
         folder = scan(data, "search")
         classes = ckpt.meta.get("class_names")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rtfq_deploy.accuracy import read_accuracy
+from rtfq_deploy.accuracy import read_accuracy, read_accuracy_table, write_accuracy_table
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.export import select
 
@@ -28,3 +28,18 @@ def test_unusable_tables_are_refused(tmp_path, text, needle):
 def test_rows_may_say_accuracy_instead_of_top1(tmp_path):
     (tmp_path / "acc.json").write_text(json.dumps([{"subnet": "r64-w1.00-q4", "accuracy": 0.75}]))
     assert read_accuracy(tmp_path / "acc.json") == {"r64-w1.00-q4": 0.75}
+
+
+def test_the_written_table_reads_back_and_keeps_its_layout(tmp_path):
+    rows = [{"subnet": "r64-w1.00-q4", "top1": 0.5, "macs": 7}, {"subnet": "r64-w1.00-q8", "top1": 0.75, "macs": 9}]
+    path, sha = tmp_path / "acc.json", "ab" * 32
+    write_accuracy_table(path, rows, tmp_path / "s.pt", sha, tmp_path / "data")
+    assert path.read_text() == json.dumps({"format": "rtfq-accuracy", "version": 1, "checkpoint": str(tmp_path / "s.pt"),
+                                           "checkpoint_sha256": sha, "data": str(tmp_path / "data"),
+                                           "subnets": rows}, indent=2) + "\n"
+    table = read_accuracy_table(path)
+    assert table.top1 == {"r64-w1.00-q4": 0.5, "r64-w1.00-q8": 0.75} and table.checkpoint_sha256 == sha
+    with pytest.raises(FileExistsError):
+        write_accuracy_table(path, rows[:1], tmp_path / "s.pt", sha, tmp_path / "data")
+    write_accuracy_table(path, rows[:1], tmp_path / "s.pt", sha, tmp_path / "data", overwrite=True)
+    assert read_accuracy(path) == {"r64-w1.00-q4": 0.5}

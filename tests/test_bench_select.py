@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rtfq_deploy import manifest as mf
-from rtfq_deploy.bench.run import FORMAT, VERSION
+from rtfq_deploy.bench.run import FORMAT
 from rtfq_deploy.bench.select import SelectOptions, plan, publish
 from rtfq_deploy.budget import parse_budget
 from rtfq_deploy.errors import RtfqError

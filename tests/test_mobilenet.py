@@ -18,7 +18,7 @@ from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.models.mobilenet import make_divisible
 from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.space import SearchSpace, SubnetConfig, slim_channels
-from rtfq_deploy.train.mixed import free_quantizers
+from rtfq_deploy.planfile import free_quantizers
 from tests.fixtures.torchvision_ref import synth_state_dict
 from tests.test_cli import _one_line_error, _run
 from tests.test_export import _prepared

@@ -31,7 +31,7 @@ from rtfq_deploy.models import ARCHS, Supernet, SupernetConfig, build_supernet
 from rtfq_deploy.quant import CdfCodes, LinearCodes
 from rtfq_deploy.space import SearchSpace, SubnetConfig
 from rtfq_deploy.train.config import TrainConfig
-from rtfq_deploy.train.loop import make_optimizer, step_losses
+from rtfq_deploy.train.step import make_optimizer, step_losses
 from rtfq_deploy.train.mixed import conv_bn_pairs
 from rtfq_deploy.train.losses import LossWeights
 from rtfq_deploy.train.sampler import sandwichq

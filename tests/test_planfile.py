@@ -12,7 +12,7 @@ from rtfq_deploy.checkpoint import load_checkpoint, safe_torch_load, save_checkp
 from rtfq_deploy.costs import costs_of, subnet_costs
 from rtfq_deploy.errors import CheckpointError, RtfqError
 from rtfq_deploy.models import SupernetConfig, build_supernet
-from rtfq_deploy.planfile import load_plans, plan_document, read_plan, resolve_plan, write_plan
+from rtfq_deploy.planfile import free_quantizers, load_plans, plan_document, read_plan, resolve_plan, write_plan
 from rtfq_deploy.space import MixedBits, SearchSpace, SpaceError, SubnetConfig, split_id
 
 SPACE = SearchSpace(resolutions=(64, 48), widths=(1.0, 0.6), bits=(8, 4))
@@ -24,13 +24,9 @@ def model():
     return build_supernet(SupernetConfig("tiny_resnet", num_classes=3, space=SPACE))
 
 
-def _free(model) -> list[str]:
-    return [n for n, q in model.quantizers() if model.config.policy.fixed_bits(q.role) is None]
-
-
 def _mixed(model, resolution=48, width=0.6, low=("layer3", "layer4")) -> SubnetConfig:
     bits = {n: int(b) for n, b in model.plan(SubnetConfig(resolution, width, 8)).as_dict().items()}
-    bits.update({n: 4 for n in _free(model) if n.startswith(low)})
+    bits.update({n: 4 for n in free_quantizers(model) if n.startswith(low)})
     return model.subnet(resolution, width, bits)
 
 
@@ -58,7 +54,7 @@ def test_a_plan_equal_to_a_uniform_subnet_keeps_its_uniform_id(model):
 
 def test_mixed_plans_are_checked_against_the_supernet(model):
     bits = {n: int(b) for n, b in model.plan(SubnetConfig(48, 0.6, 4)).as_dict().items()}
-    free = _free(model)
+    free = free_quantizers(model)
     cases = [
         ({**bits, "nope.q": 4}, "names nope.q, which tiny_resnet does not have"),
         ({k: v for k, v in bits.items() if k != free[0]}, f"has no entry for {free[0]}"),
@@ -97,7 +93,7 @@ def test_plan_files_round_trip_and_refuse_edits(model, tmp_path):
     with pytest.raises(FileExistsError):
         write_plan(path, doc)
     assert load_plans(model, [path, tmp_path]) == [cfg]  # a file and its folder: once
-    edited = dict(doc, bits={**doc["bits"], _free(model)[0]: 4 if doc["bits"][_free(model)[0]] == 8 else 8})
+    edited = dict(doc, bits={**doc["bits"], free_quantizers(model)[0]: 4 if doc["bits"][free_quantizers(model)[0]] == 8 else 8})
     path.write_text(json.dumps(edited))
     with pytest.raises(RtfqError, match=f"names subnet {cfg} but its bits are those of r48-w0.60-m"):
         resolve_plan(model, read_plan(path))
@@ -153,7 +149,7 @@ def test_a_colliding_id_is_refused_not_merged(model, tmp_path):
     base = {n: int(b) for n, b in model.plan(SubnetConfig(48, 0.6, 8)).as_dict().items()}
     rng, seen, pair = random.Random(0), {}, None
     for _ in range(400_000):
-        bits = {**base, **{n: rng.choice((8, 4)) for n in _free(model)}}
+        bits = {**base, **{n: rng.choice((8, 4)) for n in free_quantizers(model)}}
         mixed = MixedBits.of(bits)
         other = seen.setdefault(mixed.digest, mixed)
         if other != mixed:
@@ -197,10 +193,18 @@ def test_plan_bits_are_checked_against_each_roles_candidates(tmp_path):
     model = build_supernet(SupernetConfig("tiny_resnet", num_classes=3,
                                           space=SearchSpace(resolutions=(48,), widths=(1.0,), bits=(6, 4, 2))))
     bits = {n: int(b) for n, b in model.plan(SubnetConfig(48, 1.0, 4)).as_dict().items()}
-    free = _free(model)
+    free = free_quantizers(model)
     bits.update({n: 8 for n in free[:3]})
     config = model.subnet(48, 1.0, bits)  # the supernet's own check lets it through: 8 is among its bits
     (tmp_path / "p.json").write_text(json.dumps({"format": "rtfq-plan", "version": 1, "resolution": 48,
                                                  "width": 1.0, "bits": config.bits.as_dict()}))
     with pytest.raises(RtfqError, match=f"{free[0]} at 8 bits; its role .* takes the space's bit-widths 6, 4, 2"):
         resolve_plan(model, read_plan(tmp_path / "p.json"))
+
+
+def test_free_quantizers_are_those_the_policy_leaves_to_the_plan(model):
+    roles = dict((n, q.role) for n, q in model.quantizers())
+    free = free_quantizers(model)
+    assert free and set(free) < set(roles)
+    assert all(model.config.policy.fixed_bits(roles[n]) is None for n in free)
+    assert {roles[n] for n in set(roles) - set(free)} <= {"first", "last", "residual"}

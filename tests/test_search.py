@@ -14,13 +14,13 @@ from rtfq_deploy.budget import parse_budget
 from rtfq_deploy.checkpoint import save_checkpoint
 from rtfq_deploy.cli.export import export
 from rtfq_deploy.cli.main import rtfq
-from rtfq_deploy.costs import plan_costs, subnet_costs, walk
+from rtfq_deploy.costs import subnet_costs, walk
 from rtfq_deploy.data.synth import SynthConfig, generate
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.models import SupernetConfig, build_supernet
+from rtfq_deploy.planfile import free_quantizers
 from rtfq_deploy.search import PlanScorer, SearchOptions, choose_shape, greedy_search, over, start_plan
 from rtfq_deploy.space import MixedBits, SearchSpace, SubnetConfig
-from rtfq_deploy.train.mixed import free_quantizers
 
 SPACE = SearchSpace(resolutions=(32, 24), widths=(1.0, 0.5), bits=(6, 4, 2))
 

@@ -19,7 +19,7 @@ from rtfq_deploy.data.synth import SynthConfig, generate
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.space import SearchSpace
 from rtfq_deploy.train.config import ADAM_STEP_LR_SCALE, TrainConfig
-from rtfq_deploy.train.loop import ema_update, lr_at, make_optimizer, rampup
+from rtfq_deploy.train.step import ema_update, lr_at, make_optimizer, rampup
 from tests.test_cli import _one_line_error, _run
 
 SPACE = SearchSpace(resolutions=(32, 24), widths=(1.0, 0.5), bits=(8, 4))
@@ -199,3 +199,12 @@ def test_target_terms_start_late_and_ramp_up():
     assert rampup(cfg, 25) == pytest.approx(math.exp(-5.0 * 0.25))
     assert rampup(cfg, 30) == 1.0 and rampup(TrainConfig(steps=100), 0) == 1.0
 
+
+
+def test_the_loop_module_keeps_the_names_that_moved_by_job():
+    from rtfq_deploy.train import distributed, loop, state, step
+
+    assert loop.step_losses is step.step_losses and loop.lr_at is step.lr_at and loop.rampup is step.rampup
+    assert loop.make_optimizer is step.make_optimizer and loop.ema_update is step.ema_update
+    assert loop.STATE_FORMAT == state.STATE_FORMAT == "rtfq-train-state" and loop.Diverged is state.Diverged
+    assert loop.Distributed is distributed.Distributed and loop.distributed_from_env is distributed.distributed_from_env

@@ -17,7 +17,7 @@ from rtfq_deploy.cli.train import train
 from rtfq_deploy.data.synth import SynthConfig, generate
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.space import SearchSpace
-from rtfq_deploy.train.loop import STATE_FORMAT
+from rtfq_deploy.train.state import STATE_FORMAT
 
 SPACE = SearchSpace(resolutions=(32,), widths=(1.0, 0.5), bits=(8,))  # two subnets: fast steps
 FAST = ["--batch-size", "4", "--log-every", "1", "--calib-images", "4", "--workers", "0", "--steps", "1"]

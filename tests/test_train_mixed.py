@@ -14,8 +14,8 @@ from rtfq_deploy.data.synth import SynthConfig, generate
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.space import SearchSpace
 from rtfq_deploy.train.config import TrainConfig
-from rtfq_deploy.train.mixed import (BitScheduler, DistortionMitigation, MixedRule, conv_bn_pairs, free_quantizers,
-                                     unstable_score)
+from rtfq_deploy.planfile import free_quantizers
+from rtfq_deploy.train.mixed import BitScheduler, DistortionMitigation, MixedRule, conv_bn_pairs, unstable_score
 from rtfq_deploy.train.sampler import step_rng
 from tests.test_cli import _one_line_error, _run
 from tests.test_train import kill_after_logged_step

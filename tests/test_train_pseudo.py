@@ -96,7 +96,8 @@ def test_centroid_run_labels_every_target_image_and_resumes_exactly(setup, tmp_p
 
 
 def test_strong_views_keep_the_weak_views_windows_and_are_deterministic():
-    from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION, augment
+    from rtfq_deploy.data.pipeline import augment
+    from rtfq_deploy.formats import IMAGENET_NORMALIZATION
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 40, 40), generator=g, dtype=torch.uint8)
@@ -175,7 +176,7 @@ def test_strong_aug_settings_are_checked(setup, tmp_path):  # noqa: F811
 
 def test_step_losses_train_on_the_labels_they_are_given():
     from rtfq_deploy.models import SupernetConfig, build_supernet
-    from rtfq_deploy.train.loop import step_losses
+    from rtfq_deploy.train.step import step_losses
     from tests.test_train import SPACE
 
     torch.manual_seed(0)

@@ -75,7 +75,7 @@ def random_plans(model, resolution: int, width: float, target: int, count: int, 
     bits per free quantizer, then random one-step moves towards the window."""
     from rtfq_deploy.costs import plan_costs, walk
     from rtfq_deploy.space import MixedBits, SubnetConfig
-    from rtfq_deploy.train.mixed import free_quantizers
+    from rtfq_deploy.planfile import free_quantizers
 
     rng = random.Random(seed)
     shape = walk(model, resolution, width)

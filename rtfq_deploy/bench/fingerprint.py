@@ -11,6 +11,8 @@ import platform
 import re
 from typing import Any, Sequence
 
+from rtfq_deploy.formats import ONNXRUNTIME
+
 # CPU features that decide which integer kernels onnxruntime can use.
 _FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_tile", "asimd", "asimddp",
           "i8mm", "sve")
@@ -59,7 +61,7 @@ def memory_total_bytes() -> int | None:
 
 
 def fingerprint(provider: str, threads: int, batch_size: int, graph_optimization: str,
-                runtimes: Sequence[str] = ("onnxruntime",), openvino_device: str = "CPU") -> dict[str, Any]:
+                runtimes: Sequence[str] = (ONNXRUNTIME,), openvino_device: str = "CPU") -> dict[str, Any]:
     """The device and the settings a results file was measured with: per runtime its
     version and where it ran (onnxruntime's execution provider, OpenVINO's plugin). The
     top-level ``onnxruntime``/``provider`` keys are those of version 1 files."""
@@ -67,7 +69,7 @@ def fingerprint(provider: str, threads: int, batch_size: int, graph_optimization
 
     described: dict[str, dict[str, Any]] = {}
     for runtime in runtimes:
-        if runtime == "onnxruntime":
+        if runtime == ONNXRUNTIME:
             described[runtime] = {"version": version(runtime), "provider": provider,
                                   "graph_optimization": graph_optimization}
         else:
@@ -78,7 +80,7 @@ def fingerprint(provider: str, threads: int, batch_size: int, graph_optimization
         "machine": platform.machine(),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "onnxruntime": version("onnxruntime"),
+        "onnxruntime": version(ONNXRUNTIME),  # version 1 files' key
         "provider": provider,
         "threads": threads,
         "batch_size": batch_size,

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.formats import IMAGE_SUFFIXES, META_CLASS_NAMES, META_INPUT
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}  # rtfq_deploy.images.IMAGE_SUFFIXES
-CROP_FRACTION = 0.875
 MAX_IMAGES = 200_000
 
 
@@ -93,7 +92,7 @@ def _metadata_json(metadata: Mapping[str, str], key: str, name: str, expect: typ
 
 def class_names(metadata: Mapping[str, str], name: str) -> list[str] | None:
     """The model's ``rtfq.class_names`` (a JSON array of strings), None when absent."""
-    names = _metadata_json(metadata, "rtfq.class_names", name, list)
+    names = _metadata_json(metadata, META_CLASS_NAMES, name, list)
     if names is not None and not all(isinstance(n, str) for n in names):
         raise RtfqError(f"{name}: malformed rtfq.class_names metadata (not an array of names)")
     return names
@@ -104,7 +103,7 @@ def input_spec(metadata: Mapping[str, str], name: str) -> tuple[int, list[float]
     unusable = RtfqError(f"{name}: no usable rtfq.input metadata (not written by rtfq-export?); "
                          "accuracy needs its resolution and normalisation")
     try:
-        spec = _metadata_json(metadata, "rtfq.input", name, dict)
+        spec = _metadata_json(metadata, META_INPUT, name, dict)
     except RtfqError as e:
         raise RtfqError(f"{unusable} ({e})") from None
     if spec is None:

@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Sequence
 
 from rtfq_deploy.bench.runtimes import GRAPH_OPTIMIZATION, Input, Session, open_session  # noqa: F401  (re-exported)
+from rtfq_deploy.formats import DEFAULT_RUNTIME, META_WEIGHTS, WEIGHTS_INT4_PACKED
 
 MIN_CPU_WINDOW_S = 0.2
 ACCURACY_BATCH = 32
@@ -61,7 +62,7 @@ class MeasureConfig:
     ``accuracy_images`` set: the process that runs labeled images (no timing)."""
 
     model: str
-    runtime: str = "onnxruntime"
+    runtime: str = DEFAULT_RUNTIME
     threads: int = 1
     provider: str = "CPUExecutionProvider"
     openvino_device: str = "CPU"
@@ -290,7 +291,7 @@ def measure(config: MeasureConfig) -> dict[str, Any]:
     session = _open(config, config.batch_size)
     create_s = (time.perf_counter_ns() - start) / 1e9
     metadata = session.metadata
-    if metadata.get("rtfq.weights") == "int4-packed":
+    if metadata.get(META_WEIGHTS) == WEIGHTS_INT4_PACKED:
         raise ValueError("INT4-packed weights run as float convolutions in onnxruntime, which is not what a device "
                          "runs: benchmark the --pack int8 export of this subnet (same graph after expansion)")
     session.set_inputs(make_inputs(session, config.batch_size, config.seed))

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from rtfq_deploy.bench.select import FRONT_KEYS, Selection
 from rtfq_deploy.fileio import is_number
+from rtfq_deploy.formats import DEFAULT_RUNTIME
 
 _SCALE = {"latency_p50_ms": (1.0, "latency p50 (ms)"), "peak_memory_bytes": (1e6, "peak memory (MB)"),
           "size_bytes": (1e6, "file size (MB)")}
@@ -64,7 +65,7 @@ def choice_rows(selection: Selection) -> list[dict[str, Any]]:
     rows = []
     for c in selection.choices:
         e = c.entry
-        rows.append({"budget": str(c.budget), "runtime": e.get("runtime", "onnxruntime"), "met": c.met,
+        rows.append({"budget": str(c.budget), "runtime": e.get("runtime", DEFAULT_RUNTIME), "met": c.met,
                      "subnet": e["subnet"], "accuracy": e.get("accuracy"), "accuracy_source": e.get("accuracy_source"),
                      "agreement": e.get("agreement"), "stable": e.get("stable"),
                      "latency_p50_ms": e["latency_p50_ms"], "latency_p90_ms": e["latency_p90_ms"],

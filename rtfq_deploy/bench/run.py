@@ -62,9 +62,11 @@ from typing import Any, Callable, Sequence
 
 from rtfq_deploy.bench.fingerprint import fingerprint
 from rtfq_deploy.bench.measure import MeasureConfig
-from rtfq_deploy.bench.runtimes import DEFAULT_RUNTIME, RUNTIMES, version
+from rtfq_deploy.bench.runtimes import version
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import atomic_write, is_int, is_number, parse_json, read_json, sha256_file
+from rtfq_deploy.formats import (DEFAULT_RUNTIME, META_BITOPS, META_MACS, META_SUBNET, METADATA_PREFIX, ONNXRUNTIME,
+                                 RUNTIMES)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ def resolve_provider(name: str) -> str:
     """'cpu' or 'CPUExecutionProvider' -> the provider onnxruntime offers on this device."""
     from rtfq_deploy.bench.runtimes import require
 
-    ort = require("onnxruntime")
+    ort = require(ONNXRUNTIME)
     available = ort.get_available_providers()
     wanted = name.lower().removesuffix("executionprovider")
     for provider in available:
@@ -159,12 +161,12 @@ def bench_model(path: Path, settings: BenchSettings, runtime: str = DEFAULT_RUNT
         row["error"] = str(first.get("error"))
         return row
     second: dict[str, Any] = {"peak_memory_bytes": None}
-    if runtime == "onnxruntime":
+    if runtime == ONNXRUNTIME:
         second = run_child(replace(template, arena=False, latency=False), settings)
         if not second.get("ok"):
             row["error"] = f"without the memory arena: {second.get('error')}"
             return row
-    meta = {k: str(v) for k, v in (first.get("metadata") or {}).items() if k.startswith("rtfq.")}
+    meta = {k: str(v) for k, v in (first.get("metadata") or {}).items() if k.startswith(METADATA_PREFIX)}
     timed = [first]
     for _ in range(settings.processes - 1):
         more = run_child(replace(template, arena=True, latency=True), settings)
@@ -176,9 +178,9 @@ def bench_model(path: Path, settings: BenchSettings, runtime: str = DEFAULT_RUNT
     lat = sorted((t["latency"] for t in timed), key=lambda x: x["p50_ms"])[(len(timed) - 1) // 2]
     row.update({
         "ok": True,
-        "subnet": meta.get("rtfq.subnet", path.stem),
-        "macs": _int_or_none(meta.get("rtfq.macs")),
-        "bitops": _int_or_none(meta.get("rtfq.bitops")),
+        "subnet": meta.get(META_SUBNET, path.stem),
+        "macs": _int_or_none(meta.get(META_MACS)),
+        "bitops": _int_or_none(meta.get(META_BITOPS)),
         "session_create_s": first["session_create_s"],
         "latency_p50_ms": lat["p50_ms"], "latency_p90_ms": lat["p90_ms"], "latency_p99_ms": lat["p99_ms"],
         "latency_mean_ms": lat["mean_ms"], "latency_std_ms": lat["std_ms"],
@@ -206,7 +208,7 @@ def _accuracy(path: Path, runtime: str, settings: BenchSettings, reference: Path
         images, labels = settings.images.arrays_for(path, settings.workdir)
     except RtfqError as e:
         return {"accuracy_error": str(e)}
-    is_reference = runtime == "onnxruntime"
+    is_reference = runtime == ONNXRUNTIME
     config = replace(settings.measure, model=str(path.resolve()), runtime=runtime, accuracy_images=str(images),
                      accuracy_labels=str(labels), reference_logits=None if is_reference or reference is None
                      else str(reference), logits_out=str(_logits_path(path, runtime, settings.workdir)))
@@ -215,10 +217,10 @@ def _accuracy(path: Path, runtime: str, settings: BenchSettings, reference: Path
         return {"accuracy_error": str(result.get("error"))}
     out = {"top1": result.get("top1"), "images": result.get("images")}
     if is_reference:
-        out |= {"agreement": 1.0, "max_logit_diff": 0.0, "agreement_reference": "onnxruntime"}
+        out |= {"agreement": 1.0, "max_logit_diff": 0.0, "agreement_reference": ONNXRUNTIME}
     elif "agreement" in result:
         out |= {"agreement": result["agreement"], "max_logit_diff": result["max_logit_diff"],
-                "agreement_reference": "onnxruntime"}
+                "agreement_reference": ONNXRUNTIME}
     return out
 
 
@@ -231,16 +233,16 @@ def _logits_path(path: Path, runtime: str, workdir: Path | None) -> Path:
 
 def _reference(path: Path, settings: BenchSettings) -> Path | None:
     """onnxruntime's logits on the images (run now unless its row already made them)."""
-    if settings.images is None or version("onnxruntime") is None:
+    if settings.images is None or version(ONNXRUNTIME) is None:
         return None
-    out = _logits_path(path, "onnxruntime", settings.workdir)
+    out = _logits_path(path, ONNXRUNTIME, settings.workdir)
     if out.exists():
         return out
     try:
         images, labels = settings.images.arrays_for(path, settings.workdir)
     except RtfqError:
         return None
-    config = replace(settings.measure, model=str(path.resolve()), runtime="onnxruntime",
+    config = replace(settings.measure, model=str(path.resolve()), runtime=ONNXRUNTIME,
                      accuracy_images=str(images), accuracy_labels=str(labels), logits_out=str(out))
     return out if run_child(config, settings).get("ok") and out.exists() else None
 
@@ -295,7 +297,7 @@ def bench_models(paths: Sequence[Path], settings: BenchSettings, output: Path | 
             for runtime in settings.runtimes:
                 if progress is not None:
                     progress(path, None)
-                reference = _reference(path, settings) if runtime != "onnxruntime" else None
+                reference = _reference(path, settings) if runtime != ONNXRUNTIME else None
                 row = bench_model(path, settings, runtime, reference)
                 if not row["ok"]:
                     log.info("%s on %s failed: %s", path, runtime, row["error"])
@@ -310,11 +312,6 @@ def bench_models(paths: Sequence[Path], settings: BenchSettings, output: Path | 
 def write_results(path: Path, results: dict[str, Any]) -> None:
     with atomic_write(path, overwrite=True) as f:
         f.write((json.dumps(results, indent=2) + "\n").encode())
-
-
-def row_runtime(row: dict[str, Any]) -> str:
-    """A row's runtime; rows written before runtimes existed are onnxruntime's."""
-    return str(row.get("runtime") or DEFAULT_RUNTIME)
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -343,7 +340,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
             raise RtfqError(f"{path}: model row {i} was measured on runtime {str(runtime)[:40]!r}, which the "
                             f"fingerprint does not describe (it has {', '.join(sorted(described))})")
         if row["ok"]:
-            needed = _NUMBERS + (("peak_memory_no_arena_bytes",) if runtime == "onnxruntime" else ())
+            needed = _NUMBERS + (("peak_memory_no_arena_bytes",) if runtime == ONNXRUNTIME else ())
             bad = [k for k in needed if not _is_number(row.get(k))]
             if bad or not isinstance(row.get("subnet"), str) or not _SHA_RE.fullmatch(str(row.get("sha256"))):
                 what = ", ".join(bad) or "subnet or sha256"

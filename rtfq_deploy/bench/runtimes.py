@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.formats import ONNXRUNTIME, OPENVINO, RUNTIMES
 
-RUNTIMES = ("onnxruntime", "openvino")
-DEFAULT_RUNTIME = "onnxruntime"
-_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
-_INSTALL = {"onnxruntime": "pip install onnxruntime", "openvino": "pip install 'rtfq_deploy[openvino]' (or openvino)"}
+_PACKAGES = {ONNXRUNTIME: "onnxruntime", OPENVINO: "openvino"}  # runtime -> the package that provides it
+_INSTALL = {ONNXRUNTIME: "pip install onnxruntime", OPENVINO: "pip install 'rtfq_deploy[openvino]' (or openvino)"}
 
 GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                       "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -58,7 +57,7 @@ _VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")  # OpenVINO's plugins ov
 def check_openvino_device(device: str) -> str:
     """``device`` if OpenVINO offers that plugin here (virtual ones like AUTO:CPU pass),
     else one RtfqError line naming those it offers."""
-    ov = require("openvino")
+    ov = require(OPENVINO)
     if device.split(":")[0].upper() in _VIRTUAL_DEVICES:
         return device
     available = list(ov.Core().available_devices)
@@ -172,8 +171,8 @@ def open_session(runtime: str, path: str, *, threads: int, provider: str = "CPUE
                  graph_optimization: str = "all", arena: bool = True, openvino_device: str = "CPU",
                  batch_size: int = 1, metadata: Callable[[], Mapping[str, str]] | None = None) -> Session:
     """A session on ``runtime``; ``metadata`` reads the file's metadata where the runtime cannot."""
-    if runtime == "onnxruntime":
+    if runtime == ONNXRUNTIME:
         return OrtSession(path, threads, provider, graph_optimization, arena)
-    if runtime == "openvino":
+    if runtime == OPENVINO:
         return OvSession(path, threads, openvino_device, batch_size, metadata() if metadata else {})
     raise ValueError(f"unknown runtime {runtime!r}")

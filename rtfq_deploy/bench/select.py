@@ -34,8 +34,7 @@ from rtfq_deploy import manifest as mf
 from rtfq_deploy.budget import Budget, Choice, choose, pareto_front
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import atomic_write, sweep_temporaries
-
-DEFAULT_RUNTIME = mf.DEFAULT_RUNTIME
+from rtfq_deploy.formats import DEFAULT_RUNTIME, META_CHECKPOINT_SHA256, RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class Selection:
     @property
     def runtimes(self) -> list[str]:
         have = {str(e.get("runtime", DEFAULT_RUNTIME)) for e in self.candidates}
-        return [r for r in mf.RUNTIMES if r in have]
+        return [r for r in RUNTIMES if r in have]
 
     def unstable(self) -> list[Choice]:
         """Met choices whose latency p50 did not settle when it was measured."""
@@ -111,7 +110,7 @@ def check_table(results: Mapping[str, Any], table: Any, force: bool = False) -> 
     for row in results["models"]:
         if not row.get("ok") or row.get("top1") is not None or row.get("subnet") not in table.top1:
             continue
-        sha = (row.get("metadata") or {}).get("rtfq.checkpoint_sha256")
+        sha = (row.get("metadata") or {}).get(META_CHECKPOINT_SHA256)
         if isinstance(sha, str):
             table.check_checkpoint(sha, f"{row['subnet']} ({row['path']}) was exported from", force)
 
@@ -172,7 +171,7 @@ def plan(results: Mapping[str, Any], accuracy: Mapping[str, float], budgets: Seq
         raise RtfqError("give at least one budget")
     verify_rows(results)
     entries, skipped = candidates(results, accuracy, options.memory)
-    runtimes = [r for r in mf.RUNTIMES if any(e["runtime"] == r for e in entries)]
+    runtimes = [r for r in RUNTIMES if any(e["runtime"] == r for e in entries)]
     choices = tuple(choose([e for e in entries if e["runtime"] == r], b) for b in budgets for r in runtimes)
     return Selection(device, choices, tuple(entries), fronts(entries), skipped=tuple(skipped))
 
@@ -200,7 +199,7 @@ def publish(selection: Selection, results: Mapping[str, Any], dist_dir: Path,
     # different file for the same subnet gets the runtime in its name.
     names: dict[str, str] = {e.path.split("/", 1)[1]: e.sha256 for e in kept}
     dest_of: dict[tuple[str, str], str] = {}
-    for (subnet, runtime), entry in sorted(chosen.items(), key=lambda kv: mf.RUNTIMES.index(kv[0][1])):
+    for (subnet, runtime), entry in sorted(chosen.items(), key=lambda kv: RUNTIMES.index(kv[0][1])):
         for name in (f"{subnet}.onnx", f"{subnet}.{runtime}.onnx"):
             if names.setdefault(name, entry["sha256"]) == entry["sha256"]:
                 dest_of[subnet, runtime] = name

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from rtfq_deploy.cli.common import SEED, BoundedInt, FiniteFloat, Group, emit_table
+from rtfq_deploy.formats import DEFAULT_RUNTIME, ONNXRUNTIME, OPENVINO, RUNTIMES
 
 _SETTINGS = {"help_option_names": ["-h", "--help"]}
 
@@ -41,7 +42,7 @@ def bench() -> None:
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Results file (JSON), rewritten after each row.")
-@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["onnxruntime", "openvino"]),
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(RUNTIMES),
               help="Runtime to measure on, repeatable (default onnxruntime): each model x runtime is a row, "
                    "the runtimes alternated model by model. OpenVINO needs pip install 'rtfq_deploy[openvino]'.")
 @click.option("--threads", type=BoundedInt(1, 1024), default=1, show_default=True,
@@ -93,7 +94,7 @@ def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threa
     from rtfq_deploy.bench.run import BenchSettings, bench_models, collect_models, resolve_provider
     from rtfq_deploy.bench.runtimes import require
 
-    runtimes = tuple(dict.fromkeys(runtimes or ("onnxruntime",)))
+    runtimes = tuple(dict.fromkeys(runtimes or (DEFAULT_RUNTIME,)))
     if min_runs > max_runs:
         raise click.UsageError(f"--min-runs {min_runs} is above --max-runs {max_runs}")
     from rtfq_deploy.fileio import check_output
@@ -105,7 +106,7 @@ def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threa
         raise click.BadParameter(f"{openvino_device[:64]!r} is not an OpenVINO device name", param_hint="--openvino-device")
     for runtime in runtimes:
         require(runtime)  # one line naming the missing package, before anything is measured
-    if "openvino" in runtimes:
+    if OPENVINO in runtimes:
         from rtfq_deploy.bench.runtimes import check_openvino_device
 
         check_openvino_device(openvino_device)
@@ -122,7 +123,7 @@ def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threa
         image_set = scan(images)
         check_models(image_set, paths)
     measure = MeasureConfig(model="", threads=threads,
-                            provider=resolve_provider(provider) if "onnxruntime" in runtimes else provider,
+                            provider=resolve_provider(provider) if ONNXRUNTIME in runtimes else provider,
                             openvino_device=openvino_device, graph_optimization=graph_optimization,
                             batch_size=batch_size, warmup=warmup, min_runs=min_runs, max_runs=max_runs,
                             min_time_s=min_time, max_time_s=max_time, sample_time_s=sample_time,
@@ -197,7 +198,7 @@ _ACCURACY_COLUMNS = [
 
 def _with_defaults(row: dict, columns: list = _RUN_COLUMNS) -> dict:
     status = "FAILED" if not row["ok"] else ("ok" if row.get("stable", True) else "unstable")
-    return {key: row.get(key) for key, _, _ in columns} | {"status": status, "runtime": row.get("runtime") or "onnxruntime"}
+    return {key: row.get(key) for key, _, _ in columns} | {"status": status, "runtime": row.get("runtime") or DEFAULT_RUNTIME}
 
 
 @bench.command(context_settings=_SETTINGS)
@@ -323,7 +324,7 @@ def _select_notes(selection, data: dict, accuracy: Path | None) -> list[str]:  #
     for runtime in selection.runtimes:
         agree = sorted((e["agreement"], e["subnet"]) for e in selection.candidates
                        if e["runtime"] == runtime and e.get("agreement") is not None)
-        if runtime != "onnxruntime" and agree:
+        if runtime != ONNXRUNTIME and agree:
             notes.append(f"on {runtime}, top-1 agrees with onnxruntime's exact integer results on {agree[0][0]:.1%} "
                          f"({agree[0][1]}) to {agree[-1][0]:.1%} of the images")
     for c in selection.unstable():

@@ -32,9 +32,8 @@ def calibrate(checkpoint: Path, data: Path, subnet_list: str | None, plan_files:
         raise click.UsageError(f"{output} exists (use --force to overwrite)")
     from rtfq_deploy.checkpoint import load_checkpoint, save_checkpoint
     from rtfq_deploy.images import image_files
-    from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.errors import RtfqError
-    from rtfq_deploy.evaluate import calibrate_subnets, calibration_sample
+    from rtfq_deploy.evaluate import ensure_calibrated
     from rtfq_deploy.planfile import chosen_subnets
 
     dev = torch_device(device)
@@ -48,10 +47,9 @@ def calibrate(checkpoint: Path, data: Path, subnet_list: str | None, plan_files:
     files = image_files(data)
     if not files:
         raise RtfqError(f"{data}: no images")
-    pick = calibration_sample(files, images)
-    stats = calibrate_subnets(model.to(dev), subnets, pick, ckpt.meta.get("normalization", IMAGENET_NORMALIZATION),
-                              device=dev, where=str(data), announce=lambda n: click.echo(
-                                  f"calibrating BatchNorm of {len(subnets)} subnet(s) on {n} images of {data}", err=True))
+    model.to(dev)
+    stats = ensure_calibrated(ckpt, subnets, files, images, data, device=dev, recalibrate=True,
+                              say=lambda line: click.echo(line, err=True))
     plans = {**ckpt.plans, **{str(c): c for c in subnets if not c.uniform}}
     save_checkpoint(output, model.cpu(), bn_stats={**ckpt.bn_stats, **stats}, meta=ckpt.meta, plans=plans,
                     overwrite=force)

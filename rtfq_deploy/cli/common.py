@@ -189,10 +189,6 @@ def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str,
     click.echo(tabulate(table, headers=[h for _, h, _ in columns], tablefmt="simple", disable_numparse=True))
 
 
-def not_yet(name: str, issue: int) -> None:
-    raise click.ClickException(f"{name} is not implemented yet (see issue #{issue})")
-
-
 def torch_device(name: str):
     """--device auto/cpu/cuda as a torch device; cuda without one is a user error."""
     import torch

@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from rtfq_deploy.cli.common import Command
+from rtfq_deploy.formats import ONNXRUNTIME, OPENVINO
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def _runtimes() -> tuple[str, ...]:
     """onnxruntime, and OpenVINO where it is installed (pip install 'rtfq_deploy[openvino]')."""
     import importlib.util
 
-    return ("onnxruntime", "openvino") if importlib.util.find_spec("openvino") is not None else ("onnxruntime",)
+    return (ONNXRUNTIME, OPENVINO) if importlib.util.find_spec("openvino") is not None else (ONNXRUNTIME,)
 
 
 def _adaptation(source_only: Path, adapted: Path) -> str:

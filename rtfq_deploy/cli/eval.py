@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -49,12 +48,12 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str | None, plan_files: tup
         raise click.UsageError(f"{output} exists (use --force to overwrite)")
     from rtfq_deploy.checkpoint import load_checkpoint
     from rtfq_deploy.data.folders import scan
-    from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
     from rtfq_deploy.errors import RtfqError
-    from rtfq_deploy.evaluate import calibrate_subnets, calibration_sample, evaluate_subnets
+    from rtfq_deploy.accuracy import write_accuracy_table
+    from rtfq_deploy.evaluate import ensure_calibrated, evaluate_subnets
     from rtfq_deploy.fileio import sha256_file
+    from rtfq_deploy.formats import normalization_of
     from rtfq_deploy.planfile import chosen_subnets
-    from rtfq_deploy.fileio import atomic_write
 
     dev = torch_device(device)
     ckpt = load_checkpoint(checkpoint)
@@ -67,25 +66,18 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str | None, plan_files: tup
                         f"{list(classes)[:4]}...")
     if len(folder.classes) != model.config.num_classes:
         raise RtfqError(f"{data} has {len(folder.classes)} classes, the supernet {model.config.num_classes}")
-    normalization = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
     model.to(dev)
     stats = dict(ckpt.bn_stats)
-    missing = [c for c in subnets if str(c) not in stats]
-    if missing:
+    if any(str(c) not in stats for c in subnets):
         calib_folder = scan(calib, "calibration") if calib else folder
-        pick = calibration_sample([p for p, _ in calib_folder.samples], calib_images)
         note = "" if calib else " (the evaluation images; pass --calib for separate target images)"
-        stats.update(calibrate_subnets(model, missing, pick, normalization, device=dev, where=str(calib_folder.root),
-                                       announce=lambda n: click.echo(f"calibrating BatchNorm of {len(missing)} "
-                                                                     f"subnet(s) on {n} images of {calib_folder.root}"
-                                                                     + note, err=True)))
-    rows = evaluate_subnets(model.cpu() if dev.type == "cpu" else model, subnets, stats,
-                            [p for p, _ in folder.samples], folder.labels, normalization, device=dev, where=str(data))
+        stats.update(ensure_calibrated(ckpt, subnets, [p for p, _ in calib_folder.samples], calib_images,
+                                       calib_folder.root, device=dev, note=note,
+                                       say=lambda line: click.echo(line, err=True)))
+    rows = evaluate_subnets(model.cpu() if dev.type == "cpu" else model, subnets, stats, [p for p, _ in folder.samples],
+                            folder.labels, normalization_of(ckpt.meta), device=dev, where=str(data))
     for r in rows:
         r["bn"] = "checkpoint" if r["subnet"] in ckpt.bn_stats else "calibrated now"
     if output is not None:
-        table = {"format": "rtfq-accuracy", "version": 1, "checkpoint": str(checkpoint),
-                 "checkpoint_sha256": sha256_file(checkpoint), "data": str(data), "subnets": rows}
-        with atomic_write(output, overwrite=force) as f:
-            f.write((json.dumps(table, indent=2) + "\n").encode())
+        write_accuracy_table(output, rows, checkpoint, sha256_file(checkpoint), data, overwrite=force)
     emit_table(rows, COLUMNS, as_json)

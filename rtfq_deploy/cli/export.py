@@ -32,19 +32,6 @@ def _describe(result) -> str:
     return "; ".join(parts)
 
 
-def _calibrate(ckpt, subnets: list, calib: Path, count: int) -> None:
-    """Statistics for subnets the checkpoint lacks, measured now (kept in memory only)."""
-    from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
-    from rtfq_deploy.evaluate import calibrate_subnets, calibration_sample
-    from rtfq_deploy.images import image_files
-
-    pick = calibration_sample(image_files(calib), count)
-    ckpt.bn_stats.update(calibrate_subnets(ckpt.model, subnets, pick,
-                                           ckpt.meta.get("normalization", IMAGENET_NORMALIZATION), where=str(calib),
-                                           announce=lambda n: click.echo(f"calibrating BatchNorm of {len(subnets)} "
-                                                                         f"subnet(s) on {n} images of {calib}", err=True)))
-
-
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Supernet checkpoint.")
 @click.option("--subnet", help="The subnet to export, e.g. r160-w0.73-q4 (or a mixed plan the checkpoint stores).")
@@ -171,7 +158,12 @@ def export(checkpoint: Path, subnet: str | None, plan_file: Path | None, budget:
 
     uncalibrated = [c for c in targets if str(c) not in ckpt.bn_stats]
     if calib is not None and uncalibrated:
-        _calibrate(ckpt, uncalibrated, calib, calib_images)
+        from rtfq_deploy.evaluate import ensure_calibrated
+        from rtfq_deploy.images import image_files
+
+        # measured now and kept in memory only (rtfq calibrate stores them)
+        ckpt.bn_stats.update(ensure_calibrated(ckpt, uncalibrated, image_files(calib), calib_images, calib,
+                                               say=lambda line: click.echo(line, err=True)))
     elif any(not c.uniform for c in uncalibrated):
         raise click.UsageError(f"the checkpoint has no BatchNorm statistics for {uncalibrated[0]}: pass --calib DIR "
                                "(target images) or store them first with rtfq calibrate")

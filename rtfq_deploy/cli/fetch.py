@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat
+from rtfq_deploy.formats import RUNTIMES
 
 TOKEN_ENV = "RTFQ_TOKEN"
 
@@ -28,7 +29,7 @@ def _server_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--device", required=True, metavar="NAME", help="This device's name in the server's manifest.")
 @click.option("--budget", required=True, metavar="BUDGET",
               help="Limits that must all hold, as for rtfq-bench select: 20ms, latency=20ms,memory=64MB, size=8MB.")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default=None,
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
               help="The runtime this device runs the model on; without it, the server picks the best entry over "
                    "the runtimes the device has (the output line names it).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),

@@ -7,11 +7,10 @@ from pathlib import Path
 import click
 
 from rtfq_deploy.cli.common import SEED, BoundedInt, Command, FiniteFloat, bounded_list
+from rtfq_deploy.formats import ARCH_NAMES, QUANTIZER_NAMES
 from rtfq_deploy.space import (DEFAULT_BITS, DEFAULT_CHANNEL_DIVISOR, DEFAULT_RESOLUTIONS, DEFAULT_WIDTHS,
                                MAX_CHANNEL_DIVISOR, MAX_RESOLUTION, MAX_VALUES, format_width)
 
-ARCH_NAMES = ("resnet50", "resnet18", "tiny_resnet", "mobilenet_v2", "tiny_mobilenet")  # kept in step with rtfq_deploy.models.ARCHS by a test
-QUANTIZER_NAMES = ("lsq", "alignq")  # kept in step with rtfq_deploy.quant.QUANTIZERS by a test
 QUANTIZER_HELP = ("lsq: learned step size (uniform). alignq: AlignQ's normal-CDF codes at <= 6 bits; at 7-8 bits "
                   "AlignQ's codes become unreachable behind the 8-bit pre-quantization, so it is LSQ there "
                   "(first/last layer and residual operands at the default 8 bits are LSQ); prefer --bits <= 6 with it.")

@@ -58,7 +58,7 @@ def plan(checkpoint: Path, subnet: str, from_plan: Path | None, assignments: lis
     from rtfq_deploy.checkpoint import load_checkpoint
     from rtfq_deploy.costs import subnet_costs
     from rtfq_deploy.errors import RtfqError
-    from rtfq_deploy.planfile import check_plan_bits, plan_document, read_plan, resolve_plan, write_plan
+    from rtfq_deploy.planfile import check_plan_bits, free_quantizers, plan_document, read_plan, resolve_plan, write_plan
     from rtfq_deploy.space import SpaceError
 
     ckpt = load_checkpoint(checkpoint)
@@ -67,10 +67,10 @@ def plan(checkpoint: Path, subnet: str, from_plan: Path | None, assignments: lis
     if from_plan is not None:
         base = resolve_plan(model, read_plan(from_plan))
     bits = {name: int(b) for name, b in model.plan(base).as_dict().items()}
-    fixed = {n for n, q in model.quantizers() if model.config.policy.fixed_bits(q.role) is not None}
+    settable = set(free_quantizers(model))
     for pattern, value in assignments:
         matched = [name for name in bits if fnmatchcase(name, pattern)]
-        free = [name for name in matched if name not in fixed]
+        free = [name for name in matched if name in settable]
         if not free:
             why = "only quantizers the bit policy fixes (first and last layer, residual operands)" if matched else \
                 f"no quantizer (names look like {', '.join(sorted(bits)[:3])}, ...)"

@@ -120,7 +120,8 @@ def train(ctx: click.Context, checkpoint: Path | None, source: Path | None, targ
     setup_logging(verbose)
     from rtfq_deploy.errors import RtfqError
     from rtfq_deploy.train.config import TrainConfig
-    from rtfq_deploy.train.loop import Run, distributed_from_env
+    from rtfq_deploy.train.distributed import distributed_from_env
+    from rtfq_deploy.train.loop import Run
 
     given = [k for k in options if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
     if resume is not None:

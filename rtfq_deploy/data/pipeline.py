@@ -26,12 +26,11 @@ from torch import Tensor
 
 from rtfq_deploy.data.folders import ImageFolder
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.images import (CROP_FRACTION, UnreadableImage, check_image, describe_skipped, no_readable,
+from rtfq_deploy.formats import CROP_FRACTION, IMAGENET_NORMALIZATION  # noqa: F401  (re-exported for scripts)
+from rtfq_deploy.images import (UnreadableImage, check_image, describe_skipped, no_readable,
                                 resized_crop, too_few_for_bn)
 
 log = logging.getLogger(__name__)
-
-IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def stored_size(max_resolution: int) -> int:

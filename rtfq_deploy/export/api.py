@@ -17,6 +17,7 @@ from rtfq_deploy.costs import Costs, subnet_costs
 from rtfq_deploy.export.lower import IntNet, lower
 from rtfq_deploy.export.onnx_graph import to_onnx
 from rtfq_deploy.export.verify import VerifyReport, verify
+from rtfq_deploy import formats as fmt
 from rtfq_deploy.fileio import atomic_write
 from rtfq_deploy.images import load_folder
 from rtfq_deploy.int4 import expand_int4
@@ -24,9 +25,6 @@ from rtfq_deploy.plan import ActiveSubnet
 from rtfq_deploy.space import SubnetConfig
 
 log = logging.getLogger(__name__)
-
-# torchvision's ImageNet preprocessing, used unless the checkpoint's metadata says otherwise.
-IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 class VerificationFailed(Exception):
@@ -72,22 +70,22 @@ def build_model(ckpt: Checkpoint, config: SubnetConfig, checkpoint_sha256: str, 
     classes = ckpt.meta.get("class_names") or [str(i) for i in range(model.config.num_classes)]
     r = config.resolution
     metadata = {
-        "rtfq.subnet": str(config),
-        "rtfq.bits": json.dumps(net.bits.as_dict(), sort_keys=True),
-        "rtfq.macs": str(costs.macs),
-        "rtfq.bitops": str(costs.bitops),
-        "rtfq.params": str(costs.params),
-        "rtfq.input": json.dumps({"name": ir.input, "shape": ["N", 3, r, r], "layout": "NCHW", "dtype": "float32",
-                                  "preprocess": "RGB scaled to [0, 1], then (x - mean) / std per channel",
-                                  **ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)}),
-        "rtfq.output": json.dumps({"name": ir.output, "shape": ["N", model.config.num_classes], "kind": "logits"}),
-        "rtfq.class_names": json.dumps(classes),
-        "rtfq.bn_statistics": bn_source,
-        "rtfq.weights": "int4-packed" if pack_int4 else "int8",
-        "rtfq.checkpoint_sha256": checkpoint_sha256,
-        "rtfq.arch": model.config.arch,
-        "rtfq.quantizer": model.config.quantizer,
-        "rtfq.toolkit_version": __version__,
+        fmt.META_SUBNET: str(config),
+        fmt.META_BITS: json.dumps(net.bits.as_dict(), sort_keys=True),
+        fmt.META_MACS: str(costs.macs),
+        fmt.META_BITOPS: str(costs.bitops),
+        fmt.META_PARAMS: str(costs.params),
+        fmt.META_INPUT: json.dumps({"name": ir.input, "shape": ["N", 3, r, r], "layout": "NCHW", "dtype": "float32",
+                                    "preprocess": "RGB scaled to [0, 1], then (x - mean) / std per channel",
+                                    **fmt.normalization_of(ckpt.meta)}),
+        fmt.META_OUTPUT: json.dumps({"name": ir.output, "shape": ["N", model.config.num_classes], "kind": "logits"}),
+        fmt.META_CLASS_NAMES: json.dumps(classes),
+        fmt.META_BN_STATISTICS: bn_source,
+        fmt.META_WEIGHTS: fmt.WEIGHTS_INT4_PACKED if pack_int4 else fmt.WEIGHTS_INT8,
+        fmt.META_CHECKPOINT_SHA256: checkpoint_sha256,
+        fmt.META_ARCH: model.config.arch,
+        fmt.META_QUANTIZER: model.config.quantizer,
+        fmt.META_TOOLKIT_VERSION: __version__,
     }
     onnx_model = to_onnx(ir, metadata, pack_int4=pack_int4)
     onnx.checker.check_model(onnx_model, full_check=True)
@@ -97,7 +95,7 @@ def build_model(ckpt: Checkpoint, config: SubnetConfig, checkpoint_sha256: str, 
 def verification_inputs(ckpt: Checkpoint, config: SubnetConfig, options: ExportOptions) -> torch.Tensor:
     r = config.resolution
     if options.verify_images is not None:
-        norm = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
+        norm = fmt.normalization_of(ckpt.meta)
         return load_folder(options.verify_images, r, norm["mean"], norm["std"], options.verify_samples)
     generator = torch.Generator().manual_seed(options.seed)
     return torch.randn(options.verify_samples, 3, r, r, generator=generator)

@@ -1,15 +1,16 @@
-"""Supernet architectures by name."""
+"""Supernet architectures by name (the names: :data:`rtfq_deploy.formats.ARCH_NAMES`)."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.formats import ARCH_NAMES
 from rtfq_deploy.models.base import Supernet, SupernetConfig
 from rtfq_deploy.models.mobilenet import TINY_SETTINGS, MobileNetV2
 from rtfq_deploy.models.resnet import BasicBlock, Bottleneck, ResNet
 
-ARCHS: dict[str, Callable[[SupernetConfig], Supernet]] = {
+_BUILDERS: dict[str, Callable[[SupernetConfig], Supernet]] = {
     # The paper's supernet.
     "resnet50": lambda c: ResNet(c, Bottleneck, [3, 4, 6, 3]),
     "resnet18": lambda c: ResNet(c, BasicBlock, [2, 2, 2, 2]),
@@ -22,6 +23,8 @@ ARCHS: dict[str, Callable[[SupernetConfig], Supernet]] = {
     # on 64 px images: 4.2 MMACs against tiny_resnet's 6.3 (see `rtfq subnets`).
     "tiny_mobilenet": lambda c: MobileNetV2(c, width_mult=0.5, last_channel=320, settings=TINY_SETTINGS),
 }
+# Keyed and ordered by the names checkpoints and the CLI use (a name without a builder fails here).
+ARCHS: dict[str, Callable[[SupernetConfig], Supernet]] = {name: _BUILDERS[name] for name in ARCH_NAMES}
 
 
 def build_supernet(config: SupernetConfig) -> Supernet:

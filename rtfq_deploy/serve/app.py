@@ -30,7 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rtfq_deploy import __version__
 from rtfq_deploy import budget as bg
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.manifest import RUNTIMES, Entry, check_name
+from rtfq_deploy.formats import RUNTIMES
+from rtfq_deploy.manifest import Entry, check_name
 from rtfq_deploy.serve import conditional as cond
 from rtfq_deploy.serve.auth import BearerAuth, TokenFile
 from rtfq_deploy.serve.openapi import document

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rtfq_deploy import __version__
+from rtfq_deploy.formats import RUNTIMES
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -46,7 +47,7 @@ _SCHEMAS: dict[str, Any] = {
                            "peak_memory_bytes", "macs", "bitops", "accuracy", "budgets", "url"],
               "properties": {
                   "subnet": {"type": "string", "examples": ["r160-w0.73-q4"]},
-                  "runtime": {"type": "string", "enum": ["onnxruntime", "openvino"],
+                  "runtime": {"type": "string", "enum": list(RUNTIMES),
                               "description": "The runtime the figures were measured on and the file is meant for."},
                   "stable": {"type": "boolean",
                              "description": "false: the latency p50 did not settle when measured (a rough figure)."},

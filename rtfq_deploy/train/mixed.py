@@ -37,16 +37,11 @@ from torch import Tensor
 
 from rtfq_deploy.layers import SlimBatchNorm2d
 from rtfq_deploy.models.base import Supernet
+from rtfq_deploy.planfile import free_quantizers
 from rtfq_deploy.space import MixedBits, SubnetConfig
 
 EPSILON = 0.25
 K_START, K_END = 0.5, 0.2
-
-
-def free_quantizers(model: Supernet) -> list[str]:
-    """Quantizers a mixed plan may set (the policy fixes the others)."""
-    policy = model.config.policy
-    return [n for n, q in model.quantizers() if policy.fixed_bits(q.role) is None]
 
 
 @dataclass(frozen=True)
