@@ -32,6 +32,8 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rtfq_deploy.formats import META_CLASS_NAMES, META_INPUT
+
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = {"rtfq": "from rtfq_deploy.cli.main import rtfq as c", "rtfq-train": "from rtfq_deploy.cli.train import train as c",
          "rtfq-export": "from rtfq_deploy.cli.export import export as c",
@@ -98,12 +100,12 @@ def build_fixtures(w: Path) -> dict:
          "r24-w0.50-q4", "--no-verify", "-o", str(w / "m.onnx")], check=True)
     f["onnx"] = w / "m.onnx"
     deep = "[" * 10_000 + "]" * 10_000
-    for name, key, value in (("meta_names_deep", "rtfq.class_names", deep), ("meta_names_int", "rtfq.class_names", "7"),
-                             ("meta_names_null", "rtfq.class_names", "null"),
-                             ("meta_names_objs", "rtfq.class_names", '[{"a": 1}, [], 3]'),
-                             ("meta_input_deep", "rtfq.input", deep),
-                             ("meta_input_obj", "rtfq.input", '{"shape": {"a": 1}, "mean": 1, "std": null}'),
-                             ("meta_input_huge", "rtfq.input", '{"shape": ["N", 3, 1' + "0" * 5000 + ', 24], '
+    for name, key, value in (("meta_names_deep", META_CLASS_NAMES, deep), ("meta_names_int", META_CLASS_NAMES, "7"),
+                             ("meta_names_null", META_CLASS_NAMES, "null"),
+                             ("meta_names_objs", META_CLASS_NAMES, '[{"a": 1}, [], 3]'),
+                             ("meta_input_deep", META_INPUT, deep),
+                             ("meta_input_obj", META_INPUT, '{"shape": {"a": 1}, "mean": 1, "std": null}'),
+                             ("meta_input_huge", META_INPUT, '{"shape": ["N", 3, 1' + "0" * 5000 + ', 24], '
                                                                '"mean": [0, 0, 0], "std": [1, 1, 1]}')):
         m = onnx.load(w / "m.onnx")
         for p in m.metadata_props:

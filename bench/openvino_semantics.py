@@ -47,6 +47,7 @@ from onnx import numpy_helper
 from rtfq_deploy.export.reference_graphs import add_input_clips, without_clips
 from rtfq_deploy.bench.runtimes import open_session
 from rtfq_deploy.bench.sessions import ort_session
+from rtfq_deploy.formats import ARCH_NAMES
 from rtfq_deploy.scriptargs import Parser, positive
 
 
@@ -266,7 +267,7 @@ def main() -> None:
     p.add_argument("--subnets", default="r128-w1.00-q8,r128-w1.00-q6,r128-w1.00-q4")
     p.add_argument("--inputs", type=positive, default=256)
     p.add_argument("--classes", type=positive, default=10)
-    p.add_argument("--arch", default="tiny_resnet", choices=["tiny_resnet", "resnet50", "tiny_mobilenet", "mobilenet_v2"],
+    p.add_argument("--arch", default="tiny_resnet", choices=ARCH_NAMES,
                    help="resnet50: bottleneck blocks with identity shortcuts (subnets like r128-w0.60-q8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid-inputs", action="store_true",

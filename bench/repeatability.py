@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rtfq_deploy.formats import DEFAULT_RUNTIME, RUNTIMES
+
 BIN = Path(sys.executable).parent
 DEMO = ["--threads", "1", "--min-time", "1", "--max-time", "4"]
 
@@ -61,7 +63,7 @@ def main() -> None:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", type=Path)
-    p.add_argument("--runtime", action="append", choices=["onnxruntime", "openvino"])
+    p.add_argument("--runtime", action="append", choices=list(RUNTIMES))
     p.add_argument("--every", type=int, default=1, help="only every n-th model (sorted by name)")
     p.add_argument("--compare-unbatched", action="store_true")
     p.add_argument("--goal", type=float, default=0.03)
@@ -69,7 +71,7 @@ def main() -> None:
     models = sorted(args.models.glob("*.onnx"))[::max(1, args.every)]
     if not models:
         sys.exit(f"no .onnx files in {args.models}")
-    runtimes = args.runtime or ["onnxruntime"]
+    runtimes = args.runtime or [DEFAULT_RUNTIME]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         settings = [("batched", [])] + ([("unbatched", ["--sample-time", "0"])] if args.compare_unbatched else [])

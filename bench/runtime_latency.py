@@ -40,7 +40,7 @@ import sys
 import tempfile
 
 from rtfq_deploy.bench.fingerprint import cpu_info
-from rtfq_deploy.bench.runtimes import RUNTIMES
+from rtfq_deploy.formats import ONNXRUNTIME, OPENVINO, RUNTIMES
 from rtfq_deploy.bench.sessions import interleaved, measure_in_child, median_ratio, runner
 from rtfq_deploy.scriptargs import Parser, int_list, name_list, positive
 
@@ -97,7 +97,7 @@ def main() -> None:
                 if args.interleaved:
                     times = interleaved({(g, r): runner(r, p, 1) for g, p in paths.items() for r in RUNTIMES},
                                         args.interleaved)
-                    ref = times["ort_qdq", "onnxruntime"]
+                    ref = times["ort_qdq", ONNXRUNTIME]
                     ratios = {k: median_ratio(v, ref) for k, v in times.items()}
                     ref_s = statistics.median(ref)
                     rows.append([f"{shape}-q{bits}", 1, f"{ref_s * 1e3:.2f}",
@@ -112,7 +112,7 @@ def main() -> None:
                             m = measure_in_child(r, paths[g], t, args.runs)
                             times[g, r].append(m["median_s"])
                             compile_s[g, r].append(m["compile_s"])
-                    ref = times["ort_qdq", "onnxruntime"]
+                    ref = times["ort_qdq", ONNXRUNTIME]
 
                     def ratio(g: str, r: str) -> str:
                         return f"{median_ratio(times[g, r], ref):.2f}"
@@ -120,7 +120,7 @@ def main() -> None:
                     rows.append([f"{shape}-q{bits}", t, f"{statistics.median(ref) * 1e3:.2f}",
                                  *(ratio(g, r) for r in RUNTIMES for g in paths),
                                  f"{statistics.median(compile_s['ours', 'openvino']):.2f}",
-                                 f"{statistics.median(compile_s['ours', 'onnxruntime']):.2f}"])
+                                 f"{statistics.median(compile_s['ours', ONNXRUNTIME]):.2f}"])
                     print(" ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir)
@@ -129,7 +129,7 @@ def main() -> None:
           + (f"one process, one thread, the pairs run in turn {args.interleaved} times" if args.interleaved else
              f"one process per measurement, {args.rounds} alternating rounds of {args.runs} runs")
           + "; latency as a ratio to onnxruntime running ort_qdq (lower is faster)")
-    heads = [f"{'ov' if r == 'openvino' else 'ort'} {g}" for r in RUNTIMES for g in ("ours", "ours+addclip", "ort_qdq", "fp32")]
+    heads = [f"{'ov' if r == OPENVINO else 'ort'} {g}" for r in RUNTIMES for g in ("ours", "ours+addclip", "ort_qdq", "fp32")]
     print(tabulate(rows, headers=["subnet", "threads", "ort ort_qdq ms", *heads, "ov compile s", "ort create s"],
                    disable_numparse=True))
 

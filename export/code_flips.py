@@ -19,7 +19,7 @@ from onnx.reference import ReferenceEvaluator
 
 from rtfq_deploy.bench.sessions import ort_session
 from rtfq_deploy.checkpoint import load_checkpoint
-from rtfq_deploy.data.pipeline import IMAGENET_NORMALIZATION
+from rtfq_deploy.formats import normalization_of
 from rtfq_deploy.export.api import build_model
 from rtfq_deploy.export.verify import output_step, torch_logits
 from rtfq_deploy.images import load_folder
@@ -37,7 +37,7 @@ def main() -> None:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt.model.config.space.parse(args.subnet)
     model, ir, net, _ = build_model(ckpt, SubnetConfig.parse(str(cfg)), "")
-    norm = ckpt.meta.get("normalization", IMAGENET_NORMALIZATION)
+    norm = normalization_of(ckpt.meta)
     x = load_folder(args.images, cfg.resolution, norm["mean"], norm["std"], limit=args.limit).float()
     expected = torch_logits(ckpt.model, net, x)
     step = output_step(expected) or 1.0  # all-zero logits: plain logit units
