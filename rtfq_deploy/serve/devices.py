@@ -221,6 +221,9 @@ def accept_results(dist_dir: Path, device: str, body: bytes, budget_texts: Seque
     budgets = device_budgets(budget_texts, config)
     try:
         data = parse_json(body, "the upload", "results", max_bytes=config.max_bytes, expect=dict)
+        rows = data.get("models")
+        if isinstance(rows, list) and len(rows) > config.max_rows:
+            raise UploadError(413, f"the results hold {len(rows)} rows; at most {config.max_rows} are accepted")
         data = check_results(data, "the upload")
     except RtfqError as e:
         raise UploadError(422, str(e)) from None
