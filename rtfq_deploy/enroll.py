@@ -54,7 +54,7 @@ class MeasureOptions:
     ci_target: float = 0.01
     min_time_s: float = 3.0
     max_time_s: float = 60.0
-    sample_time_s: float = 0.005
+    sample_time_s: float = 0.002
     warmup: int = 5
     timeout_s: float = 300.0
 

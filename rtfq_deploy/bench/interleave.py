@@ -7,6 +7,20 @@ and each round times one sample of every model in a fresh random order; a slow p
 stretches every model's samples of those rounds, not one model's figure. The parent runs
 ``processes`` such children per runtime (alternating runtimes) and pools their samples.
 
+Two kinds of interference are left out, since on a busy host they, not the model, would
+set the p50 (measured on a shared 2-core machine: p50s of one model 100% apart between
+runs with every sample, about 1% with these rules):
+
+- a sample during which the process did not hold its cores (a neighbour's time slice):
+  its CPU time per wall time below 90% of what that model's samples usually show;
+- rounds in which the host was slow for everyone (a neighbour on the sibling core, a
+  memory-bound job): each round's slowness is the median over the models of sample /
+  model's p50, and only the quietest ``quiet_share`` of the rounds count.
+
+The reported p50 is thus that of the quiet rounds' clean samples: the device's latency
+when its cores are its own. The p50 of every sample is kept as ``latency_p50_all_ms``, and
+``contended_samples`` counts the samples left out.
+
 Each row reports its p50 with a 95% interval (:mod:`rtfq_deploy.bench.confidence`);
 timing stops once every model's interval is within ``ci_target`` of its p50 (after
 ``min_rounds`` rounds and ``min_time_s``), or at ``max_rounds`` / ``max_time_s``.
@@ -54,6 +68,7 @@ class RoundsConfig:
     max_time_s: float = 60.0
     check_every: int = 5
     seed: int = 0
+    quiet_share: float = 0.25  # of the rounds, the quietest, whose samples count
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -68,26 +83,72 @@ class RoundsConfig:
         return cls(template=template, **data)
 
 
-def _time_rounds(run: Sequence[Callable[[int], int]], ks: Sequence[int], config: RoundsConfig,
-                 clock: Callable[[], int] = time.perf_counter_ns) -> tuple[list[list[float]], int, float]:
-    """Samples (ns per run) of every model, taken round robin; (samples, rounds, seconds)."""
+CLEAN_SHARE = 0.9  # of a model's usual CPU per wall time, below which a sample was contended
+MIN_CLEAN_FRACTION = 0.2
+
+
+def clean_mask(ratios: Sequence[float]) -> list[bool]:
+    """Which samples were taken while the process held its cores: CPU per wall time at
+    least CLEAN_SHARE of the model's 90th percentile ratio (what it gets uncontended);
+    all of them if fewer than MIN_CLEAN_FRACTION qualify."""
+    if len(ratios) < 10:
+        return [True] * len(ratios)
+    top = sorted(ratios)[int(0.9 * (len(ratios) - 1))]
+    mask = [r >= CLEAN_SHARE * top for r in ratios]
+    return mask if sum(mask) >= max(6, MIN_CLEAN_FRACTION * len(ratios)) else [True] * len(ratios)
+
+
+def kept_indices(samples: Sequence[Sequence[float]], ratios: Sequence[Sequence[float]],
+                 quiet_share: float) -> list[list[int]]:
+    """Per model, the rounds whose sample counts: the clean samples of the quietest
+    rounds (``samples[model][round]``); a model left with fewer than 6 keeps every
+    sample of those rounds."""
+    masks = [clean_mask(r) for r in ratios]
+    rounds = min((len(s) for s in samples), default=0)
+    if rounds < 8 or not 0 < quiet_share < 1:
+        return [[j for j, ok in enumerate(m) if ok] for m in masks]
+    typical = [ci.median([x for x, ok in zip(s, m) if ok]) for s, m in zip(samples, masks)]
+    slowness = [ci.median([samples[i][j] / typical[i] for i in range(len(samples))]) for j in range(rounds)]
+    quiet = sorted(sorted(range(rounds), key=lambda j: slowness[j])[:max(8, math.ceil(quiet_share * rounds))])
+    out = []
+    for m in masks:
+        chosen = [j for j in quiet if m[j]]
+        out.append(chosen if len(chosen) >= 6 else quiet)
+    return out
+
+
+def kept_samples(samples: Sequence[Sequence[float]], ratios: Sequence[Sequence[float]],
+                 quiet_share: float) -> list[list[float]]:
+    """:func:`kept_indices`' samples."""
+    return [[s[j] for j in idx] for s, idx in zip(samples, kept_indices(samples, ratios, quiet_share))]
+
+
+def _time_rounds(run: Sequence[Callable[[int], tuple[int, int]]], ks: Sequence[int], config: RoundsConfig,
+                 clock: Callable[[], int] = time.perf_counter_ns
+                 ) -> tuple[list[list[float]], list[list[float]], int, float]:
+    """Samples (ns per run) of every model taken round robin, with each sample's CPU per
+    wall time; (samples, ratios, rounds, seconds)."""
     rng = random.Random(config.seed)
     samples: list[list[float]] = [[] for _ in run]
+    ratios: list[list[float]] = [[] for _ in run]
     order = list(range(len(run)))
     start, rounds = clock(), 0
     while order:
         rng.shuffle(order)
         for i in order:
-            samples[i].append(run[i](ks[i]) / ks[i])
+            wall, cpu = run[i](ks[i])
+            samples[i].append(wall / ks[i])
+            ratios[i].append(cpu / wall if wall > 0 else 0.0)
         rounds += 1
         elapsed = (clock() - start) / 1e9
         if rounds >= config.min_rounds and elapsed >= config.min_time_s and rounds % config.check_every == 0:
-            widths = [ci.relative_half_width(ci.median(s), *ci.median_ci(s)) for s in samples]
+            kept = kept_samples(samples, ratios, config.quiet_share)
+            widths = [ci.relative_half_width(ci.median(k), *ci.median_ci(k)) for k in kept]
             if max(widths) <= config.ci_target:
                 break
         if rounds >= config.max_rounds or elapsed >= config.max_time_s:
             break
-    return samples, rounds, (clock() - start) / 1e9
+    return samples, ratios, rounds, (clock() - start) / 1e9
 
 
 def measure_rounds(config: RoundsConfig) -> dict[str, Any]:
@@ -112,28 +173,28 @@ def measure_rounds(config: RoundsConfig) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001  one bad model is that model's failed row
             failed[path] = " ".join(str(e).split())[:500] or type(e).__name__
 
-    def timer(session: Any) -> Callable[[int], int]:
-        def run_batch(k: int) -> int:
+    def timer(session: Any) -> Callable[[int], tuple[int, int]]:
+        def run_batch(k: int) -> tuple[int, int]:
             run = session.run
-            t0 = time.perf_counter_ns()
+            c0, t0 = time.process_time_ns(), time.perf_counter_ns()
             for _ in range(k):
                 run()
-            return time.perf_counter_ns() - t0
+            return time.perf_counter_ns() - t0, time.process_time_ns() - c0
         return run_batch
 
     runs = [timer(s) for _, s, _ in opened]
     ks = []
     for run_batch in runs:
-        warm = [run_batch(1) for _ in range(max(t.warmup, 1 if t.sample_time_s > 0 else 0))]
+        warm = [run_batch(1)[0] for _ in range(max(t.warmup, 1 if t.sample_time_s > 0 else 0))]
         ks.append(runs_per_sample(warm, t.sample_time_s))
     cpu0, wall0 = time.process_time_ns(), time.perf_counter_ns()
-    samples, rounds, seconds = _time_rounds(runs, ks, config) if runs else ([], 0, 0.0)
+    samples, ratios, rounds, seconds = _time_rounds(runs, ks, config) if runs else ([], [], 0, 0.0)
     wall = time.perf_counter_ns() - wall0
     models = {}
-    for (path, session, create_s), k, s in zip(opened, ks, samples):
+    for (path, session, create_s), k, s, r in zip(opened, ks, samples, ratios):
         models[path] = {"ok": True, "session_create_s": create_s, "runs_per_sample": k,
-                        "samples_ms": [round(x / 1e6, 6) for x in s], "metadata": dict(session.metadata),
-                        **session.details}
+                        "samples_ms": [round(x / 1e6, 6) for x in s], "cpu_per_wall": [round(x, 4) for x in r],
+                        "metadata": dict(session.metadata), **session.details}
     for path, error in failed.items():
         models[path] = {"ok": False, "error": error}
     return {"ok": True, "models": models, "rounds": rounds, "time_s": seconds,
@@ -238,11 +299,16 @@ def interleaved_rows(paths: Sequence[Path], settings: InterleaveSettings,
                     rows[model, runtime]["error"] = str(got.get("error"))
                 else:
                     runs[model, runtime].append(got)
+    kept: dict[tuple[str, str], list[list[float]]] = {}
+    for runtime in bench.runtimes:
+        done = [k for k in rows if k[1] == runtime and rows[k]["error"] is None and len(runs[k]) == bench.processes]
+        for k, samples in zip(done, pooled_kept([runs[k] for k in done], settings.rounds.quiet_share)):
+            kept[k] = samples
     out = []
     for (model, runtime), row in rows.items():
         got = runs[model, runtime]
-        if row["error"] is None and len(got) == bench.processes:
-            row.update(_latency_fields(got, details[runtime], settings.rounds.ci_target))
+        if row["error"] is None and (model, runtime) in kept:
+            row.update(_latency_fields(got, details[runtime], settings.rounds.ci_target, kept[model, runtime]))
             meta = {k: str(v) for k, v in (got[0].get("metadata") or {}).items() if k.startswith("rtfq.")}
             row.update({"ok": True, "subnet": meta.get("rtfq.subnet", row["subnet"]),
                         "macs": _int_or_none(meta.get("rtfq.macs")), "bitops": _int_or_none(meta.get("rtfq.bitops")),
@@ -256,26 +322,45 @@ def interleaved_rows(paths: Sequence[Path], settings: InterleaveSettings,
     return out
 
 
+def pooled_kept(per_model: Sequence[Sequence[dict[str, Any]]], quiet_share: float) -> list[list[list[float]]]:
+    """``per_model[m][p]``: model m's result from process p. The clean samples of the
+    quietest rounds over every process's rounds together (so a process that ran through
+    a slow period of the host contributes little), per model and process."""
+    processes = len(per_model[0]) if per_model else 0
+    lengths = [min(len(m[p]["samples_ms"]) for m in per_model) for p in range(processes)]
+    samples = [[x for p in range(processes) for x in m[p]["samples_ms"][:lengths[p]]] for m in per_model]
+    ratios = [[x for p in range(processes) for x in (m[p].get("cpu_per_wall") or [1.0] * lengths[p])[:lengths[p]]]
+              for m in per_model]
+    starts = [sum(lengths[:p]) for p in range(processes)]
+    out = []
+    for s, idx in zip(samples, kept_indices(samples, ratios, quiet_share)):
+        out.append([[s[j] for j in idx if starts[p] <= j < starts[p] + lengths[p]] for p in range(processes)])
+    return out
+
+
 def _latency_fields(got: Sequence[dict[str, Any]], children: Sequence[dict[str, Any]],
-                    ci_target: float) -> dict[str, Any]:
-    """p50 (pooled), its interval, and the other figures of ``rtfq-bench run``'s rows."""
+                    ci_target: float, kept: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """p50 (pooled), its interval, and the other figures of ``rtfq-bench run``'s rows;
+    ``kept``: per process, the samples that count."""
     from rtfq_deploy.bench.measure import p50_cv, p50_drift
 
-    per_process = [g["samples_ms"] for g in got]
+    per_process = [list(k) for k in kept if len(k) >= 6] or [[x for k in kept for x in k]]
+    every = [x for g in got for x in g["samples_ms"]]
     pooled = sorted(x for s in per_process for x in s)
     p50, low, high = ci.pooled_ci(per_process)
     n = len(pooled)
     mean = sum(pooled) / n
     std = math.sqrt(sum((x - mean) ** 2 for x in pooled) / (n - 1)) if n > 1 else 0.0
     width = ci.relative_half_width(p50, low, high)
-    drift = p50_drift(per_process[-1]) if per_process[-1] else math.inf
-    cv = p50_cv(per_process[-1], 10)
+    drift = p50_drift(pooled) if pooled else math.inf
+    cv = p50_cv(pooled, 10)
     return {
         "latency_p50_ms": p50, "latency_p90_ms": pooled[min(n - 1, int(0.9 * n))],
         "latency_p99_ms": pooled[min(n - 1, int(0.99 * n))], "latency_mean_ms": mean, "latency_std_ms": std,
         ci.CI_KEY: [low, high], "p50_ci_rel": width,
         "samples": n, "runs_per_sample": got[0]["runs_per_sample"], "runs": n * got[0]["runs_per_sample"],
         "rounds": sum(int(c.get("rounds") or 0) for c in children), "harness": "interleaved",
+        "contended_samples": len(every) - n, "latency_p50_all_ms": ci.median(every),
         "measure_time_s": sum(float(c.get("time_s") or 0) for c in children),
         "session_create_s": got[0]["session_create_s"],
         "p50_cv": None if math.isnan(cv) else cv, "p50_drift": drift if math.isfinite(drift) else None,
