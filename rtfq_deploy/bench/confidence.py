@@ -74,3 +74,39 @@ def straddling(choices: Iterable[Any]) -> list[Any]:
     """The met choices (:class:`rtfq_deploy.budget.Choice`) whose entry's p50 interval
     straddles one of the budget's latency limits."""
     return [c for c in choices if c.met and straddles(c.entry, c.budget.limits)]
+
+
+def rivals(choice: Any, entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """More accurate entries (of the choice's runtime) that missed the budget only on a
+    latency limit inside their p50 interval: measured again, one of them may be chosen."""
+    from rtfq_deploy.budget import Budget
+    from rtfq_deploy.fileio import is_number
+
+    chosen = choice.entry
+    if not choice.met or not is_number(chosen.get("accuracy")):
+        return []
+    out = []
+    for e in entries:
+        if e.get("runtime") != chosen.get("runtime") or not is_number(e.get("accuracy")):
+            continue
+        if e["accuracy"] <= chosen["accuracy"] or e is chosen:
+            continue
+        failed = [limit for limit in choice.budget.limits if not Budget((limit,), "").meets(e)]
+        if failed and all(limit.key == "latency_p50_ms" for limit in failed) and straddles(e, failed):
+            out.append(str(e.get("subnet")))
+    return out
+
+
+def doubt(choice: Any, entries: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why a met choice may differ when measured again (its own interval straddles the
+    budget, or a more accurate rival's does), or None."""
+    if not choice.met:
+        return None
+    lines = []
+    if straddles(choice.entry, choice.budget.limits):
+        low, high = choice.entry[CI_KEY]
+        lines.append(f"its p50 interval {low:.4g}-{high:.4g} ms straddles the budget")
+    near = rivals(choice, entries)
+    if near:
+        lines.append(f"{', '.join(near[:5])} (more accurate) may meet it too")
+    return "; ".join(lines) or None

@@ -68,7 +68,7 @@ class RoundsConfig:
     max_time_s: float = 60.0
     check_every: int = 5
     seed: int = 0
-    quiet_share: float = 0.25  # of the rounds, the quietest, whose samples count
+    quiet_share: float = 0.1  # of the rounds, the quietest, whose samples count
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -365,7 +365,7 @@ def _latency_fields(got: Sequence[dict[str, Any]], children: Sequence[dict[str, 
         "session_create_s": got[0]["session_create_s"],
         "p50_cv": None if math.isnan(cv) else cv, "p50_drift": drift if math.isfinite(drift) else None,
         "stable": bool(width <= ci_target),
-        **({"process_p50_ms": [ci.median(s) for s in per_process]} if len(per_process) > 1 else {}),
+        **({"process_p50_ms": [ci.median(k or g["samples_ms"]) for k, g in zip(kept, got)]} if len(got) > 1 else {}),
         "cpu_per_wall": children[0].get("cpu_per_wall") if children else None,
         "load_average": children[0].get("load_average") if children else None,
     }

@@ -95,8 +95,7 @@ def enroll(server: str, device: str, runtimes: tuple[str, ...], budgets: tuple[s
             if not isinstance(c, dict):
                 continue
             state = "" if c.get("met") else "UNMET "
-            note = "; its p50 interval straddles the budget (measured again, the choice may differ)" \
-                if c.get("straddles") else ""
+            note = f" (may differ when measured again: {str(c.get('doubt'))[:200]})" if c.get("straddles") else ""
             click.echo(f"  {state}{c.get('budget')} on {c.get('runtime')}: {c.get('subnet')}{note}")
     if result.fetched is not None:
         f = result.fetched

@@ -212,7 +212,7 @@ def accept_results(dist_dir: Path, device: str, body: bytes, budget_texts: Seque
     """Check an upload and publish the device's choices; the answer's JSON. Runs in a
     worker thread (it hashes and copies files). UploadError for every refusal, raised
     before anything is written."""
-    from rtfq_deploy.bench.confidence import straddling
+    from rtfq_deploy.bench.confidence import doubt
     from rtfq_deploy.bench.run import check_results
     from rtfq_deploy.bench.select import SelectOptions, plan, publish
     from rtfq_deploy.fileio import parse_json
@@ -237,14 +237,14 @@ def accept_results(dist_dir: Path, device: str, body: bytes, budget_texts: Seque
             selection = publish(selection, data, dist_dir, options)
         except RtfqError as e:
             raise UploadError(422, str(e)) from None
-    doubtful = {(str(c.budget), c.entry.get("runtime")) for c in straddling(selection.choices)}
     choices = []
     for c in selection.choices:
         e = c.entry
+        why = doubt(c, selection.candidates)
         choices.append({"budget": str(c.budget), "runtime": e.get("runtime"), "met": c.met, "subnet": e["subnet"],
                         "accuracy": e.get("accuracy"), "latency_p50_ms": e.get("latency_p50_ms"),
                         "latency_p50_ci_ms": e.get("latency_p50_ci_ms"), "reason": c.reason,
-                        "straddles": (str(c.budget), e.get("runtime")) in doubtful})
+                        "straddles": why is not None, **({"doubt": why} if why else {})})
     manifest = dist_dir / "manifest.json"
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if selection.written and manifest.exists() else None
     log.info("device %s uploaded %d rows: %d entries published", device, len(data["models"]), len(selection.written))
