@@ -278,3 +278,15 @@ def test_serve_cli_refuses_enroll_options_without_candidates(site):
     empty = site["root"] / "empty"
     empty.mkdir()
     _one_line_error(_run("rtfq-serve", str(site["dist"]), "--candidates", str(empty)), "no usable rtfq-export")
+
+
+def test_the_device_side_imports_neither_torch_nor_onnx():
+    import subprocess
+    import sys
+
+    code = ("import sys, rtfq_deploy.enroll, rtfq_deploy.cli.enroll, rtfq_deploy.bench.interleave, "
+            "rtfq_deploy.serve.app, rtfq_deploy.serve.devices, rtfq_deploy.serve.candidates; "
+            "bad = [m for m in ('torch', 'onnx', 'rtfq_deploy.train', 'rtfq_deploy.models') if m in sys.modules]; "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
