@@ -88,6 +88,16 @@ def choose(rows: list[dict], table: dict[str, float], limit_ms: float) -> str | 
     return str(choice.entry["subnet"]) if choice.met else None
 
 
+def doubtful(rows: list[dict], table: dict[str, float], limit_ms: float) -> bool:
+    """Whether rtfq-serve would name this choice as one that may differ when measured again."""
+    from rtfq_deploy.bench.confidence import doubt
+    from rtfq_deploy.budget import choose as budget_choose
+    from rtfq_deploy.budget import parse_budget
+
+    entries = [dict(r, accuracy=table.get(r["subnet"])) for r in rows]
+    return doubt(budget_choose(entries, parse_budget(f"latency={limit_ms!r}ms")), entries) is not None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/rtfq-enroll-stability"))
@@ -135,8 +145,9 @@ def main() -> None:
                        / (ok[0][a]["latency_p50_ms"] / ok[0][b]["latency_p50_ms"]) - 1)
                    for a, b in itertools.combinations(subnets, 2))
     median_diff = diffs[len(diffs) // 2]
-    straddled = [sum(1 for b in budgets for r in rows[k] if r["subnet"] == choose(rows[k], table, b)
-                     and r["latency_p50_ci_ms"][0] <= b <= r["latency_p50_ci_ms"][1]) for k in (0, 1)]
+    flagged = [{i for i, b in enumerate(budgets) if doubtful(rows[k], table, b)} for k in (0, 1)]
+    differ = {i for i, b in enumerate(budgets) if choose(rows[0], table, b) != choose(rows[1], table, b)}
+    level = sorted(ok[1][s]["latency_p50_ms"] / ok[0][s]["latency_p50_ms"] for s in subnets)[len(subnets) // 2]
     widths = sorted((r["latency_p50_ci_ms"][1] - r["latency_p50_ci_ms"][0]) / 2 / r["latency_p50_ms"]
                     for k in (0, 1) for r in rows[k])
     cpu = runs[0]["fingerprint"]["cpu_model"]
@@ -146,8 +157,12 @@ def main() -> None:
           "goal >= 95%)")
     print(f"ratios: median |pairwise latency ratio difference| {median_diff:.2%} over {len(diffs)} pairs "
           f"(goal <= 3%); 90th percentile {diffs[int(0.9 * len(diffs))]:.2%}")
-    print(f"intervals: median half-width {widths[len(widths) // 2]:.2%} of the p50; choices straddling their budget: "
-          f"{straddled[0]} and {straddled[1]} of {len(budgets)}")
+    print(f"intervals: median half-width {widths[len(widths) // 2]:.2%} of the p50; choices named as in doubt: "
+          f"{len(flagged[0])} and {len(flagged[1])} of {len(budgets)}; of the {len(differ)} that differ, "
+          f"{len(differ & (flagged[0] | flagged[1]))} were named by at least one run")
+    print(f"level: run 2's p50s are {level:.3f}x run 1's (median over subnets); corrected for it, "
+          f"{sum(choose(rows[0], table, b) == choose([dict(r, latency_p50_ms=r['latency_p50_ms'] / level) for r in rows[1]], table, b) for b in budgets)}"
+          f"/{len(budgets)} choose alike")
     if not (same / len(budgets) >= 0.95 and median_diff <= 0.03 and math.isfinite(median_diff)):
         sys.exit(1)
 

@@ -33,7 +33,7 @@ from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.manifest import RUNTIMES, Entry, check_name
 from rtfq_deploy.serve import conditional as cond
 from rtfq_deploy.serve.auth import BearerAuth, TokenFile, _bearer
-from rtfq_deploy.serve.candidates import Candidates
+from rtfq_deploy.serve.candidates import Candidates, CandidateSet
 from rtfq_deploy.serve.devices import DeviceTokenFile, RateLimit, UploadConfig, UploadError, accept_results
 from rtfq_deploy.serve.openapi import document
 from rtfq_deploy.serve.store import ServedFile, Snapshot, Store, open_verified
@@ -281,7 +281,7 @@ class _Api:
         # a name may be re-exported with other bytes: revalidate by ETag, never cache blindly
         return await self._send(request, candidate.served, "no-cache")
 
-    def _candidate_set(self):  # noqa: ANN202
+    def _candidate_set(self) -> CandidateSet:
         if self.candidates_ is None:
             raise ApiError(404, "this server offers no candidates (start it with --candidates DIR)")
         return self.candidates_.current
