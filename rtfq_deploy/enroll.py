@@ -50,10 +50,10 @@ class MeasureOptions:
     threads: int = 1
     provider: str = "CPUExecutionProvider"
     openvino_device: str = "CPU"
-    processes: int = 1
+    processes: int = 3
     ci_target: float = 0.01
     min_time_s: float = 3.0
-    max_time_s: float = 60.0
+    max_time_s: float = 30.0
     sample_time_s: float = 0.002
     warmup: int = 5
     timeout_s: float = 300.0

@@ -30,7 +30,7 @@ SPACE = SearchSpace(resolutions=(64, 32), widths=(1.0, 0.5), bits=(8, 4))
 OFFERED = ("r32-w0.50-q4", "r32-w1.00-q8", "r64-w1.00-q8")  # small, middle, large (and most accurate)
 ACCURACY = {"r32-w0.50-q4": 0.5, "r32-w1.00-q8": 0.6, "r64-w1.00-q8": 0.7, "r64-w0.50-q4": 0.55}
 TOKENS = {"pi-a": "tok-a-" + "1" * 20, "pi-b": "tok-b-" + "2" * 20, "pi-c": "tok-c-" + "3" * 20}
-QUICK = MeasureOptions(min_time_s=0.2, max_time_s=0.6, warmup=2, timeout_s=120)
+QUICK = MeasureOptions(min_time_s=0.2, max_time_s=0.6, warmup=2, timeout_s=120, processes=1)
 
 
 @pytest.fixture(scope="module")
@@ -256,14 +256,15 @@ def test_enroll_cli_help_and_one_line_errors(site):
     with _serve(site) as url:
         token = site["root"] / "token.txt"
         token.write_text(TOKENS["pi-b"] + "\n")
+        quick = ["--min-time", "0.1", "--max-time", "0.3", "--processes", "1"]
         forged = runner.invoke(rtfq, ["enroll", "--server", url, "--device", "pi-a", "--token-file", str(token),
-                                      "--cache", str(site["root"] / "cb"), "--min-time", "0.1", "--max-time", "0.3"])
+                                      "--cache", str(site["root"] / "cb"), *quick])
         assert forged.exit_code == 2 and "this token is not device 'pi-a''s" in forged.output, forged.output
         token.write_text(TOKENS["pi-a"] + "\n")
         out = site["root"] / "model.onnx"
         ok = runner.invoke(rtfq, ["enroll", "--server", url, "--device", "pi-a", "--token-file", str(token),
-                                  "--cache", str(site["root"] / "cb"), "--min-time", "0.1", "--max-time", "0.3",
-                                  "--budget", "size=200KB", "-o", str(out)])
+                                  "--cache", str(site["root"] / "cb"), *quick, "--budget", "size=200KB",
+                                  "-o", str(out)])
         assert ok.exit_code == 0, ok.output
         assert "size=0.2MB on onnxruntime: r32-w0.50-q4" in ok.output
         assert "downloading 1/3" in forged.output  # progress; what the refused run measured is kept:

@@ -37,8 +37,8 @@ def test_two_server_processes_share_one_dist_dir(site):  # noqa: F811
         stop = threading.Event()
 
         def upload(device: str, url: str) -> None:
-            reply = request(url, f"/v1/devices/{device}/results", method="POST", body=body,
-                            headers={"Content-Length": str(len(body)), "Authorization": f"Bearer {device_tokens[device]}"})
+            headers = {"Content-Length": str(len(body)), "Authorization": f"Bearer {device_tokens[device]}"}
+            reply = request(url, f"/v1/devices/{device}/results", method="POST", body=body, headers=headers)
             answers[device] = reply.status
             if reply.status == 200:  # the answering server already serves the device's new entries
                 served = request(url, f"/v1/devices/{device}").json()

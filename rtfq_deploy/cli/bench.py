@@ -85,7 +85,8 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the model rows as JSON instead of a table.")
 def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threads: int, provider: str,
         openvino_device: str, graph_optimization: str, batch_size: int, images: Path | None, warmup: int,
-        sample_time: float, processes: int, interleave: bool, min_runs: int, max_runs: int, min_time: float, max_time: float, cv_target: float,
+        sample_time: float, processes: int, interleave: bool, min_runs: int, max_runs: int, min_time: float,
+        max_time: float, cv_target: float,
         timeout: float, seed: int, force: bool, as_json: bool) -> None:
     """Measure MODELS (.onnx files or directories of them) on each --runtime, each in
     fresh processes: session creation (compile) time, latency after warm-up

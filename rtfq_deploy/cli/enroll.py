@@ -28,13 +28,14 @@ from rtfq_deploy.cli.fetch import TOKEN_ENV, _plain_http_off_host, _server_url
 @click.option("--remeasure", is_flag=True, help="Measure every candidate again, not only new or changed ones.")
 @click.option("--threads", type=BoundedInt(1, 1024), default=1, show_default=True,
               help="Inference threads (onnxruntime intra-op threads, OpenVINO INFERENCE_NUM_THREADS).")
-@click.option("--processes", type=BoundedInt(1, 20), default=1, show_default=True,
-              help="Repeat the round-robin timing in N fresh processes and pool them.")
+@click.option("--processes", type=BoundedInt(1, 20), default=3, show_default=True,
+              help="Repeat the round-robin timing in N fresh processes, one after the other, and pool their quietest "
+                   "rounds (a slow period of the host then spoils fewer of them).")
 @click.option("--ci", "ci_target", type=FiniteFloat(0.0, 1.0, low_open=True), default=0.01, show_default=True,
               help="Stop timing once every p50's 95%% interval is within this fraction of it.")
 @click.option("--min-time", type=FiniteFloat(0.0, 86400.0), default=3.0, show_default=True,
               help="Seconds of round-robin timing at least, per process.")
-@click.option("--max-time", type=FiniteFloat(0.0, 86400.0, low_open=True), default=60.0, show_default=True,
+@click.option("--max-time", type=FiniteFloat(0.0, 86400.0, low_open=True), default=30.0, show_default=True,
               help="Seconds of round-robin timing at most, per process.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it holds a different file.")
 @click.option("--timeout", "timeout_s", type=FiniteFloat(0.1, 3600), default=30.0, show_default=True,
