@@ -37,6 +37,7 @@ from rtfq_deploy.manifest import RUNTIMES, check_name
 log = logging.getLogger(__name__)
 
 STATE = "measured.json"
+MARKER = ".rtfq-enroll-cache"  # a folder holding it is ours: files of withdrawn candidates may be removed
 STATE_FORMAT = "rtfq-enroll-cache"
 MAX_LIST_BYTES = 8 << 20
 MAX_ANSWER_BYTES = 8 << 20
@@ -104,8 +105,7 @@ def enroll(config: EnrollConfig, progress: Callable[[str], None] | None = None) 
                                   cafile=config.cafile, deadline_s=config.deadline_s,
                                   runtime=config.runtimes[0] if len(config.runtimes) == 1 else None)
     client = fx._client(fetch_config)
-    cache = Path(config.cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = claim_cache(Path(config.cache_dir))
     listed = fx._retrying(fetch_config, lambda: _list(client, config.server, config.runtimes[0]))
     say(f"{len(listed)} candidates on {config.server}")
     downloaded = sync_cache(client, fetch_config, listed, cache, say)
@@ -119,6 +119,22 @@ def enroll(config: EnrollConfig, progress: Callable[[str], None] | None = None) 
     if config.out is not None:
         fetched = fx.fetch(fetch_config)
     return EnrollResult(len(listed), tuple(downloaded), measured, results_path, answer, fetched)
+
+
+def claim_cache(cache: Path) -> Path:
+    """The cache folder, created and marked as enroll's; a folder that holds other files
+    and no marker is refused, since files of withdrawn candidates are removed from it."""
+    from rtfq_deploy.fileio import check_output
+
+    check_output(cache / MARKER)
+    if cache.exists() and not cache.is_dir():
+        raise RtfqError(f"--cache {cache} is not a folder")
+    if cache.is_dir() and not (cache / MARKER).exists() and any(cache.iterdir()):
+        raise RtfqError(f"--cache {cache} holds other files and is not an rtfq enroll cache; give an empty or new "
+                        "folder (enroll removes the files of candidates the server no longer offers)")
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / MARKER).touch()
+    return cache
 
 
 def _url(server: str, path: str) -> str:

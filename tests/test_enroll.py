@@ -253,6 +253,12 @@ def test_enroll_cli_help_and_one_line_errors(site):
     unreachable = _run("rtfq", "enroll", "--server", "http://127.0.0.1:1", "--device", "pi-a",
                        "--cache", str(site["root"] / "c"))
     _one_line_error(unreachable, "cannot reach")
+    mine = site["root"] / "mine"
+    mine.mkdir()
+    (mine / "keep.onnx").write_bytes(b"a user's own model")
+    _one_line_error(_run("rtfq", "enroll", "--server", "http://127.0.0.1:1", "--device", "pi-a", "--cache", str(mine)),
+                    "not an rtfq enroll cache")
+    assert (mine / "keep.onnx").exists()
     with _serve(site) as url:
         token = site["root"] / "token.txt"
         token.write_text(TOKENS["pi-b"] + "\n")
