@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 
 from rtfq_deploy.bench import confidence as ci
 from rtfq_deploy.bench.measure import MeasureConfig
+from rtfq_deploy.errors import RtfqError
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,9 @@ def interleaved_rows(paths: Sequence[Path], settings: InterleaveSettings,
         row: dict[str, Any] = {"path": str(path.resolve()), "ok": False, "error": None, "subnet": path.stem}
         try:
             row["sha256"], row["size_bytes"] = sha256_file(path, what="model file"), path.stat().st_size
-        except (OSError, Exception) as e:  # noqa: BLE001  a file that went away is its row's error
+        except OSError as e:  # a file that went away is its row's error
+            row["error"] = f"cannot read: {e.strerror or e}"
+        except RtfqError as e:  # not a regular file (any more)
             row["error"] = str(e)
         base[str(path.resolve())] = row
     rows: dict[tuple[str, str], dict[str, Any]] = {}
