@@ -429,11 +429,12 @@ def _retrying(config: FetchConfig, step):  # type: ignore[no-untyped-def]
     raise AssertionError("unreachable")
 
 
-def _open(client: _Client, url: str, headers: dict[str, str], watch: _Watch):  # type: ignore[no-untyped-def]
+def _open(client: _Client, url: str, headers: dict[str, str], watch: _Watch,  # type: ignore[no-untyped-def]
+          data: bytes | None = None):
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("http", "https"):
         raise RtfqError(f"server URL must be http:// or https://, got {_short(url)!r}")
-    request = urllib.request.Request(url, headers={**headers, "User-Agent": client.user_agent})
+    request = urllib.request.Request(url, data=data, headers={**headers, "User-Agent": client.user_agent})
     if client.token is not None:
         request.add_unredirected_header("Authorization", f"Bearer {client.token}")  # not sent along a redirect
     opener = urllib.request.build_opener(_HTTPHandler(watch), _HTTPSHandler(watch, client.context))

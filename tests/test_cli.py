@@ -40,6 +40,7 @@ def _one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
 @pytest.mark.parametrize("command,args", [
     (rtfq, []), (rtfq, ["init"]), (rtfq, ["subnets"]), (rtfq, ["fetch"]), (export, []), (bench, []), (bench, ["run"]),
     (bench, ["select"]), (train, []), (serve, []), (rtfq, ["data"]), (rtfq, ["data", "synth"]), (rtfq, ["eval"]),
+    (rtfq, ["enroll"]),
 ])
 def test_every_command_answers_help(command, args):
     result = CliRunner().invoke(command, [*args, "--help"])

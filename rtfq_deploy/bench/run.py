@@ -318,7 +318,11 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     """A results file, checked enough that select can trust its shape: every row's runtime
     is known and one the fingerprint describes, and no model is measured twice on one
     runtime."""
-    data = read_json(path, "results", expect=dict)
+    return check_results(read_json(path, "results", expect=dict), path)
+
+
+def check_results(data: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`read_results`'s checks of parsed results (an upload to rtfq-serve, too)."""
     if data.get("format") != FORMAT:
         raise RtfqError(f"{path}: not an rtfq-bench results file")
     if not is_int(data.get("version")) or data.get("version") not in READABLE_VERSIONS:

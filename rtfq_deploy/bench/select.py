@@ -149,6 +149,7 @@ def candidates(results: Mapping[str, Any], accuracy: Mapping[str, float],
             "accuracy": measured if measured is not None else accuracy.get(subnet),
             "accuracy_source": "measured" if measured is not None else ("table" if subnet in accuracy else None),
             "agreement": row.get("agreement"),
+            "latency_p50_ci_ms": row.get("latency_p50_ci_ms"),  # rtfq_deploy.bench.confidence.CI_KEY
         }
     missing = sorted(f"{s} ({r})" if len({r for _, r in entries}) > 1 else s
                      for (s, r), e in entries.items() if e["accuracy"] is None)

@@ -65,6 +65,10 @@ def bench() -> None:
 @click.option("--processes", type=BoundedInt(1, 50), default=1, show_default=True,
               help="Time each row in N fresh processes and report the one with the median p50 (a small model's "
                    "p50 varies between processes more than within one).")
+@click.option("--interleave", is_flag=True,
+              help="Time every model round robin in one process per runtime (repeated in --processes N), so a slow "
+                   "period of the host hits them alike; each p50 comes with a 95%% interval (latency_p50_ci_ms), "
+                   "--cv is the interval's target half-width, --min-runs/--max-runs count rounds.")
 @click.option("--min-runs", type=BoundedInt(1, 10**7), default=30, show_default=True,
               help="Timed samples before the stability test may stop.")
 @click.option("--max-runs", type=BoundedInt(1, 10**7), default=2000, show_default=True,
@@ -82,7 +86,8 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the model rows as JSON instead of a table.")
 def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threads: int, provider: str,
         openvino_device: str, graph_optimization: str, batch_size: int, images: Path | None, warmup: int,
-        sample_time: float, processes: int, min_runs: int, max_runs: int, min_time: float, max_time: float, cv_target: float,
+        sample_time: float, processes: int, interleave: bool, min_runs: int, max_runs: int, min_time: float,
+        max_time: float, cv_target: float,
         timeout: float, seed: int, force: bool, as_json: bool) -> None:
     """Measure MODELS (.onnx files or directories of them) on each --runtime, each in
     fresh processes: session creation (compile) time, latency after warm-up
@@ -91,12 +96,14 @@ def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threa
     size, and with --images top-1 and agreement with onnxruntime. A row that fails is a
     failed row; the others still run. Exits with status 1 if any row failed."""
     from rtfq_deploy.bench.measure import MeasureConfig
-    from rtfq_deploy.bench.run import BenchSettings, bench_models, collect_models, resolve_provider
+    from rtfq_deploy.bench.run import BenchSettings, collect_models, resolve_provider
     from rtfq_deploy.bench.runtimes import require
 
     runtimes = tuple(dict.fromkeys(runtimes or (DEFAULT_RUNTIME,)))
     if min_runs > max_runs:
         raise click.UsageError(f"--min-runs {min_runs} is above --max-runs {max_runs}")
+    if interleave and images is not None:
+        raise click.UsageError("--interleave times latency only; measure --images in a run without it")
     from rtfq_deploy.fileio import check_output
 
     check_output(output)  # a FIFO or device is refused even with --force
@@ -130,17 +137,17 @@ def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threa
                             cv_target=cv_target, seed=seed)
     settings = BenchSettings(measure=measure, timeout_s=timeout, runtimes=runtimes, images=image_set,
                              processes=processes)
-    with click.progressbar(length=len(paths) * len(runtimes), label="benchmarking", file=sys.stderr,
-                           item_show_func=lambda p: p, show_pos=True) as bar:
-        def advance(path: Path, row: dict | None) -> None:
-            if row is None:
-                bar.update(0, path.name)  # show the model being measured
-            elif not row["ok"]:
-                bar.update(1, f"{path.name} ({row['runtime']}): FAILED")
-            else:
-                bar.update(1, f"{path.name} ({row['runtime']})")
+    if interleave:
+        from rtfq_deploy.bench.interleave import InterleaveSettings, RoundsConfig, interleaved_results
+        from rtfq_deploy.bench.run import write_results
 
-        results = bench_models(paths, settings, output=output, progress=advance)
+        rounds = RoundsConfig(MeasureConfig(model=""), ci_target=cv_target, min_rounds=min_runs, max_rounds=max_runs,
+                              min_time_s=min_time, max_time_s=max_time, seed=seed)
+        results = interleaved_results(paths, InterleaveSettings(settings, rounds),
+                                      progress=lambda line: click.echo(f"rtfq-bench run: {line}", err=True))
+        write_results(output, results)
+    else:
+        results = _run_each(paths, settings, output)
     rows = results["models"]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -169,6 +176,25 @@ def run(models: tuple[Path, ...], output: Path, runtimes: tuple[str, ...], threa
     if failed:
         click.echo(f"{failed} of {len(rows)} rows failed", err=True)
         sys.exit(1)
+
+
+def _run_each(paths: list[Path], settings, output: Path) -> dict:  # noqa: ANN001
+    """Each model in its own fresh processes (rtfq_deploy.bench.run), a progress bar on stderr."""
+    from rtfq_deploy.bench.run import bench_models
+
+    runtimes = settings.runtimes
+    with click.progressbar(length=len(paths) * len(runtimes), label="benchmarking", file=sys.stderr,
+                           item_show_func=lambda p: p, show_pos=True) as bar:
+        def advance(path: Path, row: dict | None) -> None:
+            if row is None:
+                bar.update(0, path.name)  # show the model being measured
+            elif not row["ok"]:
+                bar.update(1, f"{path.name} ({row['runtime']}): FAILED")
+            else:
+                bar.update(1, f"{path.name} ({row['runtime']})")
+
+        results = bench_models(paths, settings, output=output, progress=advance)
+    return results
 
 
 def unstable_line(row: dict) -> str:
@@ -330,6 +356,13 @@ def _select_notes(selection, data: dict, accuracy: Path | None) -> list[str]:  #
     for c in selection.unstable():
         notes.append(f"budget {c.budget} on {c.entry['runtime']}: the choice {c.entry['subnet']} rests on an unstable "
                      f"latency figure (its p50 did not settle within rtfq-bench run's caps; measure again, longer)")
+    from rtfq_deploy.bench.confidence import doubt
+
+    for c in selection.choices:
+        why = doubt(c, selection.candidates)
+        if why:
+            notes.append(f"budget {c.budget} on {c.entry['runtime']}: the choice {c.entry['subnet']} may differ when "
+                         f"measured again: {why}")
     unstable = sum(1 for e in selection.candidates if e.get("stable") is False)
     if unstable:
         notes.append(f"{unstable} of {len(selection.candidates)} measured rows have an unstable latency p50")

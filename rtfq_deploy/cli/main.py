@@ -10,6 +10,7 @@ from rtfq_deploy.cli.common import Group, setup_logging
 from rtfq_deploy.cli.calibrate import calibrate
 from rtfq_deploy.cli.data import data
 from rtfq_deploy.cli.demo import demo
+from rtfq_deploy.cli.enroll import enroll
 from rtfq_deploy.cli.eval import eval_
 from rtfq_deploy.cli.fetch import fetch
 from rtfq_deploy.cli.init import init
@@ -35,3 +36,4 @@ rtfq.add_command(plan)
 rtfq.add_command(search)
 rtfq.add_command(subnets)
 rtfq.add_command(fetch)
+rtfq.add_command(enroll)

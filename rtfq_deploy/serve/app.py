@@ -33,12 +33,15 @@ from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.formats import RUNTIMES
 from rtfq_deploy.manifest import Entry, check_name
 from rtfq_deploy.serve import conditional as cond
-from rtfq_deploy.serve.auth import BearerAuth, TokenFile
+from rtfq_deploy.serve.auth import BearerAuth, TokenFile, _bearer
+from rtfq_deploy.serve.candidates import Candidates, CandidateSet
+from rtfq_deploy.serve.devices import DeviceTokenFile, RateLimit, UploadConfig, UploadError, accept_results
 from rtfq_deploy.serve.openapi import document
-from rtfq_deploy.serve.store import Snapshot, Store, open_verified
+from rtfq_deploy.serve.store import ServedFile, Snapshot, Store, open_verified
 
 log = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
+_UPLOAD_RE = re.compile(r"/v1/devices/[^/]+/results")
 API = "/v1"
 
 
@@ -60,6 +63,10 @@ class ServeConfig:
     certfile: Path | None = None  # TLS certificate chain (PEM); with keyfile, serve https
     keyfile: Path | None = None
     access_log: bool = False
+    candidates_dir: Path | None = None  # rtfq-export --all output offered to devices for measuring
+    accuracy_file: Path | None = None  # rtfq eval's table for the candidates
+    device_token_file: Path | None = None  # "<device> <token>" lines: who may upload results for which device
+    upload: UploadConfig = UploadConfig()
 
     def __post_init__(self) -> None:
         """The CLI validates its options; this catches a library caller's NaN or zero,
@@ -90,14 +97,22 @@ class ApiError(Exception):
 
 
 def build_app(config: ServeConfig, store: Store) -> Starlette:
-    """The app; reads ``config.token_file`` now (RtfqError if it is unusable)."""
+    """The app; reads ``config.token_file``, the device token file and the candidates now
+    (RtfqError if one is unusable)."""
     tokens = TokenFile(config.token_file) if config.token_file is not None else None
-    api = _Api(config, store, tokens)
+    device_tokens = DeviceTokenFile(config.device_token_file) if config.device_token_file is not None else None
+    candidates = Candidates(config.candidates_dir, config.accuracy_file) if config.candidates_dir is not None else None
+    api = _Api(config, store, tokens, candidates, device_tokens)
+    # With --token-file a device token also opens the read-only routes (enroll sends one token).
+    readers = _EitherTokens(tokens, device_tokens) if tokens is not None else None
     routes = [
         Route(f"{API}/health", api.health, methods=["GET"]),
         Route(f"{API}/devices", api.devices, methods=["GET"]),
         Route(f"{API}/devices/{{device}}", api.device, methods=["GET"]),
         Route(f"{API}/devices/{{device}}/resolve", api.resolve, methods=["GET"]),
+        Route(f"{API}/devices/{{device}}/results", api.upload, methods=["POST"]),
+        Route(f"{API}/candidates", api.candidates, methods=["GET"]),
+        Route(f"{API}/candidates/{{file}}", api.candidate_file, methods=["GET"]),
         Route(f"{API}/files/{{sha256}}", api.file, methods=["GET"]),  # HEAD comes with GET
         Route(f"{API}/openapi.json", api.openapi, methods=["GET"]),
     ]
@@ -105,20 +120,22 @@ def build_app(config: ServeConfig, store: Store) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(_poll, store, config.poll_interval_s, tokens)
+            tasks.start_soon(_poll, store, config.poll_interval_s, tokens, candidates, device_tokens)
             yield
             tasks.cancel_scope.cancel()
 
     app = Starlette(routes=routes, lifespan=lifespan,
                     middleware=[Middleware(_Guard, max_target_bytes=config.max_target_bytes,
-                                           max_header_bytes=config.max_header_bytes),
-                                Middleware(BearerAuth, tokens=tokens)],
+                                           max_header_bytes=config.max_header_bytes,
+                                           max_upload_bytes=config.upload.max_bytes),
+                                Middleware(BearerAuth, tokens=readers)],
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.router.redirect_slashes = False  # a redirect would echo the Host header back
     return app
 
 
-async def _poll(store: Store, interval: float, tokens: TokenFile | None = None) -> None:
+async def _poll(store: Store, interval: float, tokens: TokenFile | None = None, candidates: Candidates | None = None,
+                device_tokens: DeviceTokenFile | None = None) -> None:
     """Pick up a republished manifest (or a changed file) and a changed token file's
     content without a restart, in a worker thread: the event loop never reads them.
 
@@ -133,8 +150,11 @@ async def _poll(store: Store, interval: float, tokens: TokenFile | None = None) 
         await anyio.sleep(interval)
         try:
             await anyio.to_thread.run_sync(store.refresh)
-            if tokens is not None:
-                await anyio.to_thread.run_sync(tokens.recheck)
+            for watched in (tokens, device_tokens):
+                if watched is not None:
+                    await anyio.to_thread.run_sync(watched.recheck)
+            if candidates is not None:
+                await anyio.to_thread.run_sync(candidates.refresh)
             last = None
         except Exception as e:  # never let the watcher die; the old snapshot keeps serving
             message = f"manifest refresh failed: {type(e).__name__}: {e}"
@@ -149,9 +169,24 @@ def stuck_after_s(config: ServeConfig) -> float:
     return max(30.0, 20 * config.poll_interval_s)
 
 
+class _EitherTokens:
+    """What opens the read-only routes: a token of --token-file or of --device-token-file."""
+
+    def __init__(self, tokens: TokenFile, device_tokens: DeviceTokenFile | None) -> None:
+        self.tokens, self.device_tokens = tokens, device_tokens
+
+    def accepts(self, token: bytes) -> bool:
+        general = self.tokens.accepts(token)
+        device = self.device_tokens.accepts(token) if self.device_tokens is not None else False
+        return general or device
+
+
 class _Api:
-    def __init__(self, config: ServeConfig, store: Store, tokens: TokenFile | None = None) -> None:
+    def __init__(self, config: ServeConfig, store: Store, tokens: TokenFile | None = None,
+                 candidates: Candidates | None = None, device_tokens: DeviceTokenFile | None = None) -> None:
         self.config, self.store, self.tokens = config, store, tokens
+        self.candidates_, self.device_tokens = candidates, device_tokens
+        self.rate = RateLimit(config.upload.min_interval_s)
 
     async def health(self, request: Request) -> Response:
         snap = self.store.snapshot
@@ -160,6 +195,10 @@ class _Api:
         auth_error = None
         if self.tokens is not None and self.tokens.error is not None:  # the file's path is not for everyone
             auth_error = "the token file is unusable; every token is refused until it is fixed"
+        if self.device_tokens is not None:
+            self.device_tokens.tokens()
+            if self.device_tokens.error is not None:
+                auth_error = "the device token file is unusable; every upload is refused until it is fixed"
         reload_error = self.store.error
         started = self.store.refreshing_since
         if reload_error is None and started is not None and time.monotonic() - started > stuck_after_s(self.config):
@@ -172,6 +211,7 @@ class _Api:
             "excluded": [{"device": e.device, "path": e.path, "reason": e.reason} for e in snap.excluded],
             "reload_error": reload_error,
             "auth_error": auth_error,
+            "candidates": len(self.candidates_.current.by_file) if self.candidates_ is not None else None,
         })
 
     async def devices(self, request: Request) -> Response:
@@ -224,8 +264,70 @@ class _Api:
         served = self.store.snapshot.files.get(sha) if _SHA_RE.fullmatch(sha) else None
         if served is None:
             raise ApiError(404, "no such file")
+        return await self._send(request, served, "public, max-age=31536000, immutable")
+
+    async def candidates(self, request: Request) -> Response:
+        current = self._candidate_set()
+        runtimes = request.query_params.getlist("runtime")
+        if len(runtimes) > 1 or (runtimes and runtimes[0] not in RUNTIMES):
+            raise ApiError(400, f"give at most one runtime, one of {', '.join(RUNTIMES)}")
+        return JSONResponse({"runtime": runtimes[0] if runtimes else None,
+                             "checkpoint_sha256": current.checkpoint_sha256,
+                             "candidates": [c.as_json() for _, c in sorted(current.by_file.items())]})
+
+    async def candidate_file(self, request: Request) -> Response:
+        candidate = self._candidate_set().by_file.get(request.path_params["file"])
+        if candidate is None:
+            raise ApiError(404, "no such candidate")
+        # a name may be re-exported with other bytes: revalidate by ETag, never cache blindly
+        return await self._send(request, candidate.served, "no-cache")
+
+    def _candidate_set(self) -> CandidateSet:
+        if self.candidates_ is None:
+            raise ApiError(404, "this server offers no candidates (start it with --candidates DIR)")
+        return self.candidates_.current
+
+    async def upload(self, request: Request) -> Response:
+        """A device's results: checked, chosen from and published for that device only."""
+        name = request.path_params["device"]
+        try:
+            check_name(name)
+        except RtfqError:
+            raise ApiError(400, "invalid device name") from None
+        if self.candidates_ is None or self.device_tokens is None:
+            raise ApiError(403, "this server takes no uploads (start it with --candidates and --device-token-file)")
+        token = _bearer(request.scope["headers"])
+        owner = self.device_tokens.device_of(token) if token is not None else None
+        if owner is None:
+            raise ApiError(401, "uploading needs Authorization: Bearer <the device's token>")
+        if owner != name:
+            raise ApiError(403, f"this token is not device {name!r}'s")
+        wait = self.rate.take(name)
+        if wait > 0:
+            raise ApiError(429, f"device {name!r} uploaded less than {self.config.upload.min_interval_s:g} s ago",
+                           retry_after=max(1, math.ceil(wait)))
+        try:
+            body = await _read_body(request, self.config.upload.max_bytes)
+            answer = await anyio.to_thread.run_sync(
+                accept_results, self.store.root, name, body, request.query_params.getlist("budget"),
+                self.candidates_.current, self.config.upload)
+        except UploadError as e:
+            self.rate.give_back(name)
+            raise ApiError(e.status, e.message, **e.extra) from None
+        except BaseException:
+            self.rate.give_back(name)
+            raise
+        digest = answer.get("manifest_sha256")
+        deadline = time.monotonic() + self.config.upload.publish_wait_s
+        while digest is not None and self.store.snapshot.manifest_sha256 != digest and time.monotonic() < deadline:
+            await anyio.sleep(min(0.05, self.config.poll_interval_s))
+        return JSONResponse(answer)
+
+    async def _send(self, request: Request, served: ServedFile, cache_control: str) -> Response:
+        """A verified file: ETag (its sha256), conditional and single-range requests."""
+        sha = served.sha256
         etag = cond.etag_for(sha)
-        headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable", "Accept-Ranges": "bytes"}
+        headers = {"ETag": etag, "Cache-Control": cache_control, "Accept-Ranges": "bytes"}
         if cond.none_match(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
         fd = await anyio.to_thread.run_sync(open_verified, served)
@@ -272,6 +374,16 @@ class _FileStream(StreamingResponse):
             os.close(self._fd)
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) beyond ``limit`` bytes whatever Content-Length said."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the upload is larger than {limit} bytes")
+    return bytes(body)
+
+
 async def _read_chunks(fd: int, offset: int, remaining: int, chunk: int) -> AsyncIterator[bytes]:
     while remaining > 0:
         block = await anyio.to_thread.run_sync(os.pread, fd, min(chunk, remaining), offset)
@@ -283,13 +395,17 @@ async def _read_chunks(fd: int, offset: int, remaining: int, chunk: int) -> Asyn
 
 
 class _Guard:
-    """Refuse what this read-only API never needs before any routing: methods other than
-    GET/HEAD (405), request bodies (413), long targets (414), large or many headers (431;
-    h11 bounds only what it buffers of an incomplete request); mark every answer nosniff."""
+    """Refuse what the API never needs before any routing: methods other than GET/HEAD
+    (405) except POST to an upload route, request bodies (413) except an upload's of a
+    stated length up to ``max_upload_bytes`` (411 without one), long targets (414), large
+    or many headers (431; h11 bounds only what it buffers of an incomplete request); mark
+    every answer nosniff."""
 
-    def __init__(self, app: ASGIApp, max_target_bytes: int, max_header_bytes: int, max_headers: int = 100) -> None:
+    def __init__(self, app: ASGIApp, max_target_bytes: int, max_header_bytes: int, max_headers: int = 100,
+                 max_upload_bytes: int = 0) -> None:
         self.app, self.max_target_bytes = app, max_target_bytes
         self.max_header_bytes, self.max_headers = max_header_bytes, max_headers
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -297,10 +413,16 @@ class _Guard:
             return
         headers = {k.lower(): v for k, v in scope["headers"]}
         refusal = None
-        if scope["method"] not in ("GET", "HEAD"):
-            refusal = _error_response(405, f"method {scope['method']} is not allowed; this API is read-only",
-                                      {"Allow": "GET, HEAD"})
-        elif headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+        upload = scope["method"] == "POST" and _UPLOAD_RE.fullmatch(scope["path"]) is not None
+        length = headers.get(b"content-length", b"0")
+        if scope["method"] not in ("GET", "HEAD") and not upload:
+            allow = "POST" if _UPLOAD_RE.fullmatch(scope["path"]) else "GET, HEAD"
+            refusal = _error_response(405, f"method {scope['method']} is not allowed here", {"Allow": allow})
+        elif upload and (b"transfer-encoding" in headers or b"content-length" not in headers):
+            refusal = _error_response(411, "an upload needs a Content-Length (no chunked bodies)")
+        elif upload and not (length.isdigit() and len(length) <= 12 and int(length) <= self.max_upload_bytes):
+            refusal = _error_response(413, f"the upload is larger than {self.max_upload_bytes} bytes")
+        elif not upload and (length != b"0" or b"transfer-encoding" in headers):
             refusal = _error_response(413, "requests must not have a body")
         elif len(scope.get("raw_path") or b"") + len(scope["query_string"]) > self.max_target_bytes:
             refusal = _error_response(414, f"request target longer than {self.max_target_bytes} bytes")

@@ -37,6 +37,12 @@ _FILE_HEADERS = {
     "Cache-Control": _header("public, max-age=31536000, immutable: a hash never names other bytes."),
 }
 _RETRY = {"Retry-After": _header("Seconds to wait before trying again.", "integer")}
+_FILE_NAME = {"name": "file", "in": "path", "required": True, "description": "A candidate's file name, <subnet>.onnx.",
+              "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}}
+_RUNTIME_QUERY = {"name": "runtime", "in": "query", "required": False,
+                  "description": "The runtime the device measures on (onnxruntime, openvino); every candidate "
+                                 "runs on both.", "schema": {"type": "string", "enum": ["onnxruntime", "openvino"]}}
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {
@@ -83,6 +89,36 @@ _SCHEMAS: dict[str, Any] = {
     "Unmet": {"type": "object", "required": ["error", "device", "budget", "cheapest"], "properties": {
         "error": {"type": "string"}, "device": {"type": "string"}, "budget": {"type": "string"},
         "cheapest": _ref("Entry")}},
+    "Candidate": {"type": "object", "required": ["file", "subnet", "sha256", "size_bytes", "macs", "bitops", "bits",
+                                                 "accuracy", "url"], "properties": {
+        "file": {"type": "string", "examples": ["r160-w0.73-q4.onnx"]}, "subnet": {"type": "string"},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "size_bytes": {"type": "integer", "minimum": 0},
+        "macs": {"type": "integer"}, "bitops": {"type": "integer"},
+        "bits": {"type": ["object", "null"], "description": "Every quantizer's bits (the file's rtfq.bits)."},
+        "accuracy": {"type": ["number", "null"], "description": "Top-1 from the server's accuracy table."},
+        "url": {"type": "string", "description": "/v1/candidates/<file>, relative to the server."}}},
+    "CandidateList": {"type": "object", "required": ["runtime", "checkpoint_sha256", "candidates"], "properties": {
+        "runtime": {"type": ["string", "null"]},
+        "checkpoint_sha256": {"type": ["string", "null"],
+                              "description": "The checkpoint the accuracy table was measured on."},
+        "candidates": {"type": "array", "items": _ref("Candidate")}}},
+    "Choice": {"type": "object", "required": ["budget", "runtime", "met", "subnet", "reason", "straddles"],
+               "properties": {
+        "budget": {"type": "string"}, "runtime": {"type": "string"}, "met": {"type": "boolean"},
+        "subnet": {"type": "string"}, "accuracy": {"type": ["number", "null"]},
+        "latency_p50_ms": {"type": "number"},
+        "latency_p50_ci_ms": {"type": ["array", "null"], "items": {"type": "number"},
+                              "description": "95% interval of the p50 as measured by the device."},
+        "reason": {"type": "string"},
+        "straddles": {"type": "boolean", "description": "The p50 interval holds a latency limit of the budget: "
+                                                        "measured again, the choice may differ."}}},
+    "UploadAnswer": {"type": "object", "required": ["device", "rows", "choices", "written", "removed"], "properties": {
+        "device": {"type": "string"}, "rows": {"type": "integer"},
+        "choices": {"type": "array", "items": _ref("Choice")},
+        "written": {"type": "array", "items": {"type": "object"}, "description": "The device's new manifest entries."},
+        "removed": {"type": "array", "items": {"type": "string"}},
+        "skipped": {"type": "array", "items": {"type": "string"}},
+        "manifest_sha256": {"type": ["string", "null"]}}},
     "Health": {"type": "object", "required": ["status", "version", "generation", "manifest_sha256", "devices",
                                               "files", "excluded", "reload_error", "auth_error"], "properties": {
         "status": {"type": "string", "enum": ["ok", "degraded"],
@@ -98,7 +134,8 @@ _SCHEMAS: dict[str, Any] = {
         "reload_error": {"type": ["string", "null"],
                          "description": "Why the newest manifest.json was not loaded (the previous one is served)."},
         "auth_error": {"type": ["string", "null"],
-                       "description": "Set when the token file is unusable: every bearer token is refused."}}},
+                       "description": "Set when the token file is unusable: every bearer token is refused."},
+        "candidates": {"type": ["integer", "null"], "description": "Candidates offered (null: no --candidates)."}}},
 }
 
 # With --token-file every operation but health and this document needs a bearer token;
@@ -129,8 +166,9 @@ def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "rtfq-serve", "version": __version__,
-                 "description": "Per-device model files of one DIST_DIR written by `rtfq-bench select`. "
-                                "Read-only: GET and HEAD only, no request bodies."},
+                 "description": "Per-device model files of one DIST_DIR written by `rtfq-bench select` or by "
+                                "devices' uploads (`rtfq enroll`). GET and HEAD, and POST of a device's results "
+                                "only."},
         "paths": _protected({
             "/v1/health": {"get": {"operationId": "health", "summary": "Liveness and the manifest in service.",
                                    "responses": {"200": _json("Serving.", "Health")}}},
@@ -186,6 +224,43 @@ def document() -> dict[str, Any]:
                                        "404": {"description": "No such file."},
                                        "416": {"description": "Range not satisfiable."},
                                        "503": {"description": "Republishing; resolve again."}}}},
+            "/v1/devices/{device}/results": {"post": {
+                "operationId": "uploadResults",
+                "summary": "A device's own benchmark results: the server chooses and publishes its entries.",
+                "description": "The body is a results file as `rtfq-bench run` writes it (`Content-Length` "
+                               "required, at most --max-upload-bytes). Every measured row must name a candidate "
+                               "by its sha256. Needs a token of --device-token-file bound to this device.",
+                "parameters": [_DEVICE, {
+                    "name": "budget", "in": "query", "required": False,
+                    "description": "The device's own budgets, repeatable, added to the server's --budget ones.",
+                    "schema": {"type": "string"}}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "responses": {
+                    "200": _json("The choices and the device's new entries.", "UploadAnswer"),
+                    "400": _json("A malformed device name or budget, or no budget at all.", "Error"),
+                    "403": _json("The token belongs to another device, or the server takes no uploads.", "Error"),
+                    "411": _json("No Content-Length.", "Error"),
+                    "413": _json("The body or its rows exceed the server's bounds.", "Error"),
+                    "422": _json("Not a valid results file, or a row that is not a candidate.", "Error"),
+                    "429": _json("The device uploaded too recently.", "Error", _RETRY)}}},
+            "/v1/candidates": {"get": {
+                "operationId": "listCandidates", "summary": "The subnets devices may download and measure.",
+                "parameters": [_RUNTIME_QUERY],
+                "responses": {"200": _json("The candidates, by file name.", "CandidateList"),
+                              "400": _json("An unknown runtime.", "Error"),
+                              "404": _json("The server offers no candidates.", "Error")}}},
+            "/v1/candidates/{file}": {"get": {
+                "operationId": "downloadCandidate", "parameters": [_FILE_NAME],
+                "summary": "A candidate file; conditional (If-None-Match) and resumable (Range), as /v1/files.",
+                "responses": {
+                    "200": {"description": "The whole file.", "headers": _FILE_HEADERS, "content": _BINARY},
+                    "206": {"description": "The requested byte range.",
+                            "headers": {**_FILE_HEADERS, "Content-Range": _header("bytes a-b/size")},
+                            "content": _BINARY},
+                    "304": {"description": "If-None-Match named this file's ETag.", "headers": _FILE_HEADERS},
+                    "404": _json("No such candidate.", "Error"),
+                    "416": _json("The range starts beyond the end of the file.", "Error"),
+                    "503": _json("The file changed on disk since it was verified; list again.", "Error", _RETRY)}}},
             "/v1/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
                                          "responses": {"200": {"description": "OpenAPI 3.1 document.",
                                                                "content": {"application/json": {"schema": {"type": "object"}}}}}}},
