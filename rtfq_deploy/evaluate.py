@@ -23,6 +23,7 @@ from torch import Tensor
 from rtfq_deploy.calibrate import BNStats, calibrate_bn
 from rtfq_deploy.costs import costs_of
 from rtfq_deploy.data.pipeline import normalize
+from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.formats import normalization_of
 from rtfq_deploy.images import MIN_BN_IMAGES, readable_arrays
 from rtfq_deploy.models.base import Supernet
@@ -134,3 +135,10 @@ def evaluate_subnets(model: Supernet, subnets: Sequence[SubnetConfig], bn_stats:
         model.train(was_training)
     order = {str(c): i for i, c in enumerate(subnets)}
     return sorted(rows, key=lambda r: order[r["subnet"]])
+
+
+def torch_device(name: str):
+    """--device auto/cpu/cuda as a torch device; cuda without one is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")

@@ -269,6 +269,7 @@ def greedy_search(model: Supernet, resolution: int, width: float, budget: Budget
     result_steps: list[SearchStep] = []
     bidirectional, limit = step_bound(len(free), len(candidates))
     descending = False
+    timing = (0.0, 0)  # seconds and plans scored so far, for the ETA
     for step in range(1, limit + 2):
         t_step = time.perf_counter()
         if step > bidirectional and not descending:
@@ -309,7 +310,7 @@ def greedy_search(model: Supernet, resolution: int, width: float, budget: Budget
         change = {key: value for key, value in change.items() if key[0] != moves[best][0][0]}  # its moves changed
         chosen = model.subnet(resolution, width, bits)
         seconds = time.perf_counter() - t_step
-        timing = (seconds, len(scored)) if step == 1 else (timing[0] + seconds, timing[1] + len(scored) + 1)
+        timing = (timing[0] + seconds, timing[1] + len(scored) + (step > 1))  # a re-based plan counts as one
         drops = [over_now - costs[k] for k, ((name, d), _) in enumerate(moves) if d < 0
                  for _ in range(candidates.index(bits[name]))]
         record = SearchStep(step, str(chosen), loss, current_costs.to_dict(), len(scored), seconds,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import BoundedInt, Command, torch_device
+from rtfq_deploy.cli.common import BoundedInt, Command
 
 
 @click.command(cls=Command)
@@ -33,7 +33,7 @@ def calibrate(checkpoint: Path, data: Path, subnet_list: str | None, plan_files:
     from rtfq_deploy.checkpoint import load_checkpoint, save_checkpoint
     from rtfq_deploy.images import image_files
     from rtfq_deploy.errors import RtfqError
-    from rtfq_deploy.evaluate import ensure_calibrated
+    from rtfq_deploy.evaluate import ensure_calibrated, torch_device
     from rtfq_deploy.planfile import chosen_subnets
 
     dev = torch_device(device)

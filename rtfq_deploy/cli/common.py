@@ -187,12 +187,3 @@ def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str,
 
     table = [[fmt(row[key]) for key, _, fmt in columns] for row in rows]
     click.echo(tabulate(table, headers=[h for _, h, _ in columns], tablefmt="simple", disable_numparse=True))
-
-
-def torch_device(name: str):
-    """--device auto/cpu/cuda as a torch device; cuda without one is a user error."""
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RtfqError("--device cuda: this PyTorch build has no CUDA or no GPU is visible (use --device cpu)")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import BoundedInt, Command, emit_table, torch_device
+from rtfq_deploy.cli.common import BoundedInt, Command, emit_table
 
 COLUMNS = [
     ("subnet", "subnet", str),
@@ -50,7 +50,7 @@ def eval_(checkpoint: Path, data: Path, subnet_list: str | None, plan_files: tup
     from rtfq_deploy.data.folders import scan
     from rtfq_deploy.errors import RtfqError
     from rtfq_deploy.accuracy import write_accuracy_table
-    from rtfq_deploy.evaluate import ensure_calibrated, evaluate_subnets
+    from rtfq_deploy.evaluate import ensure_calibrated, evaluate_subnets, torch_device
     from rtfq_deploy.fileio import sha256_file
     from rtfq_deploy.formats import normalization_of
     from rtfq_deploy.planfile import chosen_subnets
