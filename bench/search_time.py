@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -105,7 +106,13 @@ def main() -> None:
     scored.rebase = scorer.rebase  # type: ignore[attr-defined]
 
     steps: list = []
-    result = greedy_search(model, r, 1.0, budget, scored, SearchOptions(rescore=8), progress=steps.append)
+
+    def progress(step) -> None:
+        steps.append(step)
+        print(f"step {step.step}: {step.candidates} plans in {step.seconds:.1f} s, about {step.eta / 60:.1f} min left",
+              file=sys.stderr, flush=True)
+
+    result = greedy_search(model, r, 1.0, budget, scored, SearchOptions(rescore=8), progress=progress)
     new_total = result.seconds - sum(sum(v) for v in old_seconds.values())  # without the old scorer's turns
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     plans = result.evaluations
