@@ -32,7 +32,8 @@ from rtfq_deploy import fetch as fx
 from rtfq_deploy.budget import parse_budget
 from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.fileio import atomic_write, parse_json, publish, read_json, sha256_file, sha256_fileobj
-from rtfq_deploy.manifest import RUNTIMES, check_name
+from rtfq_deploy.formats import ONNXRUNTIME, RUNTIMES
+from rtfq_deploy.manifest import check_name
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class EnrollConfig:
     server: str
     device: str
     cache_dir: Path
-    runtimes: tuple[str, ...] = ("onnxruntime",)
+    runtimes: tuple[str, ...] = (ONNXRUNTIME,)
     budgets: tuple[str, ...] = ()
     out: Path | None = None
     force: bool = False

@@ -49,6 +49,8 @@ from typing import Any, Callable, Sequence
 from rtfq_deploy.bench import confidence as ci
 from rtfq_deploy.bench.measure import MeasureConfig
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.formats import (METADATA_PREFIX, META_BITOPS, META_MACS, META_SUBNET, META_WEIGHTS, ONNXRUNTIME,
+                                  WEIGHTS_INT4_PACKED)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class RoundsConfig:
 
     template: MeasureConfig
     models: tuple[str, ...] = ()
-    runtime: str = "onnxruntime"
+    runtime: str = ONNXRUNTIME
     ci_target: float = 0.01  # relative half-width of every p50 interval to stop at
     min_rounds: int = 30
     max_rounds: int = 2000
@@ -167,7 +169,7 @@ def measure_rounds(config: RoundsConfig) -> dict[str, Any]:
                                    graph_optimization=t.graph_optimization, arena=True,
                                    openvino_device=t.openvino_device, batch_size=t.batch_size,
                                    metadata=lambda p=path: _metadata(p))
-            if session.metadata.get("rtfq.weights") == "int4-packed":
+            if session.metadata.get(META_WEIGHTS) == WEIGHTS_INT4_PACKED:
                 raise ValueError("INT4-packed weights: benchmark the --pack int8 export of this subnet")
             session.set_inputs(make_inputs(session, t.batch_size, t.seed))
             opened.append((path, session, (time.perf_counter_ns() - start) / 1e9))
@@ -243,7 +245,7 @@ def memory_rows(path: Path, runtime: str, settings: Any) -> dict[str, Any]:
         return {"error": str(first.get("error"))}
     out = {"peak_memory_bytes": first["peak_memory_bytes"], "peak_memory_no_arena_bytes": None,
            "memory_method": first.get("memory_method")}
-    if runtime == "onnxruntime":
+    if runtime == ONNXRUNTIME:
         second = run_child(replace(template, arena=False), settings)
         if not second.get("ok"):
             return {"error": f"without the memory arena: {second.get('error')}"}
@@ -312,9 +314,9 @@ def interleaved_rows(paths: Sequence[Path], settings: InterleaveSettings,
         got = runs[model, runtime]
         if row["error"] is None and (model, runtime) in kept:
             row.update(_latency_fields(got, details[runtime], settings.rounds.ci_target, kept[model, runtime]))
-            meta = {k: str(v) for k, v in (got[0].get("metadata") or {}).items() if k.startswith("rtfq.")}
-            row.update({"ok": True, "subnet": meta.get("rtfq.subnet", row["subnet"]),
-                        "macs": _int_or_none(meta.get("rtfq.macs")), "bitops": _int_or_none(meta.get("rtfq.bitops")),
+            meta = {k: str(v) for k, v in (got[0].get("metadata") or {}).items() if k.startswith(METADATA_PREFIX)}
+            row.update({"ok": True, "subnet": meta.get(META_SUBNET, row["subnet"]),
+                        "macs": _int_or_none(meta.get(META_MACS)), "bitops": _int_or_none(meta.get(META_BITOPS)),
                         "metadata": meta})
             for k in ("providers", "openvino_device", "inference_threads"):
                 if k in got[0]:

@@ -10,13 +10,14 @@ import click
 
 from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat
 from rtfq_deploy.cli.fetch import TOKEN_ENV, _plain_http_off_host, _server_url
+from rtfq_deploy.formats import ONNXRUNTIME, RUNTIMES
 
 
 @click.command(cls=Command, short_help="Measure a server's candidate subnets on this device and get its choice.")
 @click.option("--server", required=True, metavar="URL", callback=_server_url,
               help="Base URL of an rtfq-serve run with --candidates, e.g. http://10.0.0.2:8080.")
 @click.option("--device", required=True, metavar="NAME", help="This device's name (its token must be bound to it).")
-@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["onnxruntime", "openvino"]),
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(list(RUNTIMES)),
               help="Runtime to measure on, repeatable (default onnxruntime).")
 @click.option("--budget", "budgets", multiple=True, metavar="BUDGET",
               help="This device's own budget, repeatable, added to the server's (as for rtfq-bench select: 20ms, "
@@ -67,7 +68,7 @@ def enroll(server: str, device: str, runtimes: tuple[str, ...], budgets: tuple[s
         raise click.UsageError("-o needs a --budget: the file fetched is the server's choice for the first one")
     if min_time > max_time:
         raise click.UsageError(f"--min-time {min_time:g} is above --max-time {max_time:g}")
-    runtimes = tuple(dict.fromkeys(runtimes or ("onnxruntime",)))
+    runtimes = tuple(dict.fromkeys(runtimes or (ONNXRUNTIME,)))
     from rtfq_deploy.bench.runtimes import require
 
     for runtime in runtimes:

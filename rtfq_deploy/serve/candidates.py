@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rtfq_deploy.errors import RtfqError
+from rtfq_deploy.formats import (META_BITOPS, META_BITS, META_CHECKPOINT_SHA256, META_MACS, META_SUBNET, META_WEIGHTS,
+                                  WEIGHTS_INT4_PACKED)
 from rtfq_deploy.manifest import check_name
 from rtfq_deploy.serve.store import _READ_FLAGS, Identity, ServedFile, identity, sha256_fd
 
@@ -159,21 +161,21 @@ class Candidates:
             os.close(fd)
         hashes[key] = digest
         meta = read_metadata(real)
-        subnet = meta.get("rtfq.subnet")
+        subnet = meta.get(META_SUBNET)
         try:
-            macs, bitops = int(meta["rtfq.macs"]), int(meta["rtfq.bitops"])
+            macs, bitops = int(meta[META_MACS]), int(meta[META_BITOPS])
         except (KeyError, ValueError):
             raise RtfqError("no rtfq.macs/rtfq.bitops metadata (not written by rtfq-export)") from None
         if not isinstance(subnet, str) or f"{subnet}.onnx" != name:
             raise RtfqError(f"its rtfq.subnet {str(subnet)[:80]!r} does not match the file name")
-        if meta.get("rtfq.weights") == "int4-packed":
+        if meta.get(META_WEIGHTS) == WEIGHTS_INT4_PACKED:
             raise RtfqError("INT4-packed weights run as float convolutions; offer the --pack int8 export")
         accuracy = None
         if table is not None:
-            table.check_checkpoint(meta.get("rtfq.checkpoint_sha256"), f"{name} was exported from")
+            table.check_checkpoint(meta.get(META_CHECKPOINT_SHA256), f"{name} was exported from")
             accuracy = table.top1.get(subnet)
         try:
-            bits = json.loads(meta["rtfq.bits"]) if len(meta.get("rtfq.bits", "")) <= 1 << 16 else None
+            bits = json.loads(meta[META_BITS]) if len(meta.get(META_BITS, "")) <= 1 << 16 else None
         except (KeyError, ValueError, RecursionError):
             bits = None
         return Candidate(name, subnet, digest, st.st_size, macs, bitops, bits, accuracy,
