@@ -64,13 +64,21 @@ def _reference_outputs(model: Path, images: Path) -> tuple[np.ndarray, np.ndarra
     options.intra_op_num_threads = 1  # as the bench runs it: thread counts can break rounding ties differently
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     ort_logits = np.concatenate([session.run(None, {spec["name"]: x[i:i + 1]})[0] for i in range(len(x))])
+    # OpenVINO at the static batch the bench's accuracy pass compiles: on CPUs without VNNI
+    # (or with ONEDNN_MAX_CPU_ISA=AVX2) another batch takes other int8 kernels, other results
+    from rtfq_deploy.bench.measure import ACCURACY_BATCH
+
     core = ov.Core()
-    static = core.read_model(str(model))  # static batch 1, as the bench compiles it (other kernels, other ties)
-    static.reshape({static.inputs[0].get_any_name(): [1, *x.shape[1:]]})
+    static = core.read_model(str(model))
+    static.reshape({static.inputs[0].get_any_name(): [ACCURACY_BATCH, *x.shape[1:]]})
     compiled = core.compile_model(static, "CPU", {"INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1,
                                                   "PERFORMANCE_HINT": "LATENCY"})
-    ov_logits = np.concatenate([compiled({0: x[i:i + 1]})[0] for i in range(len(x))])
-    return ort_logits, ov_logits, labels
+    chunks = []
+    for i in range(0, len(x), ACCURACY_BATCH):
+        chunk = x[i:i + ACCURACY_BATCH]
+        padded = np.concatenate([chunk, np.zeros((ACCURACY_BATCH - len(chunk), *x.shape[1:]), x.dtype)])
+        chunks.append(compiled({0: padded})[0][:len(chunk)])
+    return ort_logits, np.concatenate(chunks), labels
 
 
 def test_both_runtimes_measured_with_accuracy_and_agreement(setup, tmp_path):
