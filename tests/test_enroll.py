@@ -182,6 +182,8 @@ def test_forged_bad_and_killed_uploads_change_nothing(site):
             (b"not json", 422, "not JSON"),
             (b"[1, 2]", 422, "must be a JSON object"),
             (b"[" * 10_000, 422, "nested deeper"),
+            (b"\xff\xfe{}", 422, "not UTF-8"),
+            (good.replace(b'"latency_p50_ms": ', b'"latency_p50_ms": NaN, "x": ', 1), 422, "NaN"),
             (json.dumps(dict(data, format="other")).encode(), 422, "not an rtfq-bench results file"),
             (json.dumps(foreign).encode(), 422, "not a candidate of this server"),
             (json.dumps(renamed).encode(), 422, "but its sha256 is candidate"),

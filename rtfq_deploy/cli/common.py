@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import click
@@ -187,3 +188,8 @@ def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str,
 
     table = [[fmt(row[key]) for key, _, fmt in columns] for row in rows]
     click.echo(tabulate(table, headers=[h for _, h, _ in columns], tablefmt="simple", disable_numparse=True))
+
+
+# The client commands' (fetch, enroll) trust anchor for an https:// server.
+cafile_option = click.option("--cafile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                             help="PEM certificate(s) of a private CA to trust for an https:// server.")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat
+from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat, cafile_option
 from rtfq_deploy.cli.fetch import TOKEN_ENV, _plain_http_off_host, _server_url
 from rtfq_deploy.formats import ONNXRUNTIME, RUNTIMES
 
@@ -44,8 +44,7 @@ from rtfq_deploy.formats import ONNXRUNTIME, RUNTIMES
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"File holding this device's token (its first token line; the server's --device-token-file "
                    f"binds it to --device); without it, {TOKEN_ENV} is used if set.")
-@click.option("--cafile", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="PEM certificate(s) of a private CA to trust for an https:// server.")
+@cafile_option
 @click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
 def enroll(server: str, device: str, runtimes: tuple[str, ...], budgets: tuple[str, ...], out: Path | None,
            cache_dir: Path, remeasure: bool, threads: int, processes: int, ci_target: float, min_time: float,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat
+from rtfq_deploy.cli.common import BoundedInt, Command, FiniteFloat, cafile_option
 from rtfq_deploy.formats import RUNTIMES
 
 TOKEN_ENV = "RTFQ_TOKEN"
@@ -45,8 +45,7 @@ def _server_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"File holding the bearer token (its first token line) for a server run with --token-file; "
                    f"without it, the {TOKEN_ENV} environment variable is used if set.")
-@click.option("--cafile", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="PEM certificate(s) of a private CA to trust for an https:// server.")
+@cafile_option
 def fetch(server: str, device: str, budget: str, runtime: str | None, out: Path, force: bool, timeout_s: float,
           deadline_s: float, retries: int, token_file: Path | None, cafile: Path | None) -> None:
     """Resolve BUDGET on the server, download the chosen file (resuming a partial
