@@ -1,14 +1,16 @@
 """Latency of AlignQ exports against LSQ exports of the same subnet, on onnxruntime.
 
-Random-weight ResNet-50 supernets built twice from one seed (same weights), once with
-LSQ and once with AlignQ weights and activations, activation quantizers calibrated on
-random images. For each subnet both exports are real `rtfq_deploy` files, measured by
-`rtfq-bench run` (fresh processes, timed until the p50 is stable) ``--rounds`` times
-over all files in turn; the ratio is the median of per-round ratios. The AlignQ graph
-keeps every conv a QLinearConv and adds, per CDF tensor, DequantizeLinear -> Erf ->
-QuantizeLinear on the codes (plus a Clip for signed ones).
+Random-weight ResNet-50 supernets built from one seed (same weights), once with LSQ and
+once per AlignQ kind (``--kinds``: by default today's ``alignq`` and the first variant,
+``alignq-v1``), activation quantizers calibrated on random images. For each subnet every
+export is a real `rtfq_deploy` file, measured by `rtfq-bench run` (fresh processes,
+timed until the p50 is stable) ``--rounds`` times over all files in turn; each ratio is
+the median of per-round ratios against LSQ. An AlignQ graph keeps every conv a
+QLinearConv and adds, per CDF tensor, DequantizeLinear -> Erf -> QuantizeLinear on the
+codes (plus a Clip for signed ones).
 
-    python bench/alignq_latency.py [--subnets r224-w1.00-q4,r160-w0.73-q4,r224-w1.00-q2] [--threads 1] [--rounds 3]
+    python bench/alignq_latency.py [--subnets r224-w1.00-q4,r160-w0.73-q4,r224-w1.00-q2]
+        [--kinds alignq,alignq-v1] [--threads 1] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from rtfq_deploy.export.lower import lower
 from rtfq_deploy.export.onnx_graph import to_onnx
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.plan import ActiveSubnet
+from rtfq_deploy.quant import resolve_kind
 from rtfq_deploy.scriptargs import Parser, name_list, positive
 from rtfq_deploy.space import SearchSpace, SubnetConfig
 
@@ -46,14 +49,17 @@ def supernet(kind: str):
 def main() -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--subnets", type=name_list, default="r224-w1.00-q4,r160-w0.73-q4,r224-w1.00-q2")
+    parser.add_argument("--kinds", type=name_list, default="alignq,alignq-v1",
+                        help="AlignQ kinds to compare with LSQ (an alias counts as the kind it names)")
     parser.add_argument("--threads", type=positive, default=1)
     parser.add_argument("--rounds", type=positive, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    models = {kind: supernet(kind) for kind in ("lsq", "alignq")}
+    kinds = list(dict.fromkeys(resolve_kind(k) for k in args.kinds if k != "lsq"))
+    models = {kind: supernet(kind) for kind in ("lsq", *kinds)}
     workdir = tempfile.mkdtemp(prefix="alignq_latency_")
     paths: dict[tuple[str, str], str] = {}
-    erfs: dict[str, int] = {}
+    erfs: dict[tuple[str, str], int] = {}
     try:
         for name in args.subnets:
             cfg = SubnetConfig.parse(name)
@@ -62,20 +68,21 @@ def main() -> None:
                 m = to_onnx(lower(model, model.active(cfg), cfg.resolution), {})
                 onnx.save(m, path)
                 paths[(name, kind)] = path
-                if kind == "alignq":
-                    erfs[name] = Counter(n.op_type for n in m.graph.node)["Erf"]
+                erfs[(name, kind)] = Counter(n.op_type for n in m.graph.node)["Erf"]
         times = bench_rounds(paths, args.rounds, args.threads, workdir)
     finally:
         shutil.rmtree(workdir)
     rows = []
     for name in args.subnets:
-        lsq, alq = times[(name, "lsq")], times[(name, "alignq")]
-        rows.append([name, erfs[name], f"{statistics.median(lsq):.2f}", f"{statistics.median(alq):.2f}",
-                     f"{median_ratio(alq, lsq):.3f}"])
+        lsq = times[(name, "lsq")]
+        rows.append([name, "lsq", 0, f"{statistics.median(lsq):.2f}", "1.000"])
+        for kind in kinds:
+            alq = times[(name, kind)]
+            rows.append([name, kind, erfs[(name, kind)], f"{statistics.median(alq):.2f}",
+                         f"{median_ratio(alq, lsq):.3f}"])
     print(f"ResNet-50, random weights, batch 1, {args.threads} thread(s), onnxruntime, rtfq-bench run over every "
           f"file, {args.rounds} rounds; medians")
-    print(tabulate(rows, headers=["subnet", "CDF tensors", "LSQ p50 ms", "AlignQ p50 ms", "AlignQ / LSQ"],
-                   disable_numparse=True))
+    print(tabulate(rows, headers=["subnet", "kind", "CDF tensors", "p50 ms", "/ LSQ"], disable_numparse=True))
 
 
 if __name__ == "__main__":

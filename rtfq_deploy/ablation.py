@@ -177,7 +177,10 @@ def run_table(out: Path, seeds: Sequence[int], names: Sequence[str], one: RunFn,
 # ---- report ---------------------------------------------------------------------------------
 
 def mean_std(values: Sequence[float]) -> str:
-    """``mean ± std`` (sample std) to three places; a single value as it is."""
+    """``mean ± std`` (sample std) to three places; a single value as it is; ``-`` for none
+    (a report of runs not trained yet)."""
+    if not values:
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"

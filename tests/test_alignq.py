@@ -19,7 +19,8 @@ from rtfq_deploy.export.verify import cdf_code_mismatches, verify
 from rtfq_deploy.layers import SlimBatchNorm2d
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.plan import ActiveSubnet
-from rtfq_deploy.quant import QUANTIZERS, AlignQQuantizer, CdfCodes, LinearCodes, LSQQuantizer
+from rtfq_deploy.formats import QUANTIZER_ALIASES
+from rtfq_deploy.quant import QUANTIZERS, AlignQQuantizer, CdfCodes, CdfOptions, LinearCodes, LSQQuantizer
 from rtfq_deploy.quant.alignq import CDF_MAX_BITS, code_table
 from rtfq_deploy.space import SearchSpace, SubnetConfig
 from tests.test_cli import _one_line_error, _run
@@ -103,8 +104,19 @@ def _prepared(weight: str, act: str, bits: int, arch: str = "tiny_resnet") -> tu
     return Checkpoint(model.eval(), {str(cfg): calibrate_bn(model, model.active(cfg), [images])}, {}), cfg
 
 
-@pytest.mark.parametrize("weight,act,bits", [("alignq", "alignq", 6), ("alignq", "alignq", 4),
-                                             ("alignq", "alignq", 2), ("lsq", "alignq", 4), ("alignq", "lsq", 2)])
+# CDF tensors of tiny_resnet at <= 6 bits: q_stem and each block's q1 and q_out; under
+# "conv-inputs" not q_stem (layer1.0's identity reads the pooled stem) nor the last q_out
+# (the average pool reads it): those keep uniform codes.
+CDF_TENSORS = {"alignq-v1": 9, "alignq-learned": 9, "alignq-full": 9, "alignq-n01": 9, "alignq-conv": 7,
+               "alignq-conv-learned": 7, "lsq": 0}
+
+
+@pytest.mark.parametrize("weight,act,bits", [("alignq-v1", "alignq-v1", 6), ("alignq-v1", "alignq-v1", 4),
+                                             ("alignq-v1", "alignq-v1", 2), ("lsq", "alignq-v1", 4),
+                                             ("alignq-v1", "lsq", 2), ("alignq-learned", "alignq-learned", 4),
+                                             ("alignq-full", "alignq-full", 2), ("alignq-n01", "alignq-n01", 4),
+                                             ("alignq-conv", "alignq-conv", 2),
+                                             ("alignq-conv-learned", "alignq-conv-learned", 4)])
 def test_alignq_exports_exactly_on_integer_kernels(weight, act, bits):
     ckpt, cfg = _prepared(weight, act, bits)
     model, ir, net, _ = build_model(ckpt, cfg, "0" * 64)
@@ -113,17 +125,19 @@ def test_alignq_exports_exactly_on_integer_kernels(weight, act, bits):
     assert report.passed, report.problems()
     assert report.top1_agreement == 1.0 and report.reference_top1_match
     cdf = [t for t, q in ir.qparams.items() if isinstance(q, CdfCodes) and t != "maxpool"]  # the pool shares q_stem's
-    assert len(cdf) == (9 if act == "alignq" else 0)  # q_stem and each block's q1 and q_out (tiny_resnet)
+    assert len(cdf) == CDF_TENSORS[act]
     assert set(report.cdf_code_mismatches) == set(cdf) and not any(report.cdf_code_mismatches.values())
     ops = report.optimized_ops
     assert ops.get("Erf", 0) == len(cdf) and ops["QLinearConv"] == 12 and not report.float_kernels
-    if act == "alignq":  # the stem's Erf chain runs after the MaxPool, on the pooled pre-codes
-        made = {o for n in model.graph.node for o in n.output}
+    made = {o for n in model.graph.node for o in n.output}
+    if CDF_TENSORS[act] == 9:  # the stem's Erf chain runs after the MaxPool, on the pooled pre-codes
         assert "maxpool.u" in made and "q_stem.u" not in made
+    if act.startswith("alignq-conv"):
+        assert "maxpool.u" not in made and "layer4.0.q_out.u" not in made and "layer3.0.q_out.u" in made
 
 
 def test_the_code_check_catches_a_wrong_cdf_chain():
-    ckpt, cfg = _prepared("lsq", "alignq", 4)
+    ckpt, cfg = _prepared("lsq", "alignq-v1", 4)
     ir = lower(ckpt.model, ckpt.model.active(cfg, ckpt.bn_stats[str(cfg)]), cfg.resolution)
     assert not any(cdf_code_mismatches(ckpt.model, ir).values())
     t = "layer1.0.q1"
@@ -142,24 +156,94 @@ def test_code_table_is_monotone_and_uses_every_code():
 
 def test_checkpoint_keeps_the_kinds_and_an_older_reader_refuses_it(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    config = SupernetConfig("tiny_resnet", num_classes=4, space=SPACE, weight_quantizer="lsq", act_quantizer="alignq")
+    config = SupernetConfig("tiny_resnet", num_classes=4, space=SPACE, weight_quantizer="lsq",
+                            act_quantizer="alignq-v1")
     model = build_supernet(config)
     with torch.no_grad():
         model.get_submodule("layer1.0.q1").sigma.fill_(2.5)
     save_checkpoint(tmp_path / "a.pt", model)
     back = load_checkpoint(tmp_path / "a.pt")
-    assert back.model.config == config and back.model.config.quantizer == "weights=lsq,activations=alignq"
+    assert back.model.config == config and back.model.config.quantizer == "weights=lsq,activations=alignq-v1"
     assert float(back.model.get_submodule("layer1.0.q1").sigma) == 2.5
     assert isinstance(back.model.get_submodule("conv1.weight_quant"), LSQQuantizer)
     assert not isinstance(back.model.get_submodule("conv1.weight_quant"), AlignQQuantizer)
     assert SupernetConfig.from_dict({**config.to_dict(), "quantizer": "lsq"}).act_quantizer == "lsq"  # old files
-    # a reader that knows only LSQ (every version before this one) refuses the file with one line
+    # a reader that knows only LSQ (every version before AlignQ) refuses the file with one line
     both = build_supernet(SupernetConfig("tiny_resnet", num_classes=4, space=SPACE, weight_quantizer="alignq",
                                          act_quantizer="alignq"))
     save_checkpoint(tmp_path / "b.pt", both)
-    monkeypatch.delitem(QUANTIZERS, "alignq")
-    with pytest.raises(CheckpointError, match="unknown quantizer kind 'alignq'"):
+    kind = QUANTIZER_ALIASES["alignq"]
+    monkeypatch.delitem(QUANTIZERS, kind)
+    with pytest.raises(CheckpointError, match=f"unknown quantizer kind '{kind}'"):
         load_checkpoint(tmp_path / "b.pt")
+
+
+def test_the_alias_names_the_chosen_variant_and_files_from_before_the_variants_keep_their_meaning():
+    new = SupernetConfig("tiny_resnet", num_classes=4, space=SPACE, weight_quantizer="alignq", act_quantizer="alignq")
+    assert new.quantizer == QUANTIZER_ALIASES["alignq"] != "alignq" and new.quantizer in QUANTIZERS
+    assert new.to_dict()["quantizer"] == new.quantizer  # what a checkpoint stores: the variant, not the alias
+    for stored, weights, acts in (("alignq", "alignq-v1", "alignq-v1"),
+                                  ("weights=lsq,activations=alignq", "lsq", "alignq-v1"),
+                                  ("weights=alignq,activations=lsq", "alignq-v1", "lsq")):
+        old = SupernetConfig.from_dict({**new.to_dict(), "quantizer": stored})
+        assert (old.weight_quantizer, old.act_quantizer) == (weights, acts)
+    q = build_supernet(SupernetConfig.from_dict({**new.to_dict(), "quantizer": "alignq"})).get_submodule("layer1.0.q1")
+    assert q.kind == "alignq-v1" and q.options == CdfOptions()
+
+
+def test_conv_only_tensors_follow_the_graph():
+    """Under "conv-inputs", a tensor an add or a pool reads keeps uniform codes: in ResNet-50
+    only the q_out before each stage's first block (read by conv1 and the downsample conv)."""
+    model = build_supernet(SupernetConfig("resnet50", space=SPACE, weight_quantizer="alignq-conv",
+                                          act_quantizer="alignq-conv"))
+    conv_only = model.graph().conv_only()
+    uses = {n for n, q in model.quantizers() if q.channels is None and q.uses_cdf}
+    assert uses == conv_only
+    assert {"q_stem", "layer1.2.q_out", "layer2.3.q_out", "layer3.5.q_out", "layer2.1.q1", "layer2.1.q2"} <= uses
+    assert not uses & {"layer1.0.q_out", "layer4.2.q_out", "layer1.0.q_res", "layer1.0.downsample.2"}
+    assert len([n for n in uses if n.endswith((".q1", ".q2"))]) == 32 and len(uses) == 38  # + q_input, q_pool
+    for name, q in build_supernet(SupernetConfig("resnet50", space=SPACE, weight_quantizer="alignq-v1",
+                                                 act_quantizer="alignq-v1")).quantizers():
+        assert q.uses_cdf, name  # "all": every activation
+
+
+def test_learned_sigma_gets_the_cdf_gradient_and_fits_a_target_normal():
+    """log sigma's gradient is d/dsigma of alpha erf(x / (sigma sqrt 2)) at the pre-quantized
+    x, inside the pre-range; trained alone to match a CDF of sigma 2, it gets there."""
+    q = AlignQQuantizer((4,), True, options=CdfOptions(sigma="learned"), kind="alignq-learned")
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(0)) * 2.0
+    q.init_from(x * 0.25)  # calibrated on the wrong scale: sigma 0.5
+    sigma = float(q.sigma_value().detach())
+    q.quantize(x, 4).sum().backward()
+    step = q.pre_step().detach()
+    v = x / step
+    xp = torch.round(v).clamp(-128, 127) * step
+    u = xp / (sigma * math.sqrt(2))
+    inside = (v >= -128) & (v <= 127)
+    expected = (inside * 2 / math.sqrt(math.pi) * torch.exp(-u * u) * -xp / (sigma ** 2 * math.sqrt(2))).sum() * sigma
+    torch.testing.assert_close(q.log_sigma.grad, expected, rtol=1e-4, atol=1e-4)
+    target = torch.erf(x / (2.0 * math.sqrt(2)))
+    opt = torch.optim.Adam([q.log_sigma], lr=0.02)
+    for _ in range(300):
+        opt.zero_grad()
+        (q.quantize(x, 4) - target).pow(2).mean().backward()
+        opt.step()
+    assert abs(float(q.sigma_value().detach()) - 2.0) < 0.2, q.sigma_value()
+
+
+def test_the_variants_options():
+    relu = torch.randn(4096, generator=torch.Generator().manual_seed(1)).relu() * 3.0
+    fixed = AlignQQuantizer((4,), False, options=CdfOptions(sigma="fixed"), kind="alignq-n01")
+    fixed.init_from(relu)
+    assert float(fixed.sigma) == 1.0  # the paper's N(0, 1), whatever the data
+    full = AlignQQuantizer((4,), False, options=CdfOptions(post_relu="full"), kind="alignq-full")
+    full.init_from(relu)
+    codes = full.to_int(relu, 4)
+    assert int(codes.max()) == 8 and full.encoding(4).levels == 8 and full.scale(4) == 1 / 8  # half the codes unused
+    table = code_table(4, False, full=True)
+    assert bool((table[1:] >= table[:-1]).all()) and set(table.tolist()) == set(range(9))
+    with pytest.raises(ValueError, match="placement"):
+        CdfOptions(placement="everywhere")
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +287,9 @@ def test_admm_training_resumes_exactly_after_sigkill_then_exports(setup, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "CDF quantizers equal PyTorch's" in result.stdout
     exported = onnx.load(out)
-    assert sum(n.op_type == "Erf" for n in exported.graph.node) == 9
-    assert {p.key: p.value for p in exported.metadata_props}["rtfq.quantizer"] == "alignq"
+    kind = QUANTIZER_ALIASES["alignq"]  # what "alignq" (the fixture's) names
+    assert sum(n.op_type == "Erf" for n in exported.graph.node) == CDF_TENSORS[kind]
+    assert {p.key: p.value for p in exported.metadata_props}["rtfq.quantizer"] == kind
 
 
 def test_bad_admm_and_kinds_get_one_line(setup, tmp_path):
@@ -275,7 +360,7 @@ def test_ties_pinned_by_a_learned_step_are_compared_either_way_and_bugs_still_fa
     off), so the pooled 4-bit CDF codes (multiples of 1/60) landed on rounding ties, which
     float32 runtimes take one way every time. The same step here: verify names the tensor,
     passes the file, and still fails a 10% scale error."""
-    ckpt, cfg = _prepared("lsq", "alignq", 4)
+    ckpt, cfg = _prepared("lsq", "alignq-v1", 4)
     q_pool = ckpt.model.get_submodule("q_pool")
     with torch.no_grad():
         q_pool.step[q_pool.bit_index(8)] = 0.07407408207654953

@@ -1,26 +1,32 @@
-"""AlignQ against LSQ under domain shift, at 4 and 2 bits, over several data seeds.
+"""AlignQ against LSQ under domain shift, at 4 and 2 bits, over several data seeds: which
+of this implementation's departures from the paper costs AlignQ its accuracy.
 
 For every seed: the strong-shift synthetic data (`rtfq data synth --shift strong`), then
-three tiny_resnet supernets with the space R 64/56/48/40 x W 1.00/0.86/0.73/0.60 x Q 4/2
+tiny_resnet supernets with the space R 64/56/48/40 x W 1.00/0.86/0.73/0.60 x Q 4/2
 (32 subnets), all trained with the strong shift's CPU recipe (RTF-Q: SandwichQ, EMA
-teacher, target terms) from the same initial weights (same seed):
+teacher, target terms) from the same initial weights (same seed). The runs (quantizer
+kinds: `rtfq init --help`; AlignQ's weights are the same in every variant):
 
-  lsq            LSQ weights and activations (this project's RTF-Q)
-  alignq         AlignQ weights and activations (CDF codes at both bit-widths)
-  alignq-admm    AlignQ plus ADMM correlation preservation, --admm 0.2,0.3 (the paper's code)
-  alignq-w       AlignQ weights, LSQ activations  } which side of AlignQ costs
-  alignq-a       LSQ weights, AlignQ activations  } (diagnostic rows, run on request)
+  lsq                  LSQ weights and activations (this project's RTF-Q)
+  alignq-v1            AlignQ as first built: every activation, sigma calibrated once
+  alignq-v1-admm       alignq-v1 plus ADMM correlation preservation, --admm 0.2,0.3 (the paper's code)
+  alignq-w             AlignQ weights, LSQ activations } which side of AlignQ costs
+  alignq-a             LSQ weights, AlignQ activations } (alignq-a: run on request)
+  alignq-learned       (a) sigma learned (log sigma, a gradient through the CDF)
+  alignq-full          (b) the signed full-normal CDF on post-ReLU tensors (half the codes)
+  alignq-n01           (c) the paper code's fixed N(0, 1), never fitted to data
+  alignq-conv          (e) the CDF only on tensors that nothing but convolutions read
+  alignq-conv-learned  (e) both of the above
 
 Each is evaluated on the seed's held-out target images (every subnet). The script prints
-mean +- std over seeds of the mean target top-1 at q4 and at q2, then AlignQ minus LSQ
-and ADMM's gain per seed, and writes OUT/alignq_ablation.json. Finished runs are reused
-(only their accuracy tables are needed, kept in train/ablation/alignq/), so
+mean +- std over seeds of the mean target top-1 at q4 and at q2, then each run minus LSQ
+and minus alignq-v1 per seed, and writes OUT/alignq_ablation.json. Finished runs are
+reused (only their accuracy tables are needed, kept in train/ablation/alignq/), so
 
     python train/alignq_ablation.py --out train/ablation/alignq
 
-reprints the table and trains only what is missing (9 runs, 50 min on this 2-core machine,
-two at a time). The diagnostic rows: `--seeds 1 --runs alignq-w,alignq-a`, then
-`--runs lsq,alignq,alignq-admm,alignq-w,alignq-a --report-only` reports everything kept.
+reprints the table in a second and trains only what is missing (about 4 minutes a run
+here, two at a time: 27 runs, about an hour on an empty --out).
 """
 
 from __future__ import annotations
@@ -37,12 +43,18 @@ SPACE = ["--resolutions", "64,56,48,40", "--widths", "1.0,0.86,0.73,0.6", "--bit
 BITS = (4, 2)
 RUNS: dict[str, tuple[str, str, list[str]]] = {  # name -> (weights' kind, activations' kind, rtfq-train options)
     "lsq": ("lsq", "lsq", []),
-    "alignq": ("alignq", "alignq", []),
-    "alignq-admm": ("alignq", "alignq", ["--admm", "0.2,0.3"]),
-    "alignq-w": ("alignq", "lsq", []),
-    "alignq-a": ("lsq", "alignq", []),
+    "alignq-v1": ("alignq-v1", "alignq-v1", []),
+    "alignq-v1-admm": ("alignq-v1", "alignq-v1", ["--admm", "0.2,0.3"]),
+    "alignq-w": ("alignq-v1", "lsq", []),
+    "alignq-a": ("lsq", "alignq-v1", []),
+    "alignq-learned": ("alignq-learned", "alignq-learned", []),
+    "alignq-full": ("alignq-full", "alignq-full", []),
+    "alignq-n01": ("alignq-n01", "alignq-n01", []),
+    "alignq-conv": ("alignq-conv", "alignq-conv", []),
+    "alignq-conv-learned": ("alignq-conv-learned", "alignq-conv-learned", []),
 }
-DEFAULT_RUNS = ("lsq", "alignq", "alignq-admm")
+DEFAULT_RUNS = ("lsq", "alignq-v1", "alignq-v1-admm", "alignq-w", "alignq-learned", "alignq-full", "alignq-n01",
+                "alignq-conv")
 
 
 def prepare(out: Path, seed: int, names: list[str]) -> None:
@@ -66,20 +78,22 @@ def one(out: Path, seed: int, name: str, steps: dict[str, int], override: int | 
 def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, out: Path) -> None:
     print(f"\nMean target top-1 over the 16 subnets of each bit-width, held-out target images, "
           f"seeds {','.join(map(str, seeds))} (mean +- std); wall {wall / 60:.1f} min")
-    print(f"{'run':<14}" + "".join(f"{f'q{q}':>16}" for q in BITS))
+    print(f"{'run':<20}" + "".join(f"{f'q{q}':>16}" for q in BITS))
     for name, per_seed in results.items():
         done = [s for s in seeds if s in per_seed]
-        print(f"{name:<14}" + "".join(f"{mean_std([per_seed[s][f'q{q}'] for s in done]):>16}" for q in BITS)
+        print(f"{name:<20}" + "".join(f"{mean_std([per_seed[s][f'q{q}'] for s in done]):>16}" for q in BITS)
               + ("" if done == seeds else f"   (seeds {','.join(map(str, done))})"))
-    pairs = [("alignq", "lsq", "AlignQ - LSQ"), ("alignq-admm", "lsq", "AlignQ+ADMM - LSQ"),
-             ("alignq-admm", "alignq", "ADMM's gain"), ("alignq-w", "lsq", "AlignQ weights"),
-             ("alignq-a", "lsq", "AlignQ activations")]
-    for a, b, label in pairs:
-        done = [s for s in seeds if s in results.get(a, {}) and s in results.get(b, {})]
-        if done:
+    for base in ("lsq", "alignq-v1"):
+        print(f"\nminus {base}, per seed:")
+        for name in results:
+            done = [s for s in seeds if s in results.get(name, {}) and s in results.get(base, {})]
+            if name == base or not done:
+                continue
+            line = f"{name:<20}"
             for q in BITS:
-                diffs = [results[a][s][f"q{q}"] - results[b][s][f"q{q}"] for s in done]
-                print(f"{label:<18} q{q}: {mean_std(diffs)}  per seed " + ", ".join(f"{d:+.3f}" for d in diffs))
+                diffs = [results[name][s][f"q{q}"] - results[base][s][f"q{q}"] for s in done]
+                line += f"  q{q} {mean_std(diffs)} (" + ", ".join(f"{d:+.3f}" for d in diffs) + ")"
+            print(line)
     ablation.write_json(out / "alignq_ablation.json", {
         "seeds": seeds, "results": {n: {str(s): v for s, v in r.items()} for n, r in results.items()}}, newline=False)
 

@@ -7,13 +7,18 @@ from pathlib import Path
 import click
 
 from rtfq_deploy.cli.common import SEED, BoundedInt, Command, FiniteFloat, bounded_list
-from rtfq_deploy.formats import ARCH_NAMES, QUANTIZER_NAMES
+from rtfq_deploy.formats import ARCH_NAMES, QUANTIZER_ALIASES, QUANTIZER_NAMES
 from rtfq_deploy.space import (DEFAULT_BITS, DEFAULT_CHANNEL_DIVISOR, DEFAULT_RESOLUTIONS, DEFAULT_WIDTHS,
                                MAX_CHANNEL_DIVISOR, MAX_RESOLUTION, MAX_VALUES, format_width)
 
-QUANTIZER_HELP = ("lsq: learned step size (uniform). alignq: AlignQ's normal-CDF codes at <= 6 bits; at 7-8 bits "
-                  "AlignQ's codes become unreachable behind the 8-bit pre-quantization, so it is LSQ there "
-                  "(first/last layer and residual operands at the default 8 bits are LSQ); prefer --bits <= 6 with it.")
+QUANTIZER_HELP = ("lsq: learned step size (uniform). alignq: AlignQ's normal-CDF codes at <= 6 bits, its best "
+                  f"variant ({QUANTIZER_ALIASES['alignq']}); alignq-*: the variants the AlignQ ablation compares "
+                  "(alignq-v1: every activation, sigma calibrated once; -learned: sigma learned; -full: the signed "
+                  "CDF on post-ReLU tensors; -n01: the paper's fixed N(0, 1); -conv: only tensors that nothing but "
+                  "convolutions read). At 7-8 bits AlignQ's codes become unreachable behind the 8-bit "
+                  "pre-quantization, so it is LSQ there (first/last layer and residual operands at the default 8 "
+                  "bits are LSQ); prefer --bits <= 6 with it.")
+KINDS = click.Choice([*QUANTIZER_NAMES, *QUANTIZER_ALIASES])
 
 
 BITS = BoundedInt(2, 8)
@@ -47,10 +52,10 @@ def _bits_or_q(ctx: click.Context, param: click.Parameter, value: str) -> int | 
               help="Bits of the first conv and the classifier (weights and inputs); 'q' follows the subnet.")
 @click.option("--residual-bits", default="8", show_default=True, callback=_bits_or_q,
               help="Bits of the residual add operands; 'q' follows the subnet.")
-@click.option("--quantizer", type=click.Choice(QUANTIZER_NAMES), default="lsq", show_default=True,
+@click.option("--quantizer", type=KINDS, default="lsq", show_default=True,
               help="Quantizer kind of weights and activations. " + QUANTIZER_HELP)
-@click.option("--weight-quantizer", type=click.Choice(QUANTIZER_NAMES), help="Weights' kind (overrides --quantizer).")
-@click.option("--act-quantizer", type=click.Choice(QUANTIZER_NAMES), help="Activations' kind (overrides --quantizer).")
+@click.option("--weight-quantizer", type=KINDS, help="Weights' kind (overrides --quantizer).")
+@click.option("--act-quantizer", type=KINDS, help="Activations' kind (overrides --quantizer).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the weight initialisation.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Checkpoint to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")

@@ -12,7 +12,8 @@ from rtfq_deploy.graph import IntGraph
 from rtfq_deploy.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from rtfq_deploy.plan import ActiveSubnet, BitPlan, BitPolicy
 from rtfq_deploy.errors import RtfqError
-from rtfq_deploy.quant import QUANTIZERS, Quantizer, quantizer_class
+from rtfq_deploy.formats import LEGACY_QUANTIZER_NAMES
+from rtfq_deploy.quant import QUANTIZERS, Quantizer, quantizer_class, resolve_kind
 from rtfq_deploy.space import MixedBits, SearchSpace, SpaceError, SubnetConfig
 
 
@@ -28,6 +29,9 @@ class SupernetConfig:
     act_quantizer: str = "lsq"
 
     def __post_init__(self) -> None:
+        # an alias ("alignq") becomes the kind it names now, which is what the checkpoint stores
+        object.__setattr__(self, "weight_quantizer", resolve_kind(self.weight_quantizer))
+        object.__setattr__(self, "act_quantizer", resolve_kind(self.act_quantizer))
         if self.num_classes < 1:
             raise RtfqError(f"the number of classes must be >= 1, got {self.num_classes}")
         for bits in self.policy.extra_bits():
@@ -71,12 +75,15 @@ class SupernetConfig:
 
 
 def _parse_kinds(text: str) -> dict[str, str]:
+    """A stored quantizer string; names written before the AlignQ variants keep their meaning."""
     if "=" not in text:
-        return {"weight_quantizer": text, "act_quantizer": text}
+        kind = LEGACY_QUANTIZER_NAMES.get(text, text)
+        return {"weight_quantizer": kind, "act_quantizer": kind}
     parts = dict(p.partition("=")[::2] for p in text.split(","))
     if set(parts) != {"weights", "activations"}:
         raise RtfqError(f"unknown quantizer kind {text!r}")
-    return {"weight_quantizer": parts["weights"], "act_quantizer": parts["activations"]}
+    return {"weight_quantizer": LEGACY_QUANTIZER_NAMES.get(parts["weights"], parts["weights"]),
+            "act_quantizer": LEGACY_QUANTIZER_NAMES.get(parts["activations"], parts["activations"])}
 
 
 Layer = SlimConv2d | SlimLinear
@@ -137,6 +144,10 @@ class Supernet(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (Quantizer, SlimBatchNorm2d)):
                 module.name = name
+        conv_only = self.graph().conv_only()
+        for name, quant in self.quantizers():
+            if quant.channels is None:
+                quant.place(name in conv_only)
         self.init_weight_steps()
 
     def init_weight_steps(self) -> None:

@@ -28,6 +28,7 @@ How it is computed, so that the integer export is exact:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -47,31 +48,61 @@ def erf_scale(signed: bool) -> float:
     return PRE_RANGE_SIGMAS / (qrange(PRE_BITS, signed)[1] * math.sqrt(2.0))
 
 
-@lru_cache(maxsize=32)
-def _table(bits: int, signed: bool, scale: float) -> Tensor:
+@dataclass(frozen=True)
+class CdfOptions:
+    """What an AlignQ variant does with activations (weights are the same in every one).
+
+    - ``sigma``: "calibrated" (from the first batch, then fixed), "learned" (log sigma
+      trained with the weights: a gradient through the CDF, as LSQ learns its step) or
+      "fixed" (the paper's code: N(0, 1) after BatchNorm, never fitted to data);
+    - ``post_relu``: "half" (the half-normal CDF, every unsigned code used) or "full"
+      (the signed CDF the paper applies everywhere: post-ReLU values use half the codes);
+    - ``placement``: "all" activations, or "conv-inputs": only tensors that nothing but
+      convolutions read, so residual adds and pooling keep uniform (LSQ) codes and the
+      network's residual stream stays in the original domain, as in the paper's code,
+      which quantizes each conv's input and adds the float identity.
+    """
+
+    sigma: str = "calibrated"
+    post_relu: str = "half"
+    placement: str = "all"
+
+    def __post_init__(self) -> None:
+        for field, value, known in (("sigma", self.sigma, ("calibrated", "learned", "fixed")),
+                                    ("post_relu", self.post_relu, ("half", "full")),
+                                    ("placement", self.placement, ("all", "conv-inputs"))):
+            if value not in known:
+                raise ValueError(f"AlignQ {field} must be one of {', '.join(known)}, got {value!r}")
+
+
+@lru_cache(maxsize=64)
+def _table(bits: int, signed: bool, scale: float, full: bool = False) -> Tensor:
     p = torch.arange(qrange(PRE_BITS, signed)[0], qrange(PRE_BITS, signed)[1] + 1, dtype=torch.float32)
-    return cdf_codes(p, scale, bits, signed)
+    return cdf_codes(p, scale, bits, signed, full)
 
 
-def cdf_codes(p: Tensor, scale: float, bits: int, signed: bool) -> Tensor:
+def cdf_codes(p: Tensor, scale: float, bits: int, signed: bool, full: bool = False) -> Tensor:
     """k-bit codes of pre-codes ``p``, in float32 arithmetic as the exported graph computes
     them: DequantizeLinear (p x scale), Erf, QuantizeLinear (divide by 1/levels, round half
-    to even), then the k-bit clamp."""
-    levels = cdf_levels(bits, signed)
+    to even), then the k-bit clamp. ``full``: the signed CDF's levels on unsigned codes."""
+    levels = cdf_levels(bits, signed or full)
     e = torch.erf(p.to(torch.float32) * torch.tensor(scale, dtype=torch.float32))
     codes = torch.round(e / torch.tensor(1.0 / levels, dtype=torch.float32))
     lo, hi = qrange(bits, signed)
     return codes.clamp(lo, hi)
 
 
-def code_table(bits: int, signed: bool) -> Tensor:
+def code_table(bits: int, signed: bool, full: bool = False) -> Tensor:
     """The k-bit code of every 8-bit pre-code (index 0 = the lowest pre-code)."""
-    return _table(bits, signed, erf_scale(signed))
+    return _table(bits, signed, erf_scale(signed), full)
 
 
 class _CdfActivation(torch.autograd.Function):
     """Pre-quantize, look the code up, scale; backward: straight through the rounding
-    inside the pre-range, times the CDF's derivative at the pre-quantized value."""
+    inside the pre-range, times the CDF's derivative at the pre-quantized value. The
+    pre-step (3 sigma / qmax) gets the gradient of alpha erf(x / (sigma sqrt 2)) for
+    sigma, -p times that derivative, summed (zero outside the pre-range, where the code
+    does not depend on sigma)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, table: Tensor, lo: int, hi: int, unit: float,  # type: ignore[override]
@@ -80,13 +111,16 @@ class _CdfActivation(torch.autograd.Function):
         p = torch.round(v).clamp_(lo, hi)
         inside = v.ge(lo).logical_and_(v.le(hi))
         u = p * scale
-        ctx.save_for_backward(inside * (torch.exp(-u * u) * (ALPHA * 2.0 / math.sqrt(math.pi) * scale) / step))
+        factor = inside * (torch.exp(-u * u) * (ALPHA * 2.0 / math.sqrt(math.pi) * scale) / step)
+        ctx.save_for_backward(factor, p if ctx.needs_input_grad[1] else None)
         return table[(p - lo).long()] * unit
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
-        (factor,) = ctx.saved_tensors
-        return grad * factor, None, None, None, None, None, None
+        factor, p = ctx.saved_tensors
+        gx = grad * factor
+        gstep = None if p is None else -torch.vdot(gx.reshape(-1), p.reshape(-1)).reshape(())
+        return gx, gstep, None, None, None, None, None
 
 
 class _CdfWeight(torch.autograd.Function):
@@ -116,38 +150,62 @@ def _weight_stats(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class AlignQQuantizer(LSQQuantizer):
-    """AlignQ at <= 6 bits, LSQ above (see the module docstring)."""
+    """AlignQ at <= 6 bits, LSQ above (see the module docstring); ``options`` picks the
+    variant (:class:`CdfOptions`), ``kind`` is its registered name."""
 
     kind = "alignq"
 
     def __init__(self, bit_choices: tuple[int, ...], signed: bool, channels: int | None = None,
-                 role: str = "body") -> None:
+                 role: str = "body", options: CdfOptions = CdfOptions(), kind: str = "alignq") -> None:
         super().__init__(bit_choices, signed, channels, role)
+        self.options = options
+        self.kind = kind
+        self.full = options.post_relu == "full" and not signed
+        self.uses_cdf = True  # activations under "conv-inputs": set once by the supernet (place)
         if channels is None:
-            self.register_buffer("sigma", torch.ones(()))  # N(0, 1) until calibrated
+            if options.sigma == "learned":
+                self.log_sigma = torch.nn.Parameter(torch.zeros(()))  # N(0, 1) until calibrated
+            else:
+                self.register_buffer("sigma", torch.ones(()))
+
+    def place(self, conv_only: bool) -> None:
+        """Where the supernet's graph says this activation goes: only into convolutions or not."""
+        if self.channels is None and self.options.placement == "conv-inputs":
+            self.uses_cdf = conv_only
 
     def cdf(self, bits: int) -> bool:
-        return bits <= CDF_MAX_BITS
+        return bits <= CDF_MAX_BITS and self.uses_cdf
+
+    def sigma_value(self) -> Tensor:
+        sigma = self.log_sigma.exp() if self.options.sigma == "learned" else self.sigma
+        return sigma.clamp_min(_MIN_SIGMA)
 
     def init_from(self, x: Tensor) -> None:
         super().init_from(x)
-        if self.channels is None:
+        if self.channels is None and self.options.sigma != "fixed":
             with torch.no_grad():
                 x = x.detach()
                 sample = x[x > 0] if not self.signed else x
                 if sample.numel():
-                    self.sigma.copy_(sample.pow(2).mean().sqrt().clamp_min(_MIN_SIGMA))
+                    rms = sample.pow(2).mean().sqrt().clamp_min(_MIN_SIGMA)
+                    if self.options.sigma == "learned":
+                        self.log_sigma.copy_(rms.log())
+                    else:
+                        self.sigma.copy_(rms)
 
     def changes_domain(self, bits: int) -> bool:
         return self.channels is None and self.cdf(bits)
 
     def pre_step(self) -> Tensor:
-        return self.sigma.clamp_min(_MIN_SIGMA) * (PRE_RANGE_SIGMAS / qrange(PRE_BITS, self.signed)[1])
+        return self.sigma_value() * (PRE_RANGE_SIGMAS / qrange(PRE_BITS, self.signed)[1])
+
+    def levels(self, bits: int) -> int:
+        return cdf_levels(bits, self.signed or self.full)
 
     def scale(self, bits: int, channels: int | None = None) -> Tensor:
         if not self.cdf(bits):
             return super().scale(bits, channels)
-        unit = ALPHA / cdf_levels(bits, self.signed)
+        unit = ALPHA / self.levels(bits)
         if self.channels is None:
             return self.step.new_tensor(unit)
         return self.step.new_full((channels or self.channels,), unit)
@@ -155,17 +213,17 @@ class AlignQQuantizer(LSQQuantizer):
     def encoding(self, bits: int) -> Encoding:
         if not self.cdf(bits) or self.channels is not None:
             return super().encoding(bits)
-        return CdfCodes(float(self.pre_step().item()), erf_scale(self.signed), ALPHA, bits, self.signed)
+        return CdfCodes(float(self.pre_step().item()), erf_scale(self.signed), ALPHA, bits, self.signed, self.full)
 
     def quantize(self, x: Tensor, bits: int) -> Tensor:
         if not self.cdf(bits):
             return super().quantize(x, bits)
         lo, hi = qrange(bits, self.signed)
-        levels = cdf_levels(bits, self.signed)
+        levels = self.levels(bits)
         if self.channels is not None:
             mu, sigma = _weight_stats(x)
             return _CdfWeight.apply(x, mu, sigma, bits, lo, hi, levels)
-        table = code_table(bits, self.signed).to(device=x.device, dtype=x.dtype)
+        table = code_table(bits, self.signed, self.full).to(device=x.device, dtype=x.dtype)
         plo, phi = qrange(PRE_BITS, self.signed)
         return _CdfActivation.apply(x, self.pre_step().to(x.dtype), table, plo, phi, ALPHA / levels,
                                     erf_scale(self.signed))
@@ -188,7 +246,7 @@ class AlignQQuantizer(LSQQuantizer):
         if self.channels is None:
             return x / self.pre_step().to(x.dtype)
         mu, sigma = _weight_stats(x)
-        return torch.erf((x - mu) / (sigma * math.sqrt(2.0))) * cdf_levels(bits, self.signed)
+        return torch.erf((x - mu) / (sigma * math.sqrt(2.0))) * self.levels(bits)
 
     def to_int(self, x: Tensor, bits: int) -> Tensor:
         if not self.cdf(bits):
@@ -196,9 +254,10 @@ class AlignQQuantizer(LSQQuantizer):
         if self.channels is None:
             plo, phi = qrange(PRE_BITS, self.signed)
             p = torch.round(x.detach() / self.pre_step().to(x.dtype)).clamp(plo, phi)
-            return code_table(bits, self.signed).to(x.device)[(p - plo).long()].to(x.dtype)
+            return code_table(bits, self.signed, self.full).to(x.device)[(p - plo).long()].to(x.dtype)
         lo, hi = qrange(bits, self.signed)
         return torch.round(self.unrounded(x.detach().to(torch.float64), bits)).clamp(lo, hi)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", cdf at <= {CDF_MAX_BITS} bits"
+        cdf = f"cdf at <= {CDF_MAX_BITS} bits" if self.uses_cdf else "uniform (not a conv-only input)"
+        return super().extra_repr() + f", {cdf}, sigma {self.options.sigma}, post-ReLU {self.options.post_relu}"

@@ -61,6 +61,10 @@ class Quantizer(nn.Module):
         """Initialise every bit-width's parameters from a sample of the tensor it quantizes."""
         raise NotImplementedError
 
+    def place(self, conv_only: bool) -> None:
+        """Told once, when the supernet is built, whether only convolutions read this
+        activation (no add, no pooling); kinds whose codes depend on that override it."""
+
     def changes_domain(self, bits: int) -> bool:
         """Whether the output lives in another domain than the input at ``bits`` (AlignQ's
         [-alpha, alpha]): quantizers downstream must then be initialised on such outputs."""

@@ -54,7 +54,9 @@ class CdfCodes(_Codes):
     (``erf_scale`` = pre_scale / (sigma sqrt 2) for the fitted normal's sigma)
     and the tensor's value is ``code * alpha / levels``. ``levels`` is 2^(k-1) for signed
     codes (the paper's Eq. 2, clamped to k bits) and 2^k - 1 for unsigned (post-ReLU)
-    ones, whose CDF is the half-normal's, so every code is used.
+    ones, whose CDF is the half-normal's, so every code is used; with ``full``, unsigned
+    codes use the signed (full-normal) CDF's levels, as the paper does, and leave the
+    upper half of the codes unused.
     """
 
     pre_scale: float
@@ -62,6 +64,7 @@ class CdfCodes(_Codes):
     alpha: float
     bits: int
     signed: bool
+    full: bool = False
 
     @property
     def pre_qrange(self) -> tuple[int, int]:
@@ -69,7 +72,7 @@ class CdfCodes(_Codes):
 
     @property
     def levels(self) -> int:
-        return cdf_levels(self.bits, self.signed)
+        return cdf_levels(self.bits, self.signed or self.full)
 
     @property
     def scale(self) -> float:

@@ -34,12 +34,18 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def make_optimizer(model: Supernet, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Step sizes in their own group: their own lr scale and no weight decay."""
-    steps = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)}
-    weights = [p for p in model.parameters() if id(p) not in steps]
-    step_params = [p for p in model.parameters() if id(p) in steps]
+    """Step sizes in their own group: their own lr scale and no weight decay. Other
+    quantizer parameters (AlignQ's learned log sigma: scale-free, so paced like the
+    weights) get the weights' lr and no weight decay, in a third group only when present
+    (so a saved optimizer state of a supernet without them still loads)."""
+    own = {id(p): n for m in model.modules() if isinstance(m, Quantizer) for n, p in m.named_parameters(recurse=False)}
+    weights = [p for p in model.parameters() if id(p) not in own]
+    step_params = [p for p in model.parameters() if own.get(id(p)) == "step"]
+    other = [p for p in model.parameters() if id(p) in own and own[id(p)] != "step"]
     groups = [{"params": weights, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
               {"params": step_params, "weight_decay": 0.0, "lr_scale": cfg.step_lr_scale}]
+    if other:
+        groups.append({"params": other, "weight_decay": 0.0, "lr_scale": 1.0})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     return torch.optim.Adam(groups, lr=cfg.lr)
