@@ -136,17 +136,51 @@ def format_value(kind: str, value: float, digits: int = 12) -> str:
 @dataclass(frozen=True)
 class Choice:
     """The entry chosen for a budget; ``met`` is False when nothing meets it and
-    ``entry`` is then the cheapest option on the budget's first limit."""
+    ``entry`` is then the cheapest option on the budget's first limit; ``kept``: the
+    previous choice, kept because the measurement cannot tell it from the new one."""
 
     budget: Budget
     entry: Mapping[str, Any]
     met: bool
     reason: str
+    kept: bool = False
 
 
-def choose(entries: Sequence[Mapping[str, Any]], budget: Budget, name_key: str = "subnet") -> Choice:
+def choose(entries: Sequence[Mapping[str, Any]], budget: Budget, name_key: str = "subnet",
+           previous: str | None = None) -> Choice:
     """The most accurate entry that meets every limit (ties: the cheaper on the first
-    limit, then the name). Entries without an accuracy rank below those with one."""
+    limit, then the name). Entries without an accuracy rank below those with one.
+
+    ``previous``: the entry chosen for this budget last time (a device measuring itself
+    again). It stays chosen while the new measurement is in doubt, so a choice does not
+    flip with the noise of a busy host: it may still meet the budget (every latency
+    limit inside or above its p50 interval, every other limit met) and the new choice's
+    or its own p50 interval holds a latency limit. A new choice that is clearly within
+    the budget and more accurate, or a previous one clearly over it, replaces it.
+    """
+    strict = _choose(entries, budget, name_key)
+    if previous is None or strict.entry.get(name_key) == previous:
+        return strict
+    old = next((e for e in entries if e.get(name_key) == previous), None)
+    if old is None or not _may_meet(old, budget):
+        return strict
+    from rtfq_deploy.bench.confidence import straddles
+
+    if not (straddles(old, budget.limits) or (strict.met and straddles(strict.entry, budget.limits))):
+        return strict
+    return Choice(budget, old, True, f"kept {previous}, chosen before: measured again it may still meet {budget} "
+                  f"and the new measurement cannot tell it from {strict.entry.get(name_key)}", kept=True)
+
+
+def _may_meet(entry: Mapping[str, Any], budget: Budget) -> bool:
+    """Every limit met, or a latency limit inside the entry's p50 interval."""
+    from rtfq_deploy.bench.confidence import straddles
+
+    return all(Budget((limit,), "").meets(entry) or (limit.key == "latency_p50_ms" and straddles(entry, (limit,)))
+               for limit in budget.limits)
+
+
+def _choose(entries: Sequence[Mapping[str, Any]], budget: Budget, name_key: str) -> Choice:
     if not entries:
         raise RtfqError("nothing to choose from: no measured models")
     first = budget.limits[0]

@@ -108,3 +108,28 @@ def test_every_kind_limits_a_manifest_key():
     assert set(METRIC_KEYS.values()) == {"latency_p50_ms", "latency_p90_ms", "peak_memory_bytes", "size_bytes", "macs",
                                          "bitops"}
     assert format_value("memory", 64e6) == "64MB" and format_value("macs", 8e8) == "0.8G"
+
+
+def test_a_previous_choice_is_kept_only_while_the_measurement_is_in_doubt():
+    def e(name, acc, p50, low, high, size=1e6):
+        return {"subnet": name, "accuracy": acc, "latency_p50_ms": p50, "latency_p50_ci_ms": [low, high],
+                "size_bytes": size}
+
+    budget = parse_budget("latency=10ms")
+    rows = [e("big", 0.7, 9.9, 9.5, 10.4), e("mid", 0.6, 8.0, 7.8, 8.2)]
+    assert choose(rows, budget).entry["subnet"] == "big"
+    kept = choose(rows, budget, previous="mid")
+    assert kept.kept and kept.met and kept.entry["subnet"] == "mid" and "kept mid" in kept.reason
+    assert choose(rows, budget, previous="gone").entry["subnet"] == "big"  # no longer measured: chosen afresh
+    assert not choose(rows, budget, previous="big").kept  # the same choice is simply chosen
+    clear = [e("big", 0.7, 9.0, 8.8, 9.2), e("mid", 0.6, 8.0, 7.8, 8.2)]
+    assert choose(clear, budget, previous="mid").entry["subnet"] == "big"
+    over = [e("big", 0.7, 11.0, 10.8, 11.3), e("mid", 0.6, 8.0, 7.8, 8.2)]
+    assert choose(over, budget, previous="big").entry["subnet"] == "mid"
+    # a limit other than latency is not measured noise: a previous choice over it is replaced
+    sized = parse_budget("latency=10ms,size=0.5MB")
+    small = [e("big", 0.7, 9.9, 9.5, 10.4, size=0.4e6), e("mid", 0.6, 9.95, 9.6, 10.3, size=0.6e6)]
+    assert choose(small, sized, previous="mid").entry["subnet"] == "big"
+    # rows without an interval (rtfq-bench run without --interleave) are never in doubt
+    plain = [{k: v for k, v in r.items() if k != "latency_p50_ci_ms"} for r in rows]
+    assert choose(plain, budget, previous="mid").entry["subnet"] == "big"

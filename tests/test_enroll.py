@@ -213,6 +213,45 @@ def test_forged_bad_and_killed_uploads_change_nothing(site):
         assert [d["name"] for d in request(url, "/v1/devices").json()["devices"]] == ["pi-a", "pi-c"]
 
 
+def _timed(results: bytes, timings: dict[str, tuple[float, float, float]]) -> bytes:
+    """The results with each subnet's onnxruntime p50 and its interval set to (p50, low, high) ms."""
+    data = json.loads(results)
+    for row in data["models"]:
+        if row.get("ok") and row["subnet"] in timings:
+            p50, low, high = timings[row["subnet"]]
+            row.update(latency_p50_ms=p50, latency_p90_ms=high * 1.1, latency_p50_ci_ms=[low, high])
+    return json.dumps(data).encode()
+
+
+def test_a_device_enrolling_again_keeps_its_choice_while_the_new_figures_are_in_doubt(site):
+    """Hysteresis on the server: a re-measurement that cannot tell the old choice from the
+    new one (an interval holds the budget) keeps the old; a clear change replaces it."""
+    large, middle = "r64-w1.00-q8", "r32-w1.00-q8"  # top-1 0.7 and 0.6
+    small = (0.5, 0.45, 0.55)
+    steps = [  # (large's and middle's (p50, low, high) ms, the choice for latency=10ms, kept?)
+        ((12.0, 11.5, 12.5), (8.0, 7.8, 8.2), middle, False),  # large is clearly over
+        ((9.9, 9.5, 10.4), (8.0, 7.8, 8.2), middle, True),  # large meets, but its interval holds 10 ms
+        ((9.0, 8.8, 9.2), (8.0, 7.8, 8.2), large, False),  # large clearly meets: the better choice wins
+        ((10.2, 9.9, 10.5), (8.0, 7.8, 8.2), large, True),  # just over, in doubt: large stays
+        ((11.0, 10.8, 11.3), (8.0, 7.8, 8.2), middle, False),  # clearly over: replaced
+    ]
+    with _serve(site, interval=0.0) as url:
+        results = _results_for(site, url, "pi-a")
+        for timed_large, timed_middle, chosen, kept in steps:
+            body = _timed(results, {large: timed_large, middle: timed_middle, "r32-w0.50-q4": small})
+            reply = _post(url, "pi-a", body, TOKENS["pi-a"], "?budget=latency=10ms")
+            assert reply.status == 200, reply.body
+            (choice,) = [c for c in reply.json()["choices"] if c["budget"] == "latency=10ms"]
+            assert (choice["subnet"], choice["kept"]) == (chosen, kept), (timed_large, choice)
+            served = mf.read_manifest(site["dist"]).devices["pi-a"].files
+            assert [e.subnet for e in served if "latency=10ms" in e.budgets] == [chosen]
+        # another device starts afresh: its first upload is chosen on its own figures
+        body = _timed(results, {large: (9.9, 9.5, 10.4), middle: (8.0, 7.8, 8.2), "r32-w0.50-q4": small})
+        choices = _post(url, "pi-b", body, TOKENS["pi-b"], "?budget=latency=10ms").json()["choices"]
+        (choice,) = [c for c in choices if c["budget"] == "latency=10ms"]
+        assert (choice["subnet"], choice["kept"], choice["straddles"]) == (large, False, True)
+
+
 def test_uploads_are_rate_limited_per_device(site):
     with _serve(site, interval=60.0) as url:
         good = _results_for(site, url, "pi-a")  # the one upload pi-a may make now

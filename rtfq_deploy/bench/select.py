@@ -165,16 +165,27 @@ def fronts(entries: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, 
 
 
 def plan(results: Mapping[str, Any], accuracy: Mapping[str, float], budgets: Sequence[Budget], device: str,
-         options: SelectOptions = SelectOptions()) -> Selection:
-    """The choices without touching DIST_DIR."""
+         options: SelectOptions = SelectOptions(), previous: Mapping[tuple[str, str], str] | None = None) -> Selection:
+    """The choices without touching DIST_DIR. ``previous``: (budget text, runtime) ->
+    the subnet chosen last time, kept while a new measurement is in doubt
+    (:func:`rtfq_deploy.budget.choose`)."""
     mf.check_name(device)
     if not budgets:
         raise RtfqError("give at least one budget")
     verify_rows(results)
     entries, skipped = candidates(results, accuracy, options.memory)
     runtimes = [r for r in RUNTIMES if any(e["runtime"] == r for e in entries)]
-    choices = tuple(choose([e for e in entries if e["runtime"] == r], b) for b in budgets for r in runtimes)
+    previous = previous or {}
+    choices = tuple(choose([e for e in entries if e["runtime"] == r], b, previous=previous.get((str(b), r)))
+                    for b in budgets for r in runtimes)
     return Selection(device, choices, tuple(entries), fronts(entries), skipped=tuple(skipped))
+
+
+def previous_choices(dist_dir: Path, device: str) -> dict[tuple[str, str], str]:
+    """(budget text, runtime) -> subnet, as DIST_DIR's manifest serves them to ``device``."""
+    current = mf.read_manifest(dist_dir)
+    entries = current.devices.get(device)
+    return {(b, e.runtime): e.subnet for e in (entries.files if entries is not None else ()) for b in e.budgets}
 
 
 def publish(selection: Selection, results: Mapping[str, Any], dist_dir: Path,

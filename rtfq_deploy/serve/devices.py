@@ -214,7 +214,7 @@ def accept_results(dist_dir: Path, device: str, body: bytes, budget_texts: Seque
     before anything is written."""
     from rtfq_deploy.bench.confidence import doubt
     from rtfq_deploy.bench.run import check_results
-    from rtfq_deploy.bench.select import SelectOptions, plan, publish
+    from rtfq_deploy.bench.select import SelectOptions, plan, previous_choices, publish
     from rtfq_deploy.fileio import parse_json
 
     check_name(device)
@@ -233,7 +233,8 @@ def accept_results(dist_dir: Path, device: str, body: bytes, budget_texts: Seque
     options = SelectOptions(prune=True, force=True)
     with enroll_lock(dist_dir):
         try:
-            selection = plan(data, table, budgets, device, options)
+            # a device measuring itself again keeps its choices while the new figures are in doubt
+            selection = plan(data, table, budgets, device, options, previous_choices(dist_dir, device))
             selection = publish(selection, data, dist_dir, options)
         except RtfqError as e:
             raise UploadError(422, str(e)) from None
@@ -244,7 +245,7 @@ def accept_results(dist_dir: Path, device: str, body: bytes, budget_texts: Seque
         choices.append({"budget": str(c.budget), "runtime": e.get("runtime"), "met": c.met, "subnet": e["subnet"],
                         "accuracy": e.get("accuracy"), "latency_p50_ms": e.get("latency_p50_ms"),
                         "latency_p50_ci_ms": e.get("latency_p50_ci_ms"), "reason": c.reason,
-                        "straddles": why is not None, **({"doubt": why} if why else {})})
+                        "straddles": why is not None, "kept": c.kept, **({"doubt": why} if why else {})})
     manifest = dist_dir / "manifest.json"
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if selection.written and manifest.exists() else None
     log.info("device %s uploaded %d rows: %d entries published", device, len(data["models"]), len(selection.written))
