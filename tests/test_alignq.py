@@ -375,3 +375,21 @@ def test_ties_pinned_by_a_learned_step_are_compared_either_way_and_bugs_still_fa
     from rtfq_deploy.export.onnx_graph import to_onnx
     broken = verify(ckpt.model, net, ir, to_onnx(ir, {}), inputs)
     assert not broken.passed
+
+
+def test_alignq_weights_trains_exactly_as_alignq_weights_with_lsq_activations():
+    """So the ablation's alignq-w rows (weights alignq-v1, activations lsq) are alignq-weights'."""
+    space = SearchSpace(resolutions=(64, 48), widths=(1.0, 0.6), bits=(4, 2))
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for weights, acts in (("alignq-v1", "lsq"), ("alignq-weights", "alignq-weights")):
+        torch.manual_seed(0)
+        model = build_supernet(SupernetConfig("tiny_resnet", num_classes=16, space=space, weight_quantizer=weights,
+                                              act_quantizer=acts))
+        init_activation_steps(model, ActiveSubnet(1.0, model.float_plan()), x)
+        y = model.train()(x, model.active(SubnetConfig(64, 1.0, 2)))
+        y.sum().backward()
+        runs.append((y.detach(), [p.grad for p in model.parameters()]))
+        assert not any(getattr(q, "uses_cdf", False) for _, q in model.quantizers() if q.channels is None)
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))

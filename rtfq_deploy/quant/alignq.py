@@ -60,7 +60,8 @@ class CdfOptions:
     - ``placement``: "all" activations, or "conv-inputs": only tensors that nothing but
       convolutions read, so residual adds and pooling keep uniform (LSQ) codes and the
       network's residual stream stays in the original domain, as in the paper's code,
-      which quantizes each conv's input and adds the float identity.
+      which quantizes each conv's input and adds the float identity; or "none": no
+      activation (AlignQ on the weights only, activations are LSQ's).
     """
 
     sigma: str = "calibrated"
@@ -70,7 +71,7 @@ class CdfOptions:
     def __post_init__(self) -> None:
         for field, value, known in (("sigma", self.sigma, ("calibrated", "learned", "fixed")),
                                     ("post_relu", self.post_relu, ("half", "full")),
-                                    ("placement", self.placement, ("all", "conv-inputs"))):
+                                    ("placement", self.placement, ("all", "conv-inputs", "none"))):
             if value not in known:
                 raise ValueError(f"AlignQ {field} must be one of {', '.join(known)}, got {value!r}")
 
@@ -161,7 +162,8 @@ class AlignQQuantizer(LSQQuantizer):
         self.options = options
         self.kind = kind
         self.full = options.post_relu == "full" and not signed
-        self.uses_cdf = True  # activations under "conv-inputs": set once by the supernet (place)
+        # activations under "conv-inputs": set once by the supernet (place)
+        self.uses_cdf = channels is not None or options.placement != "none"
         if channels is None:
             if options.sigma == "learned":
                 self.log_sigma = torch.nn.Parameter(torch.zeros(()))  # N(0, 1) until calibrated
