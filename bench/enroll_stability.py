@@ -8,7 +8,8 @@ Exports the demo's 48 subnets (tiny_resnet, 16 classes, resolutions 64/56/48/40,
 - choices: for 20 latency budgets spread geometrically over the measured p50 range, the
   share for which both runs choose the same subnet (goal: at least 95%), as the server
   chooses for a device that enrolls again (run 1's choice is kept while run 2's
-  measurement cannot tell it from the new one: rtfq_deploy.budget.choose's previous),
+  measurement cannot tell it from the new one, the intervals widened by how much the
+  host's speed moved between the runs: rtfq_deploy.budget.choose's previous and drift),
   and without that rule (each run chosen alone);
 - ratios: the median over every pair of subnets of |ratio in run 2 / ratio in run 1 - 1|,
   where ratio is one subnet's p50 over the other's (goal: within 3%);
@@ -81,14 +82,15 @@ def enroll_once(url: str, work: Path, name: str, args: argparse.Namespace) -> di
     return json.loads((cache / "results.json").read_text())
 
 
-def choose(rows: list[dict], table: dict[str, float], limit_ms: float, previous: str | None = None) -> str | None:
+def choose(rows: list[dict], table: dict[str, float], limit_ms: float, previous: str | None = None,
+           drift: float = 0.0) -> str | None:
     """The choice rtfq-bench select and rtfq-serve make (rtfq_deploy.budget.choose);
     with ``previous``, the server's for a device that chose it last time."""
     from rtfq_deploy.budget import choose as budget_choose
     from rtfq_deploy.budget import parse_budget
 
     entries = [dict(r, accuracy=table.get(r["subnet"])) for r in rows]
-    choice = budget_choose(entries, parse_budget(f"latency={limit_ms!r}ms"), previous=previous)
+    choice = budget_choose(entries, parse_budget(f"latency={limit_ms!r}ms"), previous=previous, drift=drift)
     return str(choice.entry["subnet"]) if choice.met else None
 
 
@@ -113,6 +115,8 @@ def main() -> None:
     parser.add_argument("--max-time", type=float, default=30.0)
     parser.add_argument("--ci", type=float, default=0.01)
     parser.add_argument("--budgets", type=int, default=20)
+    parser.add_argument("--reuse", action="store_true",
+                        help="analyse the two enrolls kept in --work (cache-1, cache-2) again, measuring nothing")
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -127,17 +131,19 @@ def main() -> None:
     table = {r["subnet"]: r["top1"] for r in json.loads(table_path.read_text())["subnets"]}
     (work / "devices.txt").write_text(f"stability {TOKEN}\n")
     (work / "token.txt").write_text(TOKEN + "\n")
-    dist = work / "dist"
-    server = subprocess.Popen([str(BIN / "rtfq-serve"), str(dist), "--port", "0", "--candidates", str(offered),
-                               "--accuracy", str(table_path), "--device-token-file", str(work / "devices.txt"),
-                               "--upload-interval", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True)
-    try:
-        url = re.search(r" on (http://\S+) ", server.stdout.readline())[1]
-        runs = [enroll_once(url, work, name, args) for name in ("1", "2")]
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(15)
+    if args.reuse:
+        runs = [json.loads((work / f"cache-{name}" / "results.json").read_text()) for name in ("1", "2")]
+    else:
+        server = subprocess.Popen([str(BIN / "rtfq-serve"), str(work / "dist"), "--port", "0", "--candidates",
+                                   str(offered), "--accuracy", str(table_path), "--device-token-file",
+                                   str(work / "devices.txt"), "--upload-interval", "0"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            url = re.search(r" on (http://\S+) ", server.stdout.readline())[1]
+            runs = [enroll_once(url, work, name, args) for name in ("1", "2")]
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(15)
     ok = [{r["subnet"]: r for r in run["models"] if r["ok"] and r["runtime"] == "onnxruntime"} for run in runs]
     subnets = sorted(set(ok[0]) & set(ok[1]))
     rows = [[ok[k][s] for s in subnets] for k in (0, 1)]
@@ -146,7 +152,12 @@ def main() -> None:
     budgets = [low * (high / low) ** ((i + 0.5) / args.budgets) for i in range(args.budgets)]
     first = [choose(rows[0], table, b) for b in budgets]
     alone = sum(c == choose(rows[1], table, b) for c, b in zip(first, budgets))
-    again = [choose(rows[1], table, b, previous=c) for c, b in zip(first, budgets)]
+    from rtfq_deploy.bench.confidence import drift
+
+    # the server's figures of a device enrolling again: the p50s it was served at, then
+    # how much its speed moved (rtfq_deploy.bench.select.Previous.drift)
+    moved = drift({c: ok[0][c]["latency_p50_ms"] for c in first if c}, {s: ok[1][s]["latency_p50_ms"] for s in subnets})
+    again = [choose(rows[1], table, b, previous=c, drift=moved) for c, b in zip(first, budgets)]
     same = sum(c == d for c, d in zip(first, again))
     kept = sum(c == d != choose(rows[1], table, b) for c, d, b in zip(first, again, budgets))
     diffs = sorted(abs((ok[1][a]["latency_p50_ms"] / ok[1][b]["latency_p50_ms"])
@@ -162,7 +173,8 @@ def main() -> None:
     print(f"{len(subnets)} subnets on {cpu}, p50 {low:.4f}-{high:.4f} ms, processes {args.processes}, "
           f"max-time {args.max_time:g} s")
     print(f"choices: {same}/{len(budgets)} budgets choose the same subnet in both runs ({same / len(budgets):.0%}; "
-          f"goal >= 95%), as the server chooses for a device enrolling again ({kept} kept while in doubt); "
+          f"goal >= 95%), as the server chooses for a device enrolling again ({kept} kept while in doubt, "
+          f"drift {moved:.1%}); "
           f"each run chosen alone: {alone}/{len(budgets)}")
     print(f"ratios: median |pairwise latency ratio difference| {median_diff:.2%} over {len(diffs)} pairs "
           f"(goal <= 3%); 90th percentile {diffs[int(0.9 * len(diffs))]:.2%}")

@@ -147,7 +147,7 @@ class Choice:
 
 
 def choose(entries: Sequence[Mapping[str, Any]], budget: Budget, name_key: str = "subnet",
-           previous: str | None = None) -> Choice:
+           previous: str | None = None, drift: float = 0.0) -> Choice:
     """The most accurate entry that meets every limit (ties: the cheaper on the first
     limit, then the name). Entries without an accuracy rank below those with one.
 
@@ -157,27 +157,30 @@ def choose(entries: Sequence[Mapping[str, Any]], budget: Budget, name_key: str =
     limit inside or above its p50 interval, every other limit met) and the new choice's
     or its own p50 interval holds a latency limit. A new choice that is clearly within
     the budget and more accurate, or a previous one clearly over it, replaces it.
+    ``drift``: how much the host's speed moved since the previous measurement
+    (:func:`rtfq_deploy.bench.confidence.drift`); the intervals are widened by it.
     """
     strict = _choose(entries, budget, name_key)
     if previous is None or strict.entry.get(name_key) == previous:
         return strict
     old = next((e for e in entries if e.get(name_key) == previous), None)
-    if old is None or not _may_meet(old, budget):
+    if old is None or not _may_meet(old, budget, drift):
         return strict
     from rtfq_deploy.bench.confidence import straddles
 
-    if not (straddles(old, budget.limits) or (strict.met and straddles(strict.entry, budget.limits))):
+    if not (straddles(old, budget.limits, drift) or (strict.met and straddles(strict.entry, budget.limits, drift))):
         return strict
+    moved = f" (the host's speed moved {drift:.1%} since)" if drift else ""
     return Choice(budget, old, True, f"kept {previous}, chosen before: measured again it may still meet {budget} "
-                  f"and the new measurement cannot tell it from {strict.entry.get(name_key)}", kept=True)
+                  f"and the new measurement cannot tell it from {strict.entry.get(name_key)}{moved}", kept=True)
 
 
-def _may_meet(entry: Mapping[str, Any], budget: Budget) -> bool:
-    """Every limit met, or a latency limit inside the entry's p50 interval."""
+def _may_meet(entry: Mapping[str, Any], budget: Budget, drift: float) -> bool:
+    """Every limit met, or a latency limit inside the entry's (widened) p50 interval."""
     from rtfq_deploy.bench.confidence import straddles
 
-    return all(Budget((limit,), "").meets(entry) or (limit.key == "latency_p50_ms" and straddles(entry, (limit,)))
-               for limit in budget.limits)
+    return all(Budget((limit,), "").meets(entry)
+               or (limit.key == "latency_p50_ms" and straddles(entry, (limit,), drift)) for limit in budget.limits)
 
 
 def _choose(entries: Sequence[Mapping[str, Any]], budget: Budget, name_key: str) -> Choice:

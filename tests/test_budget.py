@@ -133,3 +133,21 @@ def test_a_previous_choice_is_kept_only_while_the_measurement_is_in_doubt():
     # rows without an interval (rtfq-bench run without --interleave) are never in doubt
     plain = [{k: v for k, v in r.items() if k != "latency_p50_ci_ms"} for r in rows]
     assert choose(plain, budget, previous="mid").entry["subnet"] == "big"
+
+
+def test_a_host_that_got_slower_keeps_its_choice_within_the_drift():
+    from rtfq_deploy.bench.confidence import MAX_DRIFT, drift
+
+    budget = parse_budget("latency=10ms")
+    # every model 8% slower than last time, each interval narrow: just over the budget now
+    rows = [{"subnet": "big", "accuracy": 0.7, "latency_p50_ms": 10.3, "latency_p50_ci_ms": [10.25, 10.35]},
+            {"subnet": "mid", "accuracy": 0.6, "latency_p50_ms": 8.64, "latency_p50_ci_ms": [8.6, 8.7]}]
+    moved = drift({"big": 9.5, "mid": 8.0}, {"big": 10.3, "mid": 8.64})
+    assert moved == pytest.approx(0.0821, abs=1e-3)  # the median of 1.084 and 1.080
+    assert choose(rows, budget, previous="big").entry["subnet"] == "mid"  # on the intervals alone: replaced
+    kept = choose(rows, budget, previous="big", drift=moved)
+    assert kept.kept and kept.entry["subnet"] == "big" and "8.2%" in kept.reason
+    far = [dict(rows[0], latency_p50_ms=12.0, latency_p50_ci_ms=[11.9, 12.1]), rows[1]]
+    assert choose(far, budget, previous="big", drift=moved).entry["subnet"] == "mid"  # beyond the drift
+    assert drift({"a": 1.0}, {"a": 3.0}) == MAX_DRIFT and drift({"a": 1.0}, {"b": 2.0}) == 0.0
+    assert drift({"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 1.02, "b": 0.99, "c": 1.5}) == pytest.approx(0.02)

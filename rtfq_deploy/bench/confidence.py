@@ -60,14 +60,34 @@ def relative_half_width(p50: float, low: float, high: float) -> float:
     return (high - low) / 2 / p50 if p50 > 0 else math.inf
 
 
-def straddles(entry: Mapping[str, Any], limits: Iterable[Any]) -> bool:
+def straddles(entry: Mapping[str, Any], limits: Iterable[Any], drift: float = 0.0) -> bool:
     """True if ``entry``'s p50 interval holds a latency limit of the budget (a
     :class:`rtfq_deploy.budget.Limit` on ``latency_p50_ms``): measured again, the
-    entry may land on the other side of it, and the choice with it."""
+    entry may land on the other side of it, and the choice with it. ``drift``: a
+    relative change of the host's speed between measurements, which widens the interval
+    by that factor either way."""
     ci = entry.get(CI_KEY)
     if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)):
         return False
-    return any(limit.key == "latency_p50_ms" and ci[0] <= limit.value <= ci[1] for limit in limits)
+    low, high = ci[0] / (1.0 + drift), ci[1] * (1.0 + drift)
+    return any(limit.key == "latency_p50_ms" and low <= limit.value <= high for limit in limits)
+
+
+MAX_DRIFT = 0.25  # a device more than 25% slower or faster than last time is chosen for afresh
+
+
+def drift(before: Mapping[str, float], now: Mapping[str, float]) -> float:
+    """How much the host's speed moved between two measurements of one device: |L - 1|
+    for L the median ratio now / before of the p50s of the models measured both times
+    (0 when none was), at most MAX_DRIFT. The ratios between models hold within about
+    1% from one enrollment to the next, while the level moves by several percent with
+    the host's load for minutes at a time."""
+    ratios = [now[k] / before[k] for k in before.keys() & now.keys()
+              if isinstance(before[k], (int, float)) and isinstance(now[k], (int, float)) and before[k] > 0]
+    if not ratios:
+        return 0.0
+    level = median(ratios)
+    return min(MAX_DRIFT, abs(level - 1.0)) if math.isfinite(level) else 0.0
 
 
 def straddling(choices: Iterable[Any]) -> list[Any]:

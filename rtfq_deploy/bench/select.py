@@ -165,9 +165,9 @@ def fronts(entries: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, 
 
 
 def plan(results: Mapping[str, Any], accuracy: Mapping[str, float], budgets: Sequence[Budget], device: str,
-         options: SelectOptions = SelectOptions(), previous: Mapping[tuple[str, str], str] | None = None) -> Selection:
-    """The choices without touching DIST_DIR. ``previous``: (budget text, runtime) ->
-    the subnet chosen last time, kept while a new measurement is in doubt
+         options: SelectOptions = SelectOptions(), previous: "Previous | None" = None) -> Selection:
+    """The choices without touching DIST_DIR. ``previous``: what the device was served
+    last time, whose choices are kept while a new measurement is in doubt
     (:func:`rtfq_deploy.budget.choose`)."""
     mf.check_name(device)
     if not budgets:
@@ -175,17 +175,37 @@ def plan(results: Mapping[str, Any], accuracy: Mapping[str, float], budgets: Seq
     verify_rows(results)
     entries, skipped = candidates(results, accuracy, options.memory)
     runtimes = [r for r in RUNTIMES if any(e["runtime"] == r for e in entries)]
-    previous = previous or {}
-    choices = tuple(choose([e for e in entries if e["runtime"] == r], b, previous=previous.get((str(b), r)))
-                    for b in budgets for r in runtimes)
+    previous = previous or Previous({}, {})
+    moved = {r: previous.drift(r, entries) for r in runtimes}
+    choices = tuple(choose([e for e in entries if e["runtime"] == r], b, previous=previous.chosen.get((str(b), r)),
+                           drift=moved[r]) for b in budgets for r in runtimes)
     return Selection(device, choices, tuple(entries), fronts(entries), skipped=tuple(skipped))
 
 
-def previous_choices(dist_dir: Path, device: str) -> dict[tuple[str, str], str]:
-    """(budget text, runtime) -> subnet, as DIST_DIR's manifest serves them to ``device``."""
+@dataclass(frozen=True)
+class Previous:
+    """What a device was served before it measured itself again: (budget text, runtime)
+    -> subnet, and (subnet, runtime) -> the p50 it was measured at then."""
+
+    chosen: Mapping[tuple[str, str], str]
+    p50: Mapping[tuple[str, str], float]
+
+    def drift(self, runtime: str, entries: Sequence[Mapping[str, Any]]) -> float:
+        """How much the device's speed on ``runtime`` moved since (bench.confidence.drift)."""
+        from rtfq_deploy.bench.confidence import drift
+
+        before = {s: v for (s, r), v in self.p50.items() if r == runtime}
+        now = {str(e["subnet"]): e["latency_p50_ms"] for e in entries if e["runtime"] == runtime}
+        return drift(before, now)
+
+
+def previous_choices(dist_dir: Path, device: str) -> Previous:
+    """What DIST_DIR's manifest serves ``device`` now."""
     current = mf.read_manifest(dist_dir)
-    entries = current.devices.get(device)
-    return {(b, e.runtime): e.subnet for e in (entries.files if entries is not None else ()) for b in e.budgets}
+    served = current.devices.get(device)
+    files = served.files if served is not None else ()
+    return Previous({(b, e.runtime): e.subnet for e in files for b in e.budgets},
+                    {(e.subnet, e.runtime): e.latency_p50_ms for e in files})
 
 
 def publish(selection: Selection, results: Mapping[str, Any], dist_dir: Path,

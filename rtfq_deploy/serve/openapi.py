@@ -102,7 +102,7 @@ _SCHEMAS: dict[str, Any] = {
         "checkpoint_sha256": {"type": ["string", "null"],
                               "description": "The checkpoint the accuracy table was measured on."},
         "candidates": {"type": "array", "items": _ref("Candidate")}}},
-    "Choice": {"type": "object", "required": ["budget", "runtime", "met", "subnet", "reason", "straddles"],
+    "Choice": {"type": "object", "required": ["budget", "runtime", "met", "subnet", "reason", "straddles", "kept"],
                "properties": {
         "budget": {"type": "string"}, "runtime": {"type": "string"}, "met": {"type": "boolean"},
         "subnet": {"type": "string"}, "accuracy": {"type": ["number", "null"]},
@@ -111,7 +111,9 @@ _SCHEMAS: dict[str, Any] = {
                               "description": "95% interval of the p50 as measured by the device."},
         "reason": {"type": "string"},
         "straddles": {"type": "boolean", "description": "The p50 interval holds a latency limit of the budget: "
-                                                        "measured again, the choice may differ."}}},
+                                                        "measured again, the choice may differ."},
+        "kept": {"type": "boolean", "description": "The device's previous choice for this budget, kept because the "
+                                                   "new measurement cannot tell it from the new one."}}},
     "UploadAnswer": {"type": "object", "required": ["device", "rows", "choices", "written", "removed"], "properties": {
         "device": {"type": "string"}, "rows": {"type": "integer"},
         "choices": {"type": "array", "items": _ref("Choice")},
