@@ -15,6 +15,7 @@ from rtfq_deploy.checkpoint import Checkpoint, CheckpointError, load_checkpoint,
 from rtfq_deploy.data.synth import SynthConfig, generate
 from rtfq_deploy.export.api import build_model
 from rtfq_deploy.export.lower import lower
+from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.export.verify import cdf_code_mismatches, verify
 from rtfq_deploy.layers import SlimBatchNorm2d
 from rtfq_deploy.models import SupernetConfig, build_supernet
@@ -393,3 +394,18 @@ def test_alignq_weights_trains_exactly_as_alignq_weights_with_lsq_activations():
         assert not any(getattr(q, "uses_cdf", False) for _, q in model.quantizers() if q.channels is None)
     assert torch.equal(runs[0][0], runs[1][0])
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+def test_the_inverse_diagnostic_values_codes_in_the_input_domain_and_refuses_to_export():
+    q = AlignQQuantizer((4, 2), False, options=CdfOptions(domain="original"), kind="alignq-inverse")
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0)).relu() * 2.0
+    q.init_from(x)
+    y = q.quantize(x, 4)
+    values = torch.unique(y)
+    assert len(values) == 16 and float(values[0]) == 0.0  # ReLU's zeros stay zero
+    assert float((y - x).pow(2).mean() / x.pow(2).mean()) < 0.01  # a non-uniform quantizer of x itself
+    ordered = y[x.argsort()]
+    assert bool((ordered[1:] >= ordered[:-1]).all())  # monotone in x
+    assert not q.changes_domain(4)
+    with pytest.raises(RtfqError, match="diagnostic and does not export"):
+        q.encoding(4)

@@ -17,6 +17,8 @@ kinds: `rtfq init --help`; AlignQ's weights are the same in every variant):
   alignq-n01           (c) the paper code's fixed N(0, 1), never fitted to data
   alignq-conv          (e) the CDF only on tensors that nothing but convolutions read
   alignq-conv-learned  (e) both of the above
+  alignq-inverse       (e) a diagnostic, not exportable: codes valued back in the input's
+                       domain (inverse CDF): is it computing in the CDF domain that costs?
 
 Each is evaluated on the seed's held-out target images (every subnet). The script prints
 mean +- std over seeds of the mean target top-1 at q4 and at q2, then each run minus LSQ
@@ -52,6 +54,7 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {  # name -> (weights' kind, activ
     "alignq-n01": ("alignq-n01", "alignq-n01", []),
     "alignq-conv": ("alignq-conv", "alignq-conv", []),
     "alignq-conv-learned": ("alignq-conv-learned", "alignq-conv-learned", []),
+    "alignq-inverse": ("alignq-inverse", "alignq-inverse", []),
 }
 DEFAULT_RUNS = ("lsq", "alignq-v1", "alignq-v1-admm", "alignq-w", "alignq-learned", "alignq-full", "alignq-n01",
                 "alignq-conv")

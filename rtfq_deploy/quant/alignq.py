@@ -34,6 +34,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.quant.encoding import PRE_BITS, CdfCodes, Encoding, cdf_levels, qrange
 from rtfq_deploy.quant.lsq import LSQQuantizer
 
@@ -61,17 +62,24 @@ class CdfOptions:
       convolutions read, so residual adds and pooling keep uniform (LSQ) codes and the
       network's residual stream stays in the original domain, as in the paper's code,
       which quantizes each conv's input and adds the float identity; or "none": no
-      activation (AlignQ on the weights only, activations are LSQ's).
+      activation (AlignQ on the weights only, activations are LSQ's);
+    - ``domain``: "cdf" (the paper's: the network computes on the codes' uniform levels in
+      [-alpha, alpha]) or "original", a diagnostic that does not export: each code's value
+      is mapped back through the inverse CDF (sigma sqrt 2 erfinv(code / levels), capped at
+      the pre-range's 3 sigma), a non-uniform quantizer in the input's own domain, which no
+      integer kernel reads (its values are not code x one scale).
     """
 
     sigma: str = "calibrated"
     post_relu: str = "half"
     placement: str = "all"
+    domain: str = "cdf"
 
     def __post_init__(self) -> None:
         for field, value, known in (("sigma", self.sigma, ("calibrated", "learned", "fixed")),
                                     ("post_relu", self.post_relu, ("half", "full")),
-                                    ("placement", self.placement, ("all", "conv-inputs", "none"))):
+                                    ("placement", self.placement, ("all", "conv-inputs", "none")),
+                                    ("domain", self.domain, ("cdf", "original"))):
             if value not in known:
                 raise ValueError(f"AlignQ {field} must be one of {', '.join(known)}, got {value!r}")
 
@@ -122,6 +130,34 @@ class _CdfActivation(torch.autograd.Function):
         gx = grad * factor
         gstep = None if p is None else -torch.vdot(gx.reshape(-1), p.reshape(-1)).reshape(())
         return gx, gstep, None, None, None, None, None
+
+
+def inverse_values(codes: Tensor, lo: int, hi: int, levels: int, signed: bool) -> Tensor:
+    """erfinv of the middle of each code's interval in the CDF domain (the end codes' reach
+    -1 or 1), capped at the pre-range's 3 sigma; an unsigned code 0 (ReLU's zeros) stays 0.
+    In units of sigma sqrt 2."""
+    lower = torch.where(codes == lo, torch.full_like(codes, -1.0 if signed else 0.0), (codes - 0.5) / levels)
+    upper = torch.where(codes == hi, torch.ones_like(codes), (codes + 0.5) / levels)
+    cap = math.erf(PRE_RANGE_SIGMAS / math.sqrt(2.0))
+    values = torch.erfinv(((lower + upper) / 2).clamp(-cap, cap))
+    return values if signed else torch.where(codes == 0, torch.zeros_like(values), values)
+
+
+class _CdfInverse(torch.autograd.Function):
+    """Pre-quantize, take each code's value in the input's domain; backward: straight
+    through inside the pre-range (the map is near the identity there, as LSQ's is)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, values: Tensor, lo: int, hi: int) -> Tensor:  # type: ignore[override]
+        v = x / step
+        p = torch.round(v).clamp_(lo, hi)
+        ctx.save_for_backward(v.ge(lo).logical_and_(v.le(hi)))
+        return values[(p - lo).long()]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
 
 
 class _CdfWeight(torch.autograd.Function):
@@ -196,7 +232,7 @@ class AlignQQuantizer(LSQQuantizer):
                         self.sigma.copy_(rms)
 
     def changes_domain(self, bits: int) -> bool:
-        return self.channels is None and self.cdf(bits)
+        return self.channels is None and self.cdf(bits) and self.options.domain == "cdf"
 
     def pre_step(self) -> Tensor:
         return self.sigma_value() * (PRE_RANGE_SIGMAS / qrange(PRE_BITS, self.signed)[1])
@@ -215,6 +251,9 @@ class AlignQQuantizer(LSQQuantizer):
     def encoding(self, bits: int) -> Encoding:
         if not self.cdf(bits) or self.channels is not None:
             return super().encoding(bits)
+        if self.options.domain != "cdf":
+            raise RtfqError(f"{self.kind} is a diagnostic and does not export: its activations take non-uniform "
+                            "values in the input's domain, which no integer kernel reads")
         return CdfCodes(float(self.pre_step().item()), erf_scale(self.signed), ALPHA, bits, self.signed, self.full)
 
     def quantize(self, x: Tensor, bits: int) -> Tensor:
@@ -227,6 +266,9 @@ class AlignQQuantizer(LSQQuantizer):
             return _CdfWeight.apply(x, mu, sigma, bits, lo, hi, levels)
         table = code_table(bits, self.signed, self.full).to(device=x.device, dtype=x.dtype)
         plo, phi = qrange(PRE_BITS, self.signed)
+        if self.options.domain == "original":
+            values = inverse_values(table, lo, hi, levels, self.signed) * (self.sigma_value().to(x.dtype) * math.sqrt(2.0))
+            return _CdfInverse.apply(x, self.pre_step().to(x.dtype), values, plo, phi)
         return _CdfActivation.apply(x, self.pre_step().to(x.dtype), table, plo, phi, ALPHA / levels,
                                     erf_scale(self.signed))
 
