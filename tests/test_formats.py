@@ -21,7 +21,9 @@ def test_the_cli_offers_the_format_names():
 
     choices = {p.name: getattr(p.type, "choices", None) for p in init.params}
     assert tuple(choices["arch"]) == formats.ARCH_NAMES
-    assert tuple(choices["quantizer"]) == formats.QUANTIZER_NAMES
+    assert tuple(choices["quantizer"]) == formats.QUANTIZER_NAMES + tuple(formats.QUANTIZER_ALIASES)
+    assert set(formats.QUANTIZER_ALIASES.values()) <= set(formats.QUANTIZER_NAMES)
+    assert set(formats.LEGACY_QUANTIZER_NAMES.values()) <= set(formats.QUANTIZER_NAMES)
 
 
 def test_device_modules_use_the_same_names():
