@@ -100,16 +100,21 @@ class IntGraph:
         carried = {n.out: self.carrier(n.inp) for n in self.nodes if isinstance(n, MaxPool)}
         return {c.layer: carried.get(c.inp, c.inp) for c in self.convs()}
 
-    def conv_only(self) -> set[str]:
-        """Quantized tensors that only convolutions read (through max pooling, which
-        carries codes): a non-affine code map there changes no add and no average."""
+    def readers(self) -> dict[str, tuple[Node, ...]]:
+        """Quantized tensor -> the nodes that read its codes (through max pooling, which
+        carries them)."""
         readers: dict[str, list[Node]] = {}
         for n in self.nodes:
             inputs = (n.a, n.b) if isinstance(n, Add) else () if isinstance(n, Quantize) else (n.inp,)
             for t in inputs:
                 if not isinstance(n, MaxPool):
                     readers.setdefault(self.carrier(t), []).append(n)
-        return {t for t, rs in readers.items() if all(isinstance(r, Conv) for r in rs)}
+        return {t: tuple(rs) for t, rs in readers.items()}
+
+    def conv_only(self) -> set[str]:
+        """Quantized tensors that only convolutions read: a non-affine code map there
+        changes no add and no average."""
+        return {t for t, rs in self.readers().items() if all(isinstance(r, Conv) for r in rs)}
 
     def carrier(self, tensor: str) -> str:
         """The quantizer whose codes ``tensor`` carries."""

@@ -109,7 +109,7 @@ def _prepared(weight: str, act: str, bits: int, arch: str = "tiny_resnet") -> tu
 # "conv-inputs" not q_stem (layer1.0's identity reads the pooled stem) nor the last q_out
 # (the average pool reads it): those keep uniform codes.
 CDF_TENSORS = {"alignq-v1": 9, "alignq-learned": 9, "alignq-full": 9, "alignq-n01": 9, "alignq-conv": 7,
-               "alignq-conv-learned": 7, "lsq": 0}
+               "alignq-conv-learned": 7, "alignq-branch": 4, "alignq-weights": 0, "lsq": 0}
 
 
 @pytest.mark.parametrize("weight,act,bits", [("alignq-v1", "alignq-v1", 6), ("alignq-v1", "alignq-v1", 4),
@@ -117,7 +117,9 @@ CDF_TENSORS = {"alignq-v1": 9, "alignq-learned": 9, "alignq-full": 9, "alignq-n0
                                              ("alignq-v1", "lsq", 2), ("alignq-learned", "alignq-learned", 4),
                                              ("alignq-full", "alignq-full", 2), ("alignq-n01", "alignq-n01", 4),
                                              ("alignq-conv", "alignq-conv", 2),
-                                             ("alignq-conv-learned", "alignq-conv-learned", 4)])
+                                             ("alignq-conv-learned", "alignq-conv-learned", 4),
+                                             ("alignq-branch", "alignq-branch", 2),
+                                             ("alignq-weights", "alignq-weights", 4)])
 def test_alignq_exports_exactly_on_integer_kernels(weight, act, bits):
     ckpt, cfg = _prepared(weight, act, bits)
     model, ir, net, _ = build_model(ckpt, cfg, "0" * 64)
@@ -206,6 +208,10 @@ def test_conv_only_tensors_follow_the_graph():
     for name, q in build_supernet(SupernetConfig("resnet50", space=SPACE, weight_quantizer="alignq-v1",
                                                  act_quantizer="alignq-v1")).quantizers():
         assert q.uses_cdf, name  # "all": every activation
+    branch = build_supernet(SupernetConfig("resnet50", space=SPACE, weight_quantizer="alignq-branch",
+                                           act_quantizer="alignq-branch"))
+    inside = {n for n, q in branch.quantizers() if q.channels is None and q.uses_cdf}
+    assert inside == {n for n in uses if n.endswith((".q1", ".q2"))} | {"q_input", "q_pool"}  # one conv reads each
 
 
 def test_learned_sigma_gets_the_cdf_gradient_and_fits_a_target_normal():

@@ -17,6 +17,7 @@ kinds: `rtfq init --help`; AlignQ's weights are the same in every variant):
   alignq-n01           (c) the paper code's fixed N(0, 1), never fitted to data
   alignq-conv          (e) the CDF only on tensors that nothing but convolutions read
   alignq-conv-learned  (e) both of the above
+  alignq-branch        (e) the CDF only on tensors one conv reads (inside residual branches)
   alignq-inverse       (e) a diagnostic, not exportable: codes valued back in the input's
                        domain (inverse CDF): is it computing in the CDF domain that costs?
 
@@ -54,6 +55,7 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {  # name -> (weights' kind, activ
     "alignq-n01": ("alignq-n01", "alignq-n01", []),
     "alignq-conv": ("alignq-conv", "alignq-conv", []),
     "alignq-conv-learned": ("alignq-conv-learned", "alignq-conv-learned", []),
+    "alignq-branch": ("alignq-branch", "alignq-branch", []),
     "alignq-inverse": ("alignq-inverse", "alignq-inverse", []),
 }
 DEFAULT_RUNS = ("lsq", "alignq-v1", "alignq-v1-admm", "alignq-w", "alignq-learned", "alignq-full", "alignq-n01",

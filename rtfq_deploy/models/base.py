@@ -144,10 +144,10 @@ class Supernet(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (Quantizer, SlimBatchNorm2d)):
                 module.name = name
-        conv_only = self.graph().conv_only()
+        readers = self.graph().readers()
         for name, quant in self.quantizers():
             if quant.channels is None:
-                quant.place(name in conv_only)
+                quant.place(tuple(type(n).__name__ for n in readers.get(name, ())))
         self.init_weight_steps()
 
     def init_weight_steps(self) -> None:

@@ -61,8 +61,10 @@ class CdfOptions:
     - ``placement``: "all" activations, or "conv-inputs": only tensors that nothing but
       convolutions read, so residual adds and pooling keep uniform (LSQ) codes and the
       network's residual stream stays in the original domain, as in the paper's code,
-      which quantizes each conv's input and adds the float identity; or "none": no
-      activation (AlignQ on the weights only, activations are LSQ's);
+      which quantizes each conv's input and adds the float identity; "branch": only
+      tensors that one convolution reads (inside a residual branch: not a block's output,
+      which the next block's conv and its shortcut both read); or "none": no activation
+      (AlignQ on the weights only, activations are LSQ's);
     - ``domain``: "cdf" (the paper's: the network computes on the codes' uniform levels in
       [-alpha, alpha]) or "original", a diagnostic that does not export: each code's value
       is mapped back through the inverse CDF (sigma sqrt 2 erfinv(code / levels), capped at
@@ -78,7 +80,7 @@ class CdfOptions:
     def __post_init__(self) -> None:
         for field, value, known in (("sigma", self.sigma, ("calibrated", "learned", "fixed")),
                                     ("post_relu", self.post_relu, ("half", "full")),
-                                    ("placement", self.placement, ("all", "conv-inputs", "none")),
+                                    ("placement", self.placement, ("all", "conv-inputs", "branch", "none")),
                                     ("domain", self.domain, ("cdf", "original"))):
             if value not in known:
                 raise ValueError(f"AlignQ {field} must be one of {', '.join(known)}, got {value!r}")
@@ -206,10 +208,12 @@ class AlignQQuantizer(LSQQuantizer):
             else:
                 self.register_buffer("sigma", torch.ones(()))
 
-    def place(self, conv_only: bool) -> None:
-        """Where the supernet's graph says this activation goes: only into convolutions or not."""
+    def place(self, readers: tuple[str, ...]) -> None:
+        """Where the supernet's graph says this activation goes (the node kinds reading it)."""
         if self.channels is None and self.options.placement == "conv-inputs":
-            self.uses_cdf = conv_only
+            self.uses_cdf = bool(readers) and all(r == "Conv" for r in readers)
+        elif self.channels is None and self.options.placement == "branch":
+            self.uses_cdf = readers == ("Conv",)
 
     def cdf(self, bits: int) -> bool:
         return bits <= CDF_MAX_BITS and self.uses_cdf

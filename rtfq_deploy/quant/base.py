@@ -61,9 +61,10 @@ class Quantizer(nn.Module):
         """Initialise every bit-width's parameters from a sample of the tensor it quantizes."""
         raise NotImplementedError
 
-    def place(self, conv_only: bool) -> None:
-        """Told once, when the supernet is built, whether only convolutions read this
-        activation (no add, no pooling); kinds whose codes depend on that override it."""
+    def place(self, readers: tuple[str, ...]) -> None:
+        """Told once, when the supernet is built, which nodes of the integer graph read
+        this activation ("Conv", "Add", "AvgPool"); kinds whose codes depend on that
+        override it."""
 
     def changes_domain(self, bits: int) -> bool:
         """Whether the output lives in another domain than the input at ``bits`` (AlignQ's
