@@ -105,9 +105,9 @@ def enroll(config: EnrollConfig, progress: Callable[[str], None] | None = None) 
                                   retries=config.retries, user_agent="rtfq-enroll", token=config.token,
                                   cafile=config.cafile, deadline_s=config.deadline_s,
                                   runtime=config.runtimes[0] if len(config.runtimes) == 1 else None)
-    client = fx._client(fetch_config)
+    client = fx.make_client(fetch_config)
     cache = claim_cache(Path(config.cache_dir))
-    listed = fx._retrying(fetch_config, lambda: _list(client, config.server, config.runtimes[0]))
+    listed = fx.retrying(fetch_config, lambda: _list(client, config.server, config.runtimes[0]))
     say(f"{len(listed)} candidates on {config.server}")
     downloaded = sync_cache(client, fetch_config, listed, cache, say)
     results, measured = measure_cached(listed, cache, config, say)
@@ -142,11 +142,11 @@ def _url(server: str, path: str) -> str:
     return urllib.parse.urljoin(server.rstrip("/") + "/", path.lstrip("/"))
 
 
-def _list(client: fx._Client, server: str, runtime: str) -> list[dict[str, Any]]:
+def _list(client: fx.Client, server: str, runtime: str) -> list[dict[str, Any]]:
     """The server's candidates, each checked: a plain file name, a sha256, a size."""
     url = _url(server, f"v1/candidates?{urllib.parse.urlencode({'runtime': runtime})}")
-    with fx._attempt(client) as watch, fx._open(client, url, {"Accept": "application/json"}, watch) as response:
-        body = fx._read_all(response, MAX_LIST_BYTES + 1, watch)
+    with fx.attempt(client) as watch, fx.open_url(client, url, {"Accept": "application/json"}, watch) as response:
+        body = fx.read_all(response, MAX_LIST_BYTES + 1, watch)
     if len(body) > MAX_LIST_BYTES:
         raise RtfqError(f"{server}: the candidate list is larger than {MAX_LIST_BYTES} bytes")
     data = parse_json(body, server, "candidate list", max_bytes=MAX_LIST_BYTES, max_depth=8, expect=dict)
@@ -164,13 +164,13 @@ def _list(client: fx._Client, server: str, runtime: str) -> list[dict[str, Any]]
             raise RtfqError(f"{server} offers a candidate with a malformed file name") from None
         if (not name.endswith(".onnx") or not isinstance(sha, str) or not _SHA_RE.fullmatch(sha)
                 or isinstance(size, bool) or not isinstance(size, int) or not 0 < size < 2**40 or name in names):
-            raise RtfqError(f"{server} answered a malformed candidate ({fx._short(name)})")
+            raise RtfqError(f"{server} answered a malformed candidate ({fx.short(name)})")
         names.add(name)
         out.append({"file": name, "sha256": sha, "size_bytes": size, "subnet": str(item.get("subnet"))[:200]})
     return out
 
 
-def sync_cache(client: fx._Client, config: fx.FetchConfig, listed: list[dict[str, Any]], cache: Path,
+def sync_cache(client: fx.Client, config: fx.FetchConfig, listed: list[dict[str, Any]], cache: Path,
                say: Callable[[str], None]) -> list[str]:
     """Make ``cache`` hold exactly the listed files (verified); the names downloaded now."""
     wanted = {c["file"]: c for c in listed}
@@ -190,8 +190,8 @@ def sync_cache(client: fx._Client, config: fx.FetchConfig, listed: list[dict[str
         part = cache / f".{c['file']}.{c['sha256']}.part"
         url = _url(config.server, f"v1/candidates/{urllib.parse.quote(c['file'])}")
         received = [0]
-        fx._retrying(config, lambda: fx._download(client, url, part, c["sha256"], c["size_bytes"], received))
-        with fx._open_part(part, create=False) as f:
+        fx.retrying(config, lambda: fx.download(client, url, part, c["sha256"], c["size_bytes"], received))
+        with fx.open_part(part, create=False) as f:
             digest = sha256_fileobj(f)
         if digest != c["sha256"]:
             part.unlink()
@@ -264,7 +264,7 @@ def measure_cached(listed: list[dict[str, Any]], cache: Path, config: EnrollConf
     return results, sum(1 for r in fresh.values())
 
 
-def upload(client: fx._Client, server: str, device: str, results: dict[str, Any],
+def upload(client: fx.Client, server: str, device: str, results: dict[str, Any],
            budgets: tuple[str, ...]) -> dict[str, Any]:
     """POST the results; the server's answer (its choices), or one RtfqError line."""
     query = urllib.parse.urlencode([("budget", b) for b in budgets])
@@ -272,9 +272,9 @@ def upload(client: fx._Client, server: str, device: str, results: dict[str, Any]
     body = json.dumps(results).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     try:
-        with fx._attempt(client) as watch, fx._open(client, url, headers, watch, data=body) as response:
-            raw = fx._read_all(response, MAX_ANSWER_BYTES + 1, watch)
-    except fx._Retry as e:
+        with fx.attempt(client) as watch, fx.open_url(client, url, headers, watch, data=body) as response:
+            raw = fx.read_all(response, MAX_ANSWER_BYTES + 1, watch)
+    except fx.Retry as e:
         raise RtfqError(f"upload failed: {e} (run again: what was measured is kept)") from None
     answer = parse_json(raw, server, "upload answer", max_bytes=MAX_ANSWER_BYTES, expect=dict)
     if not isinstance(answer.get("choices"), list):

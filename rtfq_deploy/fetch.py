@@ -20,6 +20,10 @@ length, or keeps sending past it, is refused (and its partial file removed). A b
 ``token`` goes only to the server's own origin (never along a redirect), an answer that
 came from another origin through a redirect is refused, and ``cafile`` makes https trust
 a private CA.
+
+The parts ``rtfq enroll`` (:mod:`rtfq_deploy.enroll`) shares are public: ``make_client``,
+``attempt`` (one deadline), ``open_url``, ``read_all``, ``retrying``, ``download``,
+``open_part``, ``Retry`` and ``short``.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ class FetchResult:
     up_to_date: bool  # the output already held this file; nothing was downloaded
 
 
-class _Retry(Exception):
+class Retry(Exception):
     """A failure worth retrying: a dropped connection, a timeout, a 503."""
 
     def __init__(self, message: str, wait_s: float | None = None) -> None:
@@ -90,7 +94,7 @@ class _Retry(Exception):
 
 
 @dataclass(frozen=True)
-class _Client:
+class Client:
     """How every request of one fetch is made."""
 
     timeout_s: float
@@ -103,26 +107,26 @@ class _Client:
 def check_server_url(url: str) -> str:
     """``url`` if it is an http(s) base URL this client can use, else one RtfqError line."""
     if not isinstance(url, str) or not url or len(url) > 2048 or any(c.isspace() or ord(c) < 32 for c in url):
-        raise RtfqError(f"server URL {_short(url)!r} is not a URL (e.g. http://10.0.0.2:8080)")
+        raise RtfqError(f"server URL {short(url)!r} is not a URL (e.g. http://10.0.0.2:8080)")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise RtfqError(f"server URL {_short(url)!r} is malformed: {e}") from None
+        raise RtfqError(f"server URL {short(url)!r} is malformed: {e}") from None
     if parts.scheme not in ("http", "https"):
-        raise RtfqError(f"server URL must be http:// or https://, got {_short(url)!r}")
+        raise RtfqError(f"server URL must be http:// or https://, got {short(url)!r}")
     if not parts.hostname:
-        raise RtfqError(f"server URL {_short(url)!r} has no host")
+        raise RtfqError(f"server URL {short(url)!r} has no host")
     if parts.username is not None or parts.password is not None:
         raise RtfqError("server URL must not hold credentials; use --token-file or RTFQ_TOKEN")
     if parts.query or parts.fragment:
-        raise RtfqError(f"server URL {_short(url)!r} must not have a query or fragment")
+        raise RtfqError(f"server URL {short(url)!r} must not have a query or fragment")
     if port == 0:
-        raise RtfqError(f"server URL {_short(url)!r} has port 0")
+        raise RtfqError(f"server URL {short(url)!r} has port 0")
     return url
 
 
-def _client(config: FetchConfig) -> _Client:
+def make_client(config: FetchConfig) -> Client:
     """Check the connection settings once, before any traffic."""
     check_server_url(config.server)
     for name in ("timeout_s", "deadline_s"):
@@ -145,7 +149,7 @@ def _client(config: FetchConfig) -> _Client:
             raise RtfqError(f"CA file {config.cafile} holds no usable PEM certificate: {e.reason or e}") from None
         except OSError as e:
             raise RtfqError(f"cannot read CA file {config.cafile}: {e.strerror or e}") from None
-    return _Client(float(config.timeout_s), config.user_agent, config.token, context, float(config.deadline_s))
+    return Client(float(config.timeout_s), config.user_agent, config.token, context, float(config.deadline_s))
 
 
 def fetch(config: FetchConfig) -> FetchResult:
@@ -153,17 +157,17 @@ def fetch(config: FetchConfig) -> FetchResult:
     check_name(config.device)
     parse_budget(config.budget)  # a typo fails here, before any network traffic
     check_runtime(config.runtime)
-    client = _client(config)
-    resolution = _retrying(config, lambda: _resolve(client, config.server, config.device, config.budget,
+    client = make_client(config)
+    resolution = retrying(config, lambda: _resolve(client, config.server, config.device, config.budget,
                                                     config.runtime))
     entry = resolution["entry"]
-    reason = _short(resolution.get("reason", ""), 300)  # printed: one bounded line whatever the server sent
+    reason = short(resolution.get("reason", ""), 300)  # printed: one bounded line whatever the server sent
     sha, size = str(entry.get("sha256", "")), entry.get("size_bytes")
     if not _SHA_RE.fullmatch(sha) or isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 2**63:
         raise RtfqError(f"server answered a malformed entry for {config.device!r}")
     got = entry.get("runtime", DEFAULT_RUNTIME)  # servers from before runtimes serve onnxruntime entries
     if got not in RUNTIMES or (config.runtime is not None and got != config.runtime):
-        raise RtfqError(f"server answered an entry for runtime {_short(got)!r} where {config.runtime} was asked for")
+        raise RtfqError(f"server answered an entry for runtime {short(got)!r} where {config.runtime} was asked for")
     out = Path(config.out)
     check_output(out)  # a folder, device node or FIFO is never replaced, --force or not
     if out.exists():
@@ -176,10 +180,10 @@ def fetch(config: FetchConfig) -> FetchResult:
     _remove_stale_parts(out, keep=part)
     url = urllib.parse.urljoin(config.server.rstrip("/") + "/", str(entry.get("url", f"/v1/files/{sha}")))
     if _origin(url) != _origin(config.server):  # the token and the trust go to this server only
-        raise RtfqError(f"server pointed the download at another server: {_short(url)!r}")
+        raise RtfqError(f"server pointed the download at another server: {short(url)!r}")
     received = [0]  # over every attempt of this call
-    _retrying(config, lambda: _download(client, url, part, sha, size, received))
-    with _open_part(part, create=False) as f:
+    retrying(config, lambda: download(client, url, part, sha, size, received))
+    with open_part(part, create=False) as f:
         digest = sha256_fileobj(f)
     if digest != sha:
         part.unlink()
@@ -190,7 +194,7 @@ def fetch(config: FetchConfig) -> FetchResult:
 
 def check_runtime(runtime: str | None) -> str | None:
     if runtime is not None and runtime not in RUNTIMES:
-        raise RtfqError(f"unknown runtime {_short(runtime)!r}: expected one of {', '.join(RUNTIMES)}")
+        raise RtfqError(f"unknown runtime {short(runtime)!r}: expected one of {', '.join(RUNTIMES)}")
     return runtime
 
 
@@ -200,16 +204,16 @@ def resolve(server: str, device: str, budget: str, timeout_s: float = 30.0, user
     the device's runtimes): {device, budget, reason, entry}."""
     config = FetchConfig(server, device, budget, Path("."), timeout_s=timeout_s, user_agent=user_agent,
                          token=token, cafile=cafile, runtime=check_runtime(runtime))
-    return _resolve(_client(config), server, device, budget, runtime)
+    return _resolve(make_client(config), server, device, budget, runtime)
 
 
-def _resolve(client: _Client, server: str, device: str, budget: str, runtime: str | None = None) -> dict[str, Any]:
+def _resolve(client: Client, server: str, device: str, budget: str, runtime: str | None = None) -> dict[str, Any]:
     query = urllib.parse.urlencode({"budget": budget} | ({"runtime": runtime} if runtime else {}))
     url = urllib.parse.urljoin(server.rstrip("/") + "/",
                                f"v1/devices/{urllib.parse.quote(device, safe='')}/resolve?{query}")
-    with _attempt(client) as watch, _open(client, url, {"Accept": "application/json"}, watch) as response:
+    with attempt(client) as watch, open_url(client, url, {"Accept": "application/json"}, watch) as response:
         try:
-            body = json.loads(_read_all(response, 1 << 20, watch))
+            body = json.loads(read_all(response, 1 << 20, watch))
         except (ValueError, RecursionError):
             raise RtfqError(f"{server} answered something other than JSON; is it an rtfq-serve?") from None
     if not isinstance(body, dict) or not isinstance(body.get("entry"), dict):
@@ -217,7 +221,7 @@ def _resolve(client: _Client, server: str, device: str, budget: str, runtime: st
     return body
 
 
-def _download(client: _Client, url: str, part: Path, sha: str, size: int, received: list[int]) -> None:
+def download(client: Client, url: str, part: Path, sha: str, size: int, received: list[int]) -> None:
     """Append the missing bytes to ``part`` (never past ``size``), counting them in ``received[0]``."""
     have = _part_size(part)
     if have > size:
@@ -227,7 +231,7 @@ def _download(client: _Client, url: str, part: Path, sha: str, size: int, receiv
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers.update({"Range": f"bytes={have}-", "If-Range": f'"{sha}"'})
-    with _attempt(client) as watch, _open(client, url, headers, watch) as response:
+    with attempt(client) as watch, open_url(client, url, headers, watch) as response:
         if response.status == 206:
             match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("Content-Range", ""))
             if match is None or int(match[1]) != have or int(match[3]) != size:
@@ -239,14 +243,14 @@ def _download(client: _Client, url: str, part: Path, sha: str, size: int, receiv
         else:
             raise RtfqError(f"unexpected HTTP {response.status} for {url}")
         if response.headers.get("ETag") not in (None, f'"{sha}"'):
-            raise RtfqError(f"server sent ETag {_short(response.headers.get('ETag'))} for file {sha[:12]}...")
+            raise RtfqError(f"server sent ETag {short(response.headers.get('ETag'))} for file {sha[:12]}...")
         expected = size - have
         announced = response.headers.get("Content-Length")
         if announced is not None and announced.strip() != str(expected):
-            raise RtfqError(f"server announced {_short(announced)} bytes where {expected} were expected for file "
+            raise RtfqError(f"server announced {short(announced)} bytes where {expected} were expected for file "
                             f"{sha[:12]}...; refusing it")
         got, overflow = 0, False
-        with _open_part(part, create=True) as f:
+        with open_part(part, create=True) as f:
             f.truncate(have)
             f.seek(have)
             try:
@@ -263,21 +267,21 @@ def _download(client: _Client, url: str, part: Path, sha: str, size: int, receiv
         raise RtfqError(f"server sent more than the {size} bytes of file {sha[:12]}...; stopped reading and "
                         "removed the partial download")
     if have + got != size:
-        raise _Retry(f"connection closed after {have + got} of {size} bytes")
+        raise Retry(f"connection closed after {have + got} of {size} bytes")
 
 
-def _read(response: http.client.HTTPResponse, limit: int, watch: "_Watch") -> bytes:
+def _read(response: http.client.HTTPResponse, limit: int, watch: "Watch") -> bytes:
     watch.check()
     try:
         block = response.read1(limit)
     except (OSError, http.client.HTTPException, ValueError) as e:
         watch.check()  # the watchdog's shutdown shows up here as a reset or an empty read
-        raise _Retry(f"connection lost: {_describe(e)}") from None
+        raise Retry(f"connection lost: {_describe(e)}") from None
     watch.check()
     return block
 
 
-def _read_all(response: http.client.HTTPResponse, limit: int, watch: "_Watch") -> bytes:
+def read_all(response: http.client.HTTPResponse, limit: int, watch: "Watch") -> bytes:
     """Up to ``limit`` bytes of a small body, read in pieces so the deadline is checked."""
     body = bytearray()
     while len(body) < limit and (block := _read(response, limit - len(body), watch)):
@@ -285,7 +289,7 @@ def _read_all(response: http.client.HTTPResponse, limit: int, watch: "_Watch") -
     return bytes(body)
 
 
-class _Watch:
+class Watch:
     """One attempt's deadline: a timer shuts the attempt's socket down when it passes, so
     a read that is blocked (or fed a byte at a time) ends; :meth:`check` turns that into a
     retryable failure that names the deadline."""
@@ -312,7 +316,7 @@ class _Watch:
 
     def check(self) -> None:
         if self.expired:
-            raise _Retry(f"the attempt ran past its deadline of {self.deadline_s:g} s (--deadline)")
+            raise Retry(f"the attempt ran past its deadline of {self.deadline_s:g} s (--deadline)")
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -322,13 +326,13 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
-class _attempt:
-    """``with _attempt(client) as watch``: the deadline of one attempt, always cancelled."""
+class attempt:
+    """``with attempt(client) as watch``: the deadline of one attempt, always cancelled."""
 
-    def __init__(self, client: _Client) -> None:
-        self.watch = _Watch(client.deadline_s)
+    def __init__(self, client: Client) -> None:
+        self.watch = Watch(client.deadline_s)
 
-    def __enter__(self) -> _Watch:
+    def __enter__(self) -> Watch:
         self.watch._timer.start()
         return self.watch
 
@@ -336,7 +340,7 @@ class _attempt:
         self.watch._timer.cancel()
 
 
-def _watched(base: type, watch: _Watch) -> type:
+def _watched(base: type, watch: Watch) -> type:
     """An HTTP(S)Connection class whose connected socket the watch can shut down."""
 
     class Connection(base):  # type: ignore[misc, valid-type]
@@ -348,7 +352,7 @@ def _watched(base: type, watch: _Watch) -> type:
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, watch: _Watch) -> None:
+    def __init__(self, watch: Watch) -> None:
         super().__init__()
         self._watch = watch
 
@@ -357,7 +361,7 @@ class _HTTPHandler(urllib.request.HTTPHandler):
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, watch: _Watch, context: ssl.SSLContext | None) -> None:
+    def __init__(self, watch: Watch, context: ssl.SSLContext | None) -> None:
         super().__init__(context=context)
         self._watch = watch
 
@@ -383,7 +387,7 @@ def _check_part(part: Path, info: os.stat_result) -> None:
                         "again")
 
 
-def _open_part(part: Path, create: bool):  # type: ignore[no-untyped-def]
+def open_part(part: Path, create: bool):  # type: ignore[no-untyped-def]
     """The partial download opened read-write, never following a link: created exclusively
     if missing (``create``), else it must be a regular file with one link (a planted
     symlink or hard link is refused, so no other file is ever written)."""
@@ -415,12 +419,12 @@ def _open_part(part: Path, create: bool):  # type: ignore[no-untyped-def]
         raise
 
 
-def _retrying(config: FetchConfig, step):  # type: ignore[no-untyped-def]
+def retrying(config: FetchConfig, step):  # type: ignore[no-untyped-def]
     """Run ``step``; on a dropped connection or a 503, wait and run it again (it resumes)."""
     for attempt in range(config.retries + 1):
         try:
             return step()
-        except _Retry as e:
+        except Retry as e:
             if attempt == config.retries:
                 raise RtfqError(f"{e} (gave up after {config.retries} retries; run again to resume)") from None
             wait = min(0.5 * 2**attempt, 8.0) if e.wait_s is None else e.wait_s
@@ -429,11 +433,11 @@ def _retrying(config: FetchConfig, step):  # type: ignore[no-untyped-def]
     raise AssertionError("unreachable")
 
 
-def _open(client: _Client, url: str, headers: dict[str, str], watch: _Watch,  # type: ignore[no-untyped-def]
+def open_url(client: Client, url: str, headers: dict[str, str], watch: Watch,  # type: ignore[no-untyped-def]
           data: bytes | None = None):
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("http", "https"):
-        raise RtfqError(f"server URL must be http:// or https://, got {_short(url)!r}")
+        raise RtfqError(f"server URL must be http:// or https://, got {short(url)!r}")
     request = urllib.request.Request(url, data=data, headers={**headers, "User-Agent": client.user_agent})
     if client.token is not None:
         request.add_unredirected_header("Authorization", f"Bearer {client.token}")  # not sent along a redirect
@@ -443,11 +447,11 @@ def _open(client: _Client, url: str, headers: dict[str, str], watch: _Watch,  # 
     except urllib.error.HTTPError as e:
         watch.check()
         if _origin(e.geturl() or url) != _origin(url):
-            raise RtfqError(f"{_origin(url)[1]} redirected to another server ({_short(e.geturl())}); refusing its "
+            raise RtfqError(f"{_origin(url)[1]} redirected to another server ({short(e.geturl())}); refusing its "
                             "answer") from None
         message = _error_message(e)
         if e.code == 503:
-            raise _Retry(f"server busy: {message}", min(float(_int(e.headers.get("Retry-After"), 1)), 10.0)) from None
+            raise Retry(f"server busy: {message}", min(float(_int(e.headers.get("Retry-After"), 1)), 10.0)) from None
         if e.code == 401:
             hint = "give a token with --token-file or RTFQ_TOKEN" if client.token is None else "the token was refused"
             raise RtfqError(f"server: {message} ({hint})") from None
@@ -455,25 +459,25 @@ def _open(client: _Client, url: str, headers: dict[str, str], watch: _Watch,  # 
     except urllib.error.URLError as e:
         watch.check()
         if isinstance(e.reason, ssl.SSLCertVerificationError):
-            why = _short(e.reason.verify_message or e.reason.reason or str(e.reason))
+            why = short(e.reason.verify_message or e.reason.reason or str(e.reason))
             raise RtfqError(f"cannot trust {_origin(url)[1]}: TLS certificate {why} "
                             "(a private CA needs --cafile)") from None
         reason = getattr(e.reason, "strerror", None) or e.reason
         if isinstance(e.reason, ssl.SSLError):  # a handshake failure is no dropped connection
-            raise RtfqError(f"cannot reach {_short(url)}: TLS: {_short(getattr(e.reason, 'reason', None) or e.reason)}"
+            raise RtfqError(f"cannot reach {short(url)}: TLS: {short(getattr(e.reason, 'reason', None) or e.reason)}"
                             ) from None
         if isinstance(e.reason, (ConnectionRefusedError, socket.gaierror)) or not isinstance(e.reason, OSError):
-            raise RtfqError(f"cannot reach {_short(url)}: {_short(reason)}") from None
-        raise _Retry(f"cannot reach {_short(url)}: {_short(reason)}") from None
+            raise RtfqError(f"cannot reach {short(url)}: {short(reason)}") from None
+        raise Retry(f"cannot reach {short(url)}: {short(reason)}") from None
     except (http.client.InvalidURL, ValueError) as e:
-        raise RtfqError(f"server URL {_short(url)!r} is malformed: {_short(e)}") from None
+        raise RtfqError(f"server URL {short(url)!r} is malformed: {short(e)}") from None
     except (OSError, http.client.HTTPException) as e:  # timeout or reset while reading the headers
         watch.check()
-        raise _Retry(f"connection lost: {_describe(e)}") from None
+        raise Retry(f"connection lost: {_describe(e)}") from None
     final = response.geturl()
     if _origin(final) != _origin(url):  # the bytes must come from the server that was asked
         response.close()
-        raise RtfqError(f"{_origin(url)[1]} redirected to another server ({_short(final)}); refusing its answer")
+        raise RtfqError(f"{_origin(url)[1]} redirected to another server ({short(final)}); refusing its answer")
     return response
 
 
@@ -483,7 +487,7 @@ def _error_message(e: urllib.error.HTTPError) -> str:
         message = body["error"] if isinstance(body, dict) else None
     except (ValueError, KeyError, OSError, RecursionError):
         message = None
-    return _short(message, 300) if message else f"HTTP {e.code} {_short(e.reason)}"
+    return short(message, 300) if message else f"HTTP {e.code} {short(e.reason)}"
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -491,7 +495,7 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme, parts.netloc.lower()
 
 
-def _short(text: object, limit: int = 120) -> str:
+def short(text: object, limit: int = 120) -> str:
     """What a server or user sent, as one bounded line for an error message."""
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[:limit] + "..."
