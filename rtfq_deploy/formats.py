@@ -48,9 +48,10 @@ NORMALIZATION_KEY = "normalization"  # where a checkpoint's metadata keeps its o
 ARCH_NAMES = ("resnet50", "resnet18", "tiny_resnet", "mobilenet_v2", "tiny_mobilenet")  # rtfq_deploy.models.ARCHS
 # rtfq_deploy.quant.QUANTIZERS: LSQ, then AlignQ's variants (rtfq_deploy.quant.ALIGNQ_VARIANTS)
 QUANTIZER_NAMES = ("lsq", "alignq-v1", "alignq-learned", "alignq-full", "alignq-n01", "alignq-conv",
-                   "alignq-conv-learned", "alignq-branch", "alignq-weights", "alignq-inverse")
+                   "alignq-conv-learned", "alignq-branch", "alignq-branch-logistic", "alignq-weights",
+                   "alignq-inverse")
 # Names the CLI accepts for a kind; a checkpoint stores the kind's own name.
-QUANTIZER_ALIASES: Mapping[str, str] = {"alignq": "alignq-conv"}
+QUANTIZER_ALIASES: Mapping[str, str] = {"alignq": "alignq-branch"}
 # What a checkpoint written before the AlignQ variants meant by a name.
 LEGACY_QUANTIZER_NAMES: Mapping[str, str] = {"alignq": "alignq-v1"}
 

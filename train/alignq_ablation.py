@@ -18,6 +18,7 @@ kinds: `rtfq init --help`; AlignQ's weights are the same in every variant):
   alignq-conv          (e) the CDF only on tensors that nothing but convolutions read
   alignq-conv-learned  (e) both of the above
   alignq-branch        (e) the CDF only on tensors one conv reads (inside residual branches)
+  alignq-branch-logistic  the same with the logistic CDF (one table op in onnxruntime)
   alignq-inverse       (e) a diagnostic, not exportable: codes valued back in the input's
                        domain (inverse CDF): is it computing in the CDF domain that costs?
 
@@ -56,10 +57,11 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {  # name -> (weights' kind, activ
     "alignq-conv": ("alignq-conv", "alignq-conv", []),
     "alignq-conv-learned": ("alignq-conv-learned", "alignq-conv-learned", []),
     "alignq-branch": ("alignq-branch", "alignq-branch", []),
+    "alignq-branch-logistic": ("alignq-branch-logistic", "alignq-branch-logistic", []),
     "alignq-inverse": ("alignq-inverse", "alignq-inverse", []),
 }
 DEFAULT_RUNS = ("lsq", "alignq-v1", "alignq-v1-admm", "alignq-w", "alignq-learned", "alignq-full", "alignq-n01",
-                "alignq-conv")
+                "alignq-conv", "alignq-conv-learned", "alignq-branch", "alignq-branch-logistic", "alignq-inverse")
 
 
 def prepare(out: Path, seed: int, names: list[str]) -> None:

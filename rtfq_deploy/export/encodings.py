@@ -62,13 +62,28 @@ class CdfHandler:
 
     def codes(self, em: Any, pre: str, t: str, saturated: str) -> None:
         q: CdfCodes = em.ir.qparams[t]
-        em.node("QuantizeLinear", [pre, *em.qconsts(t, q.pre_scale, ".pre")], [f"{t}_q.pre8"])
+        em.node("QuantizeLinear", [pre, em.qconsts(t, q.pre_scale, ".pre")[0], self.pre_zero_point(em, t)],
+                [f"{t}_q.pre8"])
         self.code_map(em, f"{t}_q.pre8", t, saturated)
 
-    def code_map(self, em: Any, pre_codes: str, t: str, saturated: str) -> None:
-        """The code map of ``t``'s CdfCodes applied to 8-bit pre-codes."""
+    def pre_zero_point(self, em: Any, t: str) -> str:
+        """The 8-bit pre-codes' zero point (128 if signed): not the k-bit codes', which
+        differs for unsigned logistic codes."""
         q: CdfCodes = em.ir.qparams[t]
-        em.node("DequantizeLinear", [pre_codes, *em.qconsts(t, q.erf_scale, ".erf")], [f"{t}.u"])
+        return em.const(f"{t}.pre_zp", np.array(128 if q.signed else 0, np.uint8))
+
+    def code_map(self, em: Any, pre_codes: str, t: str, saturated: str) -> None:
+        """The code map of ``t``'s CdfCodes applied to 8-bit pre-codes. The logistic CDF's
+        chain, DequantizeLinear -> Sigmoid -> QuantizeLinear, is one QLinearSigmoid (a
+        256-entry table) in onnxruntime's optimized graph."""
+        q: CdfCodes = em.ir.qparams[t]
+        em.node("DequantizeLinear", [pre_codes, em.qconsts(t, q.erf_scale, ".erf")[0], self.pre_zero_point(em, t)],
+                [f"{t}.u"])
+        if q.cdf == "logistic":
+            em.node("Sigmoid", [f"{t}.u"], [f"{t}.cdf"])
+            zp = em.const(f"{t}.cdf_zp", np.array(q.zero_point - q.levels, np.uint8))
+            em.node("QuantizeLinear", [f"{t}.cdf", em.qconsts(t, 0.5 / q.levels, ".levels")[0], zp], [saturated])
+            return
         em.node("Erf", [f"{t}.u"], [f"{t}.erf"])
         em.node("QuantizeLinear", [f"{t}.erf", *em.qconsts(t, 1.0 / q.levels, ".levels")], [saturated])
 
@@ -82,9 +97,15 @@ class CdfHandler:
         self.code_map(em, f"{out}_q.pre8", out, pooled)
 
     def float_form(self, fe: Any, pre: str, out: str, q: CdfCodes, relu_max: float | None) -> None:
-        """The float transform the codes approximate: alpha erf(act(x) / (sigma sqrt 2))."""
+        """The float transform the codes approximate: alpha erf(act(x) / (sigma sqrt 2)), or
+        alpha (2 sigmoid(act(x) / s) - 1) for the logistic CDF."""
         _activation(fe, pre, f"{out}.act", q.signed, relu_max)
         fe.node("Mul", [f"{out}.act", fe.scalar(f"{out}.cdf_in", q.erf_scale / q.pre_scale)], [f"{out}.u"])
+        if q.cdf == "logistic":
+            fe.node("Sigmoid", [f"{out}.u"], [f"{out}.sig"])
+            fe.node("Mul", [f"{out}.sig", fe.scalar(f"{out}.two_alpha", 2.0 * q.alpha)], [f"{out}.twice"])
+            fe.node("Sub", [f"{out}.twice", fe.scalar(f"{out}.alpha", q.alpha)], [out])
+            return
         fe.node("Erf", [f"{out}.u"], [f"{out}.erf"])
         fe.node("Mul", [f"{out}.erf", fe.scalar(f"{out}.alpha", q.alpha)], [out])
 

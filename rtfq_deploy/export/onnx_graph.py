@@ -40,13 +40,14 @@ IR_VERSION = 10
 
 
 def _zero_point(q: Encoding) -> int:
-    """Every activation rides in uint8: signed codes [-2^(b-1), 2^(b-1)-1] shifted by 128.
+    """Every activation rides in uint8: signed codes [-2^(b-1), 2^(b-1)-1] shifted by 128
+    (logistic CDF codes, unsigned, by their level count: ``CdfCodes.zero_point``).
 
     The values are exactly those of int8 with zero point 0, but one container type lets
     onnxruntime fuse a residual add of a signed branch and an unsigned shortcut into
     QLinearAdd (its inputs and output must share a type), and keeps convs U8S8.
     """
-    return 128 if q.signed else 0
+    return q.zero_point
 
 
 class _Emitter:

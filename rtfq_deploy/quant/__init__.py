@@ -26,6 +26,7 @@ ALIGNQ_VARIANTS: dict[str, CdfOptions] = {
     "alignq-conv": CdfOptions(placement="conv-inputs"),
     "alignq-conv-learned": CdfOptions(sigma="learned", placement="conv-inputs"),
     "alignq-branch": CdfOptions(placement="branch"),
+    "alignq-branch-logistic": CdfOptions(placement="branch", cdf="logistic"),
     "alignq-weights": CdfOptions(placement="none"),  # activations are LSQ's
     "alignq-inverse": CdfOptions(domain="original"),  # a diagnostic: does not export
 }

@@ -44,9 +44,25 @@ ALPHA = 1.0  # the transformed domain is [-alpha, alpha] (the paper's choice)
 _MIN_SIGMA = 1e-8
 
 
-def erf_scale(signed: bool) -> float:
-    """Pre-code -> erf argument: p * (3 sigma / qmax8) / (sigma sqrt 2), independent of sigma."""
+def erf_scale(signed: bool, cdf: str = "normal") -> float:
+    """Pre-code -> the CDF's argument, independent of sigma: p * (3 sigma / qmax8) / (sigma
+    sqrt 2) for erf; for the logistic, whose scale s = sigma sqrt 3 / pi has the normal's
+    variance, p * (3 sigma / qmax8) / s."""
+    if cdf == "logistic":
+        return PRE_RANGE_SIGMAS * math.pi / (qrange(PRE_BITS, signed)[1] * math.sqrt(3.0))
     return PRE_RANGE_SIGMAS / (qrange(PRE_BITS, signed)[1] * math.sqrt(2.0))
+
+
+def _cdf(u: Tensor, cdf: str) -> Tensor:
+    """The transform onto [-1, 1]: erf, or 2 sigmoid - 1 (the symmetric logistic's)."""
+    return torch.erf(u) if cdf == "normal" else 2.0 * torch.sigmoid(u) - 1.0
+
+
+def _cdf_slope(u: Tensor, cdf: str) -> Tensor:
+    if cdf == "normal":
+        return torch.exp(-u * u) * (2.0 / math.sqrt(math.pi))
+    s = torch.sigmoid(u)
+    return 2.0 * s * (1.0 - s)
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,8 @@ class CdfOptions:
       tensors that one convolution reads (inside a residual branch: not a block's output,
       which the next block's conv and its shortcut both read); or "none": no activation
       (AlignQ on the weights only, activations are LSQ's);
+    - ``cdf``: "normal" (the paper's) or "logistic", whose code map onnxruntime runs as one
+      256-entry table (QLinearSigmoid) instead of three elementwise ops with an Erf;
     - ``domain``: "cdf" (the paper's: the network computes on the codes' uniform levels in
       [-alpha, alpha]) or "original", a diagnostic that does not export: each code's value
       is mapped back through the inverse CDF (sigma sqrt 2 erfinv(code / levels), capped at
@@ -76,36 +94,44 @@ class CdfOptions:
     post_relu: str = "half"
     placement: str = "all"
     domain: str = "cdf"
+    cdf: str = "normal"
 
     def __post_init__(self) -> None:
         for field, value, known in (("sigma", self.sigma, ("calibrated", "learned", "fixed")),
                                     ("post_relu", self.post_relu, ("half", "full")),
                                     ("placement", self.placement, ("all", "conv-inputs", "branch", "none")),
-                                    ("domain", self.domain, ("cdf", "original"))):
+                                    ("domain", self.domain, ("cdf", "original")),
+                                    ("cdf", self.cdf, ("normal", "logistic"))):
             if value not in known:
                 raise ValueError(f"AlignQ {field} must be one of {', '.join(known)}, got {value!r}")
 
 
 @lru_cache(maxsize=64)
-def _table(bits: int, signed: bool, scale: float, full: bool = False) -> Tensor:
+def _table(bits: int, signed: bool, scale: float, full: bool = False, cdf: str = "normal") -> Tensor:
     p = torch.arange(qrange(PRE_BITS, signed)[0], qrange(PRE_BITS, signed)[1] + 1, dtype=torch.float32)
-    return cdf_codes(p, scale, bits, signed, full)
+    return cdf_codes(p, scale, bits, signed, full, cdf)
 
 
-def cdf_codes(p: Tensor, scale: float, bits: int, signed: bool, full: bool = False) -> Tensor:
+def cdf_codes(p: Tensor, scale: float, bits: int, signed: bool, full: bool = False, cdf: str = "normal") -> Tensor:
     """k-bit codes of pre-codes ``p``, in float32 arithmetic as the exported graph computes
     them: DequantizeLinear (p x scale), Erf, QuantizeLinear (divide by 1/levels, round half
-    to even), then the k-bit clamp. ``full``: the signed CDF's levels on unsigned codes."""
+    to even), then the k-bit clamp. ``full``: the signed CDF's levels on unsigned codes.
+    Logistic: Sigmoid, then QuantizeLinear by 1/(2 levels), less the levels (its zero
+    point); all 256 pre-codes of every bit-width equal onnxruntime's QLinearSigmoid table,
+    the nearest at 1.3e-4 of a rounding boundary (tests/test_alignq.py)."""
     levels = cdf_levels(bits, signed or full)
-    e = torch.erf(p.to(torch.float32) * torch.tensor(scale, dtype=torch.float32))
-    codes = torch.round(e / torch.tensor(1.0 / levels, dtype=torch.float32))
+    u = p.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)
+    if cdf == "logistic":
+        codes = torch.round(torch.sigmoid(u) / torch.tensor(0.5 / levels, dtype=torch.float32)) - levels
+    else:
+        codes = torch.round(torch.erf(u) / torch.tensor(1.0 / levels, dtype=torch.float32))
     lo, hi = qrange(bits, signed)
     return codes.clamp(lo, hi)
 
 
-def code_table(bits: int, signed: bool, full: bool = False) -> Tensor:
+def code_table(bits: int, signed: bool, full: bool = False, cdf: str = "normal") -> Tensor:
     """The k-bit code of every 8-bit pre-code (index 0 = the lowest pre-code)."""
-    return _table(bits, signed, erf_scale(signed), full)
+    return _table(bits, signed, erf_scale(signed, cdf), full, cdf)
 
 
 class _CdfActivation(torch.autograd.Function):
@@ -117,12 +143,11 @@ class _CdfActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, table: Tensor, lo: int, hi: int, unit: float,  # type: ignore[override]
-                scale: float) -> Tensor:
+                scale: float, cdf: str = "normal") -> Tensor:
         v = x / step
         p = torch.round(v).clamp_(lo, hi)
         inside = v.ge(lo).logical_and_(v.le(hi))
-        u = p * scale
-        factor = inside * (torch.exp(-u * u) * (ALPHA * 2.0 / math.sqrt(math.pi) * scale) / step)
+        factor = inside * (_cdf_slope(p * scale, cdf) * (ALPHA * scale) / step)
         ctx.save_for_backward(factor, p if ctx.needs_input_grad[1] else None)
         return table[(p - lo).long()] * unit
 
@@ -131,7 +156,7 @@ class _CdfActivation(torch.autograd.Function):
         factor, p = ctx.saved_tensors
         gx = grad * factor
         gstep = None if p is None else -torch.vdot(gx.reshape(-1), p.reshape(-1)).reshape(())
-        return gx, gstep, None, None, None, None, None
+        return gx, gstep, None, None, None, None, None, None
 
 
 def inverse_values(codes: Tensor, lo: int, hi: int, levels: int, signed: bool) -> Tensor:
@@ -258,7 +283,9 @@ class AlignQQuantizer(LSQQuantizer):
         if self.options.domain != "cdf":
             raise RtfqError(f"{self.kind} is a diagnostic and does not export: its activations take non-uniform "
                             "values in the input's domain, which no integer kernel reads")
-        return CdfCodes(float(self.pre_step().item()), erf_scale(self.signed), ALPHA, bits, self.signed, self.full)
+        cdf = self.options.cdf
+        return CdfCodes(float(self.pre_step().item()), erf_scale(self.signed, cdf), ALPHA, bits, self.signed, self.full,
+                        cdf)
 
     def quantize(self, x: Tensor, bits: int) -> Tensor:
         if not self.cdf(bits):
@@ -268,13 +295,13 @@ class AlignQQuantizer(LSQQuantizer):
         if self.channels is not None:
             mu, sigma = _weight_stats(x)
             return _CdfWeight.apply(x, mu, sigma, bits, lo, hi, levels)
-        table = code_table(bits, self.signed, self.full).to(device=x.device, dtype=x.dtype)
+        table = code_table(bits, self.signed, self.full, self.options.cdf).to(device=x.device, dtype=x.dtype)
         plo, phi = qrange(PRE_BITS, self.signed)
         if self.options.domain == "original":
             values = inverse_values(table, lo, hi, levels, self.signed) * (self.sigma_value().to(x.dtype) * math.sqrt(2.0))
             return _CdfInverse.apply(x, self.pre_step().to(x.dtype), values, plo, phi)
         return _CdfActivation.apply(x, self.pre_step().to(x.dtype), table, plo, phi, ALPHA / levels,
-                                    erf_scale(self.signed))
+                                    erf_scale(self.signed, self.options.cdf), self.options.cdf)
 
     def aligned(self, x: Tensor, bits: int) -> Tensor | None:
         """The continuous transformed value before the k-bit rounding (ADMM's X), with
@@ -284,7 +311,7 @@ class AlignQQuantizer(LSQQuantizer):
         plo, phi = qrange(PRE_BITS, self.signed)
         v = x / self.pre_step().to(x.dtype)
         p = v + (torch.round(v).clamp(plo, phi) - v).detach()
-        return ALPHA * torch.erf(p * erf_scale(self.signed))
+        return ALPHA * _cdf(p * erf_scale(self.signed, self.options.cdf), self.options.cdf)
 
     def unrounded(self, x: Tensor, bits: int) -> Tensor:
         """Weights: levels x the CDF value; activations: the 8-bit pre-code before its
@@ -302,7 +329,7 @@ class AlignQQuantizer(LSQQuantizer):
         if self.channels is None:
             plo, phi = qrange(PRE_BITS, self.signed)
             p = torch.round(x.detach() / self.pre_step().to(x.dtype)).clamp(plo, phi)
-            return code_table(bits, self.signed, self.full).to(x.device)[(p - plo).long()].to(x.dtype)
+            return code_table(bits, self.signed, self.full, self.options.cdf).to(x.device)[(p - plo).long()].to(x.dtype)
         lo, hi = qrange(bits, self.signed)
         return torch.round(self.unrounded(x.detach().to(torch.float64), bits)).clamp(lo, hi)
 

@@ -31,6 +31,11 @@ class _Codes:
     def qrange(self) -> tuple[int, int]:
         return qrange(self.bits, self.signed)
 
+    @property
+    def zero_point(self) -> int:
+        """Where code 0 sits in the uint8 tensor the graph carries (signed codes shifted by 128)."""
+        return 128 if self.signed else 0
+
 
 @dataclass(frozen=True)
 class LinearCodes(_Codes):
@@ -57,6 +62,11 @@ class CdfCodes(_Codes):
     ones, whose CDF is the half-normal's, so every code is used; with ``full``, unsigned
     codes use the signed (full-normal) CDF's levels, as the paper does, and leave the
     upper half of the codes unused.
+
+    ``cdf`` "logistic": the logistic CDF in place of the normal's, as onnxruntime fuses it
+    into one 256-entry table (QLinearSigmoid): ``code = round(2 levels sigmoid(p *
+    erf_scale)) - levels`` (2 sigmoid - 1 = tanh(u / 2) is the CDF of the symmetric
+    logistic), carried with zero point ``levels`` when unsigned.
     """
 
     pre_scale: float
@@ -65,6 +75,7 @@ class CdfCodes(_Codes):
     bits: int
     signed: bool
     full: bool = False
+    cdf: str = "normal"
 
     @property
     def pre_qrange(self) -> tuple[int, int]:
@@ -77,6 +88,12 @@ class CdfCodes(_Codes):
     @property
     def scale(self) -> float:
         return self.alpha / self.levels
+
+    @property
+    def zero_point(self) -> int:
+        if self.cdf == "logistic" and not self.signed:
+            return self.levels  # round(2 levels sigmoid(u)) is in [levels, 2 levels] for u >= 0
+        return 128 if self.signed else 0
 
 
 def cdf_levels(bits: int, signed: bool) -> int:
