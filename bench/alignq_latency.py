@@ -1,16 +1,17 @@
 """Latency of AlignQ exports against LSQ exports of the same subnet, on onnxruntime.
 
 Random-weight ResNet-50 supernets built from one seed (same weights), once with LSQ and
-once per AlignQ kind (``--kinds``: by default today's ``alignq`` and the first variant,
-``alignq-v1``), activation quantizers calibrated on random images. For each subnet every
+once per AlignQ kind (``--kinds``: by default today's ``alignq``, its logistic form and
+the first variant, ``alignq-v1``), activation quantizers calibrated on random images. For each subnet every
 export is a real `rtfq_deploy` file, measured by `rtfq-bench run` (fresh processes,
 timed until the p50 is stable) ``--rounds`` times over all files in turn; each ratio is
 the median of per-round ratios against LSQ. An AlignQ graph keeps every conv a
 QLinearConv and adds, per CDF tensor, DequantizeLinear -> Erf -> QuantizeLinear on the
-codes (plus a Clip for signed ones).
+codes (plus a Clip for signed ones); a logistic variant has a Sigmoid in the Erf's place,
+which onnxruntime fuses with its neighbours into one QLinearSigmoid table.
 
     python bench/alignq_latency.py [--subnets r224-w1.00-q4,r160-w0.73-q4,r224-w1.00-q2]
-        [--kinds alignq,alignq-v1] [--threads 1] [--rounds 3]
+        [--kinds alignq,alignq-branch-logistic,alignq-v1] [--threads 1] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def supernet(kind: str):
 def main() -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--subnets", type=name_list, default="r224-w1.00-q4,r160-w0.73-q4,r224-w1.00-q2")
-    parser.add_argument("--kinds", type=name_list, default="alignq,alignq-v1",
+    parser.add_argument("--kinds", type=name_list, default="alignq,alignq-branch-logistic,alignq-v1",
                         help="AlignQ kinds to compare with LSQ (an alias counts as the kind it names)")
     parser.add_argument("--threads", type=positive, default=1)
     parser.add_argument("--rounds", type=positive, default=3)
@@ -68,7 +69,8 @@ def main() -> None:
                 m = to_onnx(lower(model, model.active(cfg), cfg.resolution), {})
                 onnx.save(m, path)
                 paths[(name, kind)] = path
-                erfs[(name, kind)] = Counter(n.op_type for n in m.graph.node)["Erf"]
+                ops = Counter(n.op_type for n in m.graph.node)
+                erfs[(name, kind)] = ops["Erf"] + ops["Sigmoid"]  # one code map per CDF tensor
         times = bench_rounds(paths, args.rounds, args.threads, workdir)
     finally:
         shutil.rmtree(workdir)

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -109,7 +110,7 @@ def _prepared(weight: str, act: str, bits: int, arch: str = "tiny_resnet") -> tu
 # "conv-inputs" not q_stem (layer1.0's identity reads the pooled stem) nor the last q_out
 # (the average pool reads it): those keep uniform codes.
 CDF_TENSORS = {"alignq-v1": 9, "alignq-learned": 9, "alignq-full": 9, "alignq-n01": 9, "alignq-conv": 7,
-               "alignq-conv-learned": 7, "alignq-branch": 4, "alignq-weights": 0, "lsq": 0}
+               "alignq-conv-learned": 7, "alignq-branch": 4, "alignq-branch-logistic": 4, "alignq-weights": 0, "lsq": 0}
 
 
 @pytest.mark.parametrize("weight,act,bits", [("alignq-v1", "alignq-v1", 6), ("alignq-v1", "alignq-v1", 4),
@@ -119,6 +120,8 @@ CDF_TENSORS = {"alignq-v1": 9, "alignq-learned": 9, "alignq-full": 9, "alignq-n0
                                              ("alignq-conv", "alignq-conv", 2),
                                              ("alignq-conv-learned", "alignq-conv-learned", 4),
                                              ("alignq-branch", "alignq-branch", 2),
+                                             ("alignq-branch-logistic", "alignq-branch-logistic", 4),
+                                             ("alignq-branch-logistic", "alignq-branch-logistic", 2),
                                              ("alignq-weights", "alignq-weights", 4)])
 def test_alignq_exports_exactly_on_integer_kernels(weight, act, bits):
     ckpt, cfg = _prepared(weight, act, bits)
@@ -131,7 +134,9 @@ def test_alignq_exports_exactly_on_integer_kernels(weight, act, bits):
     assert len(cdf) == CDF_TENSORS[act]
     assert set(report.cdf_code_mismatches) == set(cdf) and not any(report.cdf_code_mismatches.values())
     ops = report.optimized_ops
-    assert ops.get("Erf", 0) == len(cdf) and ops["QLinearConv"] == 12 and not report.float_kernels
+    logistic = act.endswith("logistic")  # its chain is one table op, QLinearSigmoid
+    assert ops.get("QLinearSigmoid" if logistic else "Erf", 0) == len(cdf) and ops.get("Sigmoid", 0) == 0
+    assert ops["QLinearConv"] == 12 and not report.float_kernels
     made = {o for n in model.graph.node for o in n.output}
     if CDF_TENSORS[act] == 9:  # the stem's Erf chain runs after the MaxPool, on the pooled pre-codes
         assert "maxpool.u" in made and "q_stem.u" not in made
@@ -415,3 +420,48 @@ def test_the_inverse_diagnostic_values_codes_in_the_input_domain_and_refuses_to_
     assert not q.changes_domain(4)
     with pytest.raises(RtfqError, match="diagnostic and does not export"):
         q.encoding(4)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_logistic_code_tables_equal_onnxruntimes_fused_table_on_every_pre_code(signed):
+    """The logistic CDF's codes are a constant table per (bits, signed), since its argument
+    scale does not depend on sigma: all 256 pre-codes of every bit-width equal what
+    onnxruntime's QLinearSigmoid computes, and none is within 1e-5 of a rounding tie."""
+    from onnx import TensorProto, helper
+
+    from rtfq_deploy.export.encodings import handler
+    from rtfq_deploy.export.lower import IntNet
+    from rtfq_deploy.export.onnx_graph import IR_VERSION, OPSET, _Emitter
+    from rtfq_deploy.export.verify import ort_session
+    from rtfq_deploy.quant.alignq import erf_scale
+
+    for bits in range(2, CDF_MAX_BITS + 1):
+        enc = CdfCodes(0.01, erf_scale(signed, "logistic"), 1.0, bits, signed, cdf="logistic")
+        emitter = _Emitter(IntNet("x", "codes", 1, 1, qparams={"t": enc}), pack_int4=False)
+        emitter.quantize("x", "t", codes="codes")
+        graph = helper.make_graph(emitter.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256])],
+                                  [helper.make_tensor_value_info("codes", TensorProto.UINT8, [256])], emitter.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = IR_VERSION
+        domain = handler(enc).domain(enc)
+        got = ort_session(model.SerializeToString()).run(None, {"x": domain})[0].astype(np.int64) - enc.zero_point
+        want = code_table(bits, signed, cdf="logistic").numpy().astype(np.int64)
+        assert (got == want).all(), (bits, np.nonzero(got != want))
+        lo, hi = enc.qrange
+        assert want.min() == lo and want.max() >= hi - (1 if bits == 6 and not signed else 0)  # (6-bit: 62 of 63)
+        p = domain.astype(np.float64) / 0.01
+        v = 2 * enc.levels / (1 + np.exp(-p * np.float64(np.float32(enc.erf_scale))))
+        assert np.abs(v - np.floor(v) - 0.5).min() > 1e-5
+
+
+def test_logistic_activation_gradient_is_the_logistic_cdfs_slope():
+    q = AlignQQuantizer((4,), False, options=CdfOptions(cdf="logistic"), kind="alignq-branch-logistic")
+    q.init_from(torch.randn(4096).relu())
+    x = (torch.randn(1000).relu() * 1.3).requires_grad_()
+    q.quantize(x, 4).sum().backward()
+    from rtfq_deploy.quant.alignq import erf_scale
+    step = q.pre_step()
+    p = torch.round(x.detach() / step).clamp(0, 255)
+    s = torch.sigmoid(p * erf_scale(False, "logistic"))
+    expected = (x.detach() / step <= 255) * 2 * s * (1 - s) * erf_scale(False, "logistic") / step
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-6)

@@ -15,7 +15,9 @@ QUANTIZER_HELP = ("lsq: learned step size (uniform). alignq: AlignQ's normal-CDF
                   f"variant ({QUANTIZER_ALIASES['alignq']}); alignq-*: the variants the AlignQ ablation compares "
                   "(alignq-v1: every activation, sigma calibrated once; -learned: sigma learned; -full: the signed "
                   "CDF on post-ReLU tensors; -n01: the paper's fixed N(0, 1); -conv: only tensors that nothing but "
-                  "convolutions read). At 7-8 bits AlignQ's codes become unreachable behind the 8-bit "
+                  "convolutions read; -branch: only tensors inside residual branches; -logistic: the logistic CDF, "
+                  "one table op in onnxruntime; -weights: AlignQ weights, LSQ activations; -inverse: a diagnostic "
+                  "that does not export). At 7-8 bits AlignQ's codes become unreachable behind the 8-bit "
                   "pre-quantization, so it is LSQ there (first/last layer and residual operands at the default 8 "
                   "bits are LSQ); prefer --bits <= 6 with it.")
 KINDS = click.Choice([*QUANTIZER_NAMES, *QUANTIZER_ALIASES])
