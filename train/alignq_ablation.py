@@ -85,10 +85,10 @@ def one(out: Path, seed: int, name: str, steps: dict[str, int], override: int | 
 def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, out: Path) -> None:
     print(f"\nMean target top-1 over the 16 subnets of each bit-width, held-out target images, "
           f"seeds {','.join(map(str, seeds))} (mean +- std); wall {wall / 60:.1f} min")
-    print(f"{'run':<20}" + "".join(f"{f'q{q}':>16}" for q in BITS))
+    print(f"{'run':<24}" + "".join(f"{f'q{q}':>16}" for q in BITS))
     for name, per_seed in results.items():
         done = [s for s in seeds if s in per_seed]
-        print(f"{name:<20}" + "".join(f"{mean_std([per_seed[s][f'q{q}'] for s in done]):>16}" for q in BITS)
+        print(f"{name:<24}" + "".join(f"{mean_std([per_seed[s][f'q{q}'] for s in done]):>16}" for q in BITS)
               + ("" if done == seeds else f"   (seeds {','.join(map(str, done))})"))
     for base in ("lsq", "alignq-v1"):
         print(f"\nminus {base}, per seed:")
@@ -96,7 +96,7 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], wall: float, o
             done = [s for s in seeds if s in results.get(name, {}) and s in results.get(base, {})]
             if name == base or not done:
                 continue
-            line = f"{name:<20}"
+            line = f"{name:<24}"
             for q in BITS:
                 diffs = [results[name][s][f"q{q}"] - results[base][s][f"q{q}"] for s in done]
                 line += f"  q{q} {mean_std(diffs)} (" + ", ".join(f"{d:+.3f}" for d in diffs) + ")"
