@@ -32,7 +32,7 @@ from rtfq_deploy.export.lower import lower
 from rtfq_deploy.export.onnx_graph import to_onnx
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.plan import ActiveSubnet
-from rtfq_deploy.quant import resolve_kind
+from rtfq_deploy.quant import ALIGNQ_VARIANTS, resolve_kind
 from rtfq_deploy.scriptargs import Parser, name_list, positive
 from rtfq_deploy.space import SearchSpace, SubnetConfig
 
@@ -57,6 +57,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     kinds = list(dict.fromkeys(resolve_kind(k) for k in args.kinds if k != "lsq"))
+    exportable = [k for k, options in ALIGNQ_VARIANTS.items() if options.domain == "cdf"]
+    unknown = [k for k in kinds if k not in exportable]
+    if unknown:
+        parser.error(f"--kinds: not exportable AlignQ kinds: {', '.join(unknown)} (known: {', '.join(exportable)})")
     models = {kind: supernet(kind) for kind in ("lsq", *kinds)}
     workdir = tempfile.mkdtemp(prefix="alignq_latency_")
     paths: dict[tuple[str, str], str] = {}

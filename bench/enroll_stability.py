@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from rtfq_deploy.scriptargs import Parser, out_dir, positive, positive_float
+
 BIN = Path(sys.executable).parent
 TOKEN = "stability-" + "5" * 24
 
@@ -105,19 +107,22 @@ def doubtful(rows: list[dict], table: dict[str, float], limit_ms: float) -> bool
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/rtfq-enroll-stability"))
+    parser = Parser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=out_dir, default=Path("/tmp/rtfq-enroll-stability"))
     parser.add_argument("--models", type=Path, help="rtfq-export --all output (default: the demo space, exported)")
     parser.add_argument("--accuracy", type=Path, help="its rtfq eval table (default: synthetic)")
-    parser.add_argument("--subnets", type=int, default=48, help="offer only the first N (sorted by name)")
-    parser.add_argument("--processes", type=int, default=3)
-    parser.add_argument("--min-time", type=float, default=3.0)
-    parser.add_argument("--max-time", type=float, default=30.0)
-    parser.add_argument("--ci", type=float, default=0.01)
-    parser.add_argument("--budgets", type=int, default=20)
+    parser.add_argument("--subnets", type=positive, default=48, help="offer only the first N (sorted by name)")
+    parser.add_argument("--processes", type=positive, default=3)
+    parser.add_argument("--min-time", type=positive_float, default=3.0)
+    parser.add_argument("--max-time", type=positive_float, default=30.0)
+    parser.add_argument("--ci", type=positive_float, default=0.01)
+    parser.add_argument("--budgets", type=positive, default=20)
     parser.add_argument("--reuse", action="store_true",
                         help="analyse the two enrolls kept in --work (cache-1, cache-2) again, measuring nothing")
     args = parser.parse_args()
+    kept = [args.work / f"cache-{name}" / "results.json" for name in ("1", "2")]
+    if args.reuse and not all(p.is_file() for p in kept):
+        parser.error(f"--reuse: {args.work} holds no two kept enrolls (cache-1/results.json, cache-2/results.json)")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     models = args.models or export_demo_space(work)
@@ -132,7 +137,7 @@ def main() -> None:
     (work / "devices.txt").write_text(f"stability {TOKEN}\n")
     (work / "token.txt").write_text(TOKEN + "\n")
     if args.reuse:
-        runs = [json.loads((work / f"cache-{name}" / "results.json").read_text()) for name in ("1", "2")]
+        runs = [json.loads(p.read_text()) for p in kept]
     else:
         server = subprocess.Popen([str(BIN / "rtfq-serve"), str(work / "dist"), "--port", "0", "--candidates",
                                    str(offered), "--accuracy", str(table_path), "--device-token-file",

@@ -111,11 +111,6 @@ class IntGraph:
                     readers.setdefault(self.carrier(t), []).append(n)
         return {t: tuple(rs) for t, rs in readers.items()}
 
-    def conv_only(self) -> set[str]:
-        """Quantized tensors that only convolutions read: a non-affine code map there
-        changes no add and no average."""
-        return {t for t, rs in self.readers().items() if all(isinstance(r, Conv) for r in rs)}
-
     def carrier(self, tensor: str) -> str:
         """The quantizer whose codes ``tensor`` carries."""
         for n in self.nodes:

@@ -27,6 +27,17 @@ def positive(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0, at most 10^6 (NaN, inf, 0 and -1 refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1e6:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1000000, got {text!r}")
+    return value
+
+
 def out_dir(text: str) -> Path:
     """argparse type: a folder, made absolute so that the training runs' command lines and
     run.json name absolute paths (``pkill -f``, ``--resume`` from anywhere)."""

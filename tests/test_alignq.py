@@ -14,10 +14,11 @@ import torch
 from rtfq_deploy.calibrate import calibrate_bn, init_activation_steps
 from rtfq_deploy.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from rtfq_deploy.data.synth import SynthConfig, generate
+from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.export.api import build_model
 from rtfq_deploy.export.lower import lower
-from rtfq_deploy.errors import RtfqError
 from rtfq_deploy.export.verify import cdf_code_mismatches, verify
+from rtfq_deploy.graph import Conv
 from rtfq_deploy.layers import SlimBatchNorm2d
 from rtfq_deploy.models import SupernetConfig, build_supernet
 from rtfq_deploy.plan import ActiveSubnet
@@ -209,7 +210,7 @@ def test_conv_only_tensors_follow_the_graph():
     only the q_out before each stage's first block (read by conv1 and the downsample conv)."""
     model = build_supernet(SupernetConfig("resnet50", space=SPACE, weight_quantizer="alignq-conv",
                                           act_quantizer="alignq-conv"))
-    conv_only = model.graph().conv_only()
+    conv_only = {t for t, rs in model.graph().readers().items() if all(isinstance(r, Conv) for r in rs)}
     uses = {n for n, q in model.quantizers() if q.channels is None and q.uses_cdf}
     assert uses == conv_only
     assert {"q_stem", "layer1.2.q_out", "layer2.3.q_out", "layer3.5.q_out", "layer2.1.q1", "layer2.1.q2"} <= uses

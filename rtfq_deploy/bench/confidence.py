@@ -82,8 +82,10 @@ def drift(before: Mapping[str, float], now: Mapping[str, float]) -> float:
     (0 when none was), at most MAX_DRIFT. The ratios between models hold within about
     1% from one enrollment to the next, while the level moves by several percent with
     the host's load for minutes at a time."""
+    from rtfq_deploy.fileio import is_number
+
     ratios = [now[k] / before[k] for k in before.keys() & now.keys()
-              if isinstance(before[k], (int, float)) and isinstance(now[k], (int, float)) and before[k] > 0]
+              if is_number(before[k]) and is_number(now[k]) and before[k] > 0]
     if not ratios:
         return 0.0
     level = median(ratios)

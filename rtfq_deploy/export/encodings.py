@@ -67,10 +67,10 @@ class CdfHandler:
         self.code_map(em, f"{t}_q.pre8", t, saturated)
 
     def pre_zero_point(self, em: Any, t: str) -> str:
-        """The 8-bit pre-codes' zero point (128 if signed): not the k-bit codes', which
-        differs for unsigned logistic codes."""
+        """The 8-bit pre-codes' zero point (not the k-bit codes', which differs for
+        unsigned logistic codes)."""
         q: CdfCodes = em.ir.qparams[t]
-        return em.const(f"{t}.pre_zp", np.array(128 if q.signed else 0, np.uint8))
+        return em.const(f"{t}.pre_zp", np.array(q.pre_zero_point, np.uint8))
 
     def code_map(self, em: Any, pre_codes: str, t: str, saturated: str) -> None:
         """The code map of ``t``'s CdfCodes applied to 8-bit pre-codes. The logistic CDF's

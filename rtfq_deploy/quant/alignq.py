@@ -42,6 +42,7 @@ CDF_MAX_BITS = 6
 PRE_RANGE_SIGMAS = 3.0  # the 8-bit pre-quantization covers 3 sigma (every k <= 6 code is reached within it)
 ALPHA = 1.0  # the transformed domain is [-alpha, alpha] (the paper's choice)
 _MIN_SIGMA = 1e-8
+_MAX_SIGMA = 1e30  # a (hostile or diverged) sigma beyond it would make the pre-step overflow float32
 
 
 def erf_scale(signed: bool, cdf: str = "normal") -> float:
@@ -137,9 +138,9 @@ def code_table(bits: int, signed: bool, full: bool = False, cdf: str = "normal")
 class _CdfActivation(torch.autograd.Function):
     """Pre-quantize, look the code up, scale; backward: straight through the rounding
     inside the pre-range, times the CDF's derivative at the pre-quantized value. The
-    pre-step (3 sigma / qmax) gets the gradient of alpha erf(x / (sigma sqrt 2)) for
-    sigma, -p times that derivative, summed (zero outside the pre-range, where the code
-    does not depend on sigma)."""
+    pre-step (3 sigma / qmax) gets the gradient of the CDF value for sigma, -p times that
+    derivative, summed (zero outside the pre-range, where the code does not depend on
+    sigma)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, table: Tensor, lo: int, hi: int, unit: float,  # type: ignore[override]
@@ -217,15 +218,15 @@ class AlignQQuantizer(LSQQuantizer):
     """AlignQ at <= 6 bits, LSQ above (see the module docstring); ``options`` picks the
     variant (:class:`CdfOptions`), ``kind`` is its registered name."""
 
-    kind = "alignq"
+    kind = "alignq-v1"
 
     def __init__(self, bit_choices: tuple[int, ...], signed: bool, channels: int | None = None,
-                 role: str = "body", options: CdfOptions = CdfOptions(), kind: str = "alignq") -> None:
+                 role: str = "body", options: CdfOptions = CdfOptions(), kind: str = "alignq-v1") -> None:
         super().__init__(bit_choices, signed, channels, role)
         self.options = options
         self.kind = kind
         self.full = options.post_relu == "full" and not signed
-        # activations under "conv-inputs": set once by the supernet (place)
+        # an activation under "conv-inputs" or "branch" learns where it goes once, from place()
         self.uses_cdf = channels is not None or options.placement != "none"
         if channels is None:
             if options.sigma == "learned":
@@ -244,8 +245,17 @@ class AlignQQuantizer(LSQQuantizer):
         return bits <= CDF_MAX_BITS and self.uses_cdf
 
     def sigma_value(self) -> Tensor:
-        sigma = self.log_sigma.exp() if self.options.sigma == "learned" else self.sigma
-        return sigma.clamp_min(_MIN_SIGMA)
+        if self.options.sigma == "learned":
+            return self.log_sigma.clamp(math.log(_MIN_SIGMA), math.log(_MAX_SIGMA)).exp()
+        return self.sigma.clamp(_MIN_SIGMA, _MAX_SIGMA)
+
+    def arg_scale(self) -> float:
+        """Pre-code -> the CDF's argument (:func:`erf_scale`) for this quantizer."""
+        return erf_scale(self.signed, self.options.cdf)
+
+    def table(self, bits: int) -> Tensor:
+        """This quantizer's k-bit code of every 8-bit pre-code (:func:`code_table`)."""
+        return code_table(bits, self.signed, self.full, self.options.cdf)
 
     def init_from(self, x: Tensor) -> None:
         super().init_from(x)
@@ -283,9 +293,8 @@ class AlignQQuantizer(LSQQuantizer):
         if self.options.domain != "cdf":
             raise RtfqError(f"{self.kind} is a diagnostic and does not export: its activations take non-uniform "
                             "values in the input's domain, which no integer kernel reads")
-        cdf = self.options.cdf
-        return CdfCodes(float(self.pre_step().item()), erf_scale(self.signed, cdf), ALPHA, bits, self.signed, self.full,
-                        cdf)
+        return CdfCodes(float(self.pre_step().item()), self.arg_scale(), ALPHA, bits, self.signed, self.full,
+                        self.options.cdf)
 
     def quantize(self, x: Tensor, bits: int) -> Tensor:
         if not self.cdf(bits):
@@ -295,13 +304,13 @@ class AlignQQuantizer(LSQQuantizer):
         if self.channels is not None:
             mu, sigma = _weight_stats(x)
             return _CdfWeight.apply(x, mu, sigma, bits, lo, hi, levels)
-        table = code_table(bits, self.signed, self.full, self.options.cdf).to(device=x.device, dtype=x.dtype)
+        table = self.table(bits).to(device=x.device, dtype=x.dtype)
         plo, phi = qrange(PRE_BITS, self.signed)
         if self.options.domain == "original":
             values = inverse_values(table, lo, hi, levels, self.signed) * (self.sigma_value().to(x.dtype) * math.sqrt(2.0))
             return _CdfInverse.apply(x, self.pre_step().to(x.dtype), values, plo, phi)
         return _CdfActivation.apply(x, self.pre_step().to(x.dtype), table, plo, phi, ALPHA / levels,
-                                    erf_scale(self.signed, self.options.cdf), self.options.cdf)
+                                    self.arg_scale(), self.options.cdf)
 
     def aligned(self, x: Tensor, bits: int) -> Tensor | None:
         """The continuous transformed value before the k-bit rounding (ADMM's X), with
@@ -311,7 +320,7 @@ class AlignQQuantizer(LSQQuantizer):
         plo, phi = qrange(PRE_BITS, self.signed)
         v = x / self.pre_step().to(x.dtype)
         p = v + (torch.round(v).clamp(plo, phi) - v).detach()
-        return ALPHA * _cdf(p * erf_scale(self.signed, self.options.cdf), self.options.cdf)
+        return ALPHA * _cdf(p * self.arg_scale(), self.options.cdf)
 
     def unrounded(self, x: Tensor, bits: int) -> Tensor:
         """Weights: levels x the CDF value; activations: the 8-bit pre-code before its
@@ -329,10 +338,10 @@ class AlignQQuantizer(LSQQuantizer):
         if self.channels is None:
             plo, phi = qrange(PRE_BITS, self.signed)
             p = torch.round(x.detach() / self.pre_step().to(x.dtype)).clamp(plo, phi)
-            return code_table(bits, self.signed, self.full, self.options.cdf).to(x.device)[(p - plo).long()].to(x.dtype)
+            return self.table(bits).to(x.device)[(p - plo).long()].to(x.dtype)
         lo, hi = qrange(bits, self.signed)
         return torch.round(self.unrounded(x.detach().to(torch.float64), bits)).clamp(lo, hi)
 
     def extra_repr(self) -> str:
-        cdf = f"cdf at <= {CDF_MAX_BITS} bits" if self.uses_cdf else "uniform (not a conv-only input)"
+        cdf = f"cdf at <= {CDF_MAX_BITS} bits" if self.uses_cdf else f"uniform (placement {self.options.placement})"
         return super().extra_repr() + f", {cdf}, sigma {self.options.sigma}, post-ReLU {self.options.post_relu}"

@@ -90,10 +90,15 @@ class CdfCodes(_Codes):
         return self.alpha / self.levels
 
     @property
+    def pre_zero_point(self) -> int:
+        """The 8-bit pre-codes' zero point: that of any codes of this sign."""
+        return super().zero_point
+
+    @property
     def zero_point(self) -> int:
         if self.cdf == "logistic" and not self.signed:
             return self.levels  # round(2 levels sigmoid(u)) is in [levels, 2 levels] for u >= 0
-        return 128 if self.signed else 0
+        return self.pre_zero_point
 
 
 def cdf_levels(bits: int, signed: bool) -> int:
