@@ -471,3 +471,18 @@ def test_logistic_activation_gradient_is_the_logistic_cdfs_slope():
     s = torch.sigmoid(p * erf_scale(False, "logistic"))
     expected = (x.detach() / step <= 255) * 2 * s * (1 - s) * erf_scale(False, "logistic") / step
     torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_hostile_learned_sigma_stays_finite():
+    """A checkpoint's log sigma is finite (the loader checks) but may still overflow exp():
+    sigma is bounded, so codes and the exported pre-step stay finite."""
+    q = AlignQQuantizer((4,), False, options=CdfOptions(sigma="learned"), kind="alignq-learned")
+    x = torch.rand(1000) * 3
+    for value in (100.0, -100.0, 3e38):
+        with torch.no_grad():
+            q.log_sigma.fill_(value)
+        step = float(q.pre_step().detach())
+        assert math.isfinite(step) and step > 0
+        codes = q.to_int(x, 4)
+        assert bool(torch.isfinite(q.quantize(x, 4)).all()) and 0 <= int(codes.min()) <= int(codes.max()) <= 15
+        assert math.isfinite(q.encoding(4).pre_scale)
